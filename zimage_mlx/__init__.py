@@ -1,0 +1,2 @@
+"""zimage_mlx: Z-Image on MLX."""
+__version__ = "0.1.0"
