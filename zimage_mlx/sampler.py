@@ -1,0 +1,134 @@
+"""Flow-matching Euler sampling, as diffusers' `FlowMatchEulerDiscreteScheduler` runs it for Z-Image.
+
+Pure functions. The schedule is computed in numpy float32 with the same operations as diffusers 0.42.1
+(`get_default_z_image_sigmas` = torch.linspace(1, 1/N, N), then the shift), so sigmas and timesteps are
+bit-identical; the Euler update and CFG run in float32.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+
+@dataclass
+class SchedulerConfig:
+    num_train_timesteps: int = 1000
+    shift: float = 3.0
+    use_dynamic_shifting: bool = False
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    base_image_seq_len: int = 256
+    max_image_seq_len: int = 4096
+    time_shift_type: str = "exponential"
+    shift_terminal: float | None = None
+
+    @classmethod
+    def from_dict(cls, cfg: dict) -> "SchedulerConfig":
+        unsupported = [k for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
+                                   "invert_sigmas", "stochastic_sampling") if cfg.get(k)]
+        if unsupported:
+            raise ValueError(f"scheduler_config.json asks for {', '.join(unsupported)}, which zimage_mlx does not support")
+        return cls(**{k: cfg[k] for k in cls.__dataclass_fields__ if k in cfg and cfg[k] is not None})
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "SchedulerConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def _torch_linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
+    """torch.linspace(start, end, steps) in float32, reproduced bit for bit.
+
+    torch fills the first half as start + step·i and the second as end − step·(steps−1−i), with the multiply-add
+    fused (one rounding): emulated here in float64, exact for the products, then rounded once to float32.
+    """
+    if steps == 1:
+        return np.array([start], dtype=np.float32)
+    start32, end32 = np.float32(start), np.float32(end)
+    step = np.float64((end32 - start32) / np.float32(steps - 1))
+    idx = np.arange(steps)
+    lower = np.float64(start32) + step * idx
+    upper = np.float64(end32) - step * (steps - 1 - idx)
+    return np.where(idx < steps // 2, lower, upper).astype(np.float32)
+
+
+def _image_shift_mu(image_seq_len: int, cfg: SchedulerConfig) -> float:
+    m = (cfg.max_shift - cfg.base_shift) / (cfg.max_image_seq_len - cfg.base_image_seq_len)
+    b = cfg.base_shift - m * cfg.base_image_seq_len
+    return image_seq_len * m + b
+
+
+def sigmas_for(num_steps: int, cfg: SchedulerConfig, image_seq_len: int | None = None) -> np.ndarray:
+    """The N+1 sigmas (float32, last = 0) of an N-step Z-Image schedule.
+
+    image_seq_len (= (h/2)·(w/2) latent patches) only matters when the config uses dynamic shifting.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_inference_steps must be at least 1, got {num_steps}")
+    s = _torch_linspace_f32(1.0, 1.0 / num_steps, num_steps)
+    if cfg.use_dynamic_shifting:
+        if image_seq_len is None:
+            raise ValueError("dynamic shifting needs the image sequence length")
+        mu = _image_shift_mu(image_seq_len, cfg)
+        if cfg.time_shift_type == "linear":
+            s = mu / (mu + (1 / s - 1) ** 1.0)
+        else:
+            s = math.exp(mu) / (math.exp(mu) + (1 / s - 1) ** 1.0)
+    else:
+        s = cfg.shift * s / (1 + (cfg.shift - 1) * s)
+    if cfg.shift_terminal:
+        one_minus = 1 - s
+        s = 1 - one_minus / (one_minus[-1] / (1 - cfg.shift_terminal))
+    s = s.astype(np.float32)
+    return np.concatenate([s, np.zeros(1, np.float32)])
+
+
+def timesteps_for(sigmas: np.ndarray, cfg: SchedulerConfig) -> np.ndarray:
+    """diffusers' timesteps (σ·1000, float32) for all but the final sigma."""
+    return (sigmas[:-1] * np.float32(cfg.num_train_timesteps)).astype(np.float32)
+
+
+def model_time(timestep: np.float32, cfg: SchedulerConfig) -> np.float32:
+    """The transformer's time input t = (1000 − timestep)/1000, computed in float32 like the pipeline."""
+    n = np.float32(cfg.num_train_timesteps)
+    return np.float32((n - np.float32(timestep)) / n)
+
+
+def img2img_start(num_steps: int, strength: float) -> int:
+    """Index of the first step run for img2img (diffusers' get_timesteps)."""
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be between 0 and 1, got {strength}")
+    init = min(num_steps * strength, num_steps)
+    return int(max(num_steps - init, 0))
+
+
+def euler_step(latents: mx.array, velocity: mx.array, sigma: float, sigma_next: float) -> mx.array:
+    """x ← x + (σ_next − σ)·(−v), in float32 (the pipeline negates the model output)."""
+    dt = mx.array(np.float32(sigma_next) - np.float32(sigma), dtype=mx.float32)
+    return latents.astype(mx.float32) + dt * (-velocity.astype(mx.float32))
+
+
+def guidance(pos: mx.array, neg: mx.array, scale: float, normalization: float | bool = False) -> mx.array:
+    """CFG: pos + g·(pos − neg), optionally renormalized per sample to at most c·‖pos‖ (all float32)."""
+    pos = pos.astype(mx.float32)
+    pred = pos + scale * (pos - neg.astype(mx.float32))
+    c = float(normalization or 0.0)
+    if c > 0.0:
+        axes = tuple(range(1, pred.ndim))
+        pos_norm = mx.sqrt(mx.sum(pos * pos, axis=axes, keepdims=True))
+        pred_norm = mx.sqrt(mx.sum(pred * pred, axis=axes, keepdims=True))
+        limit = pos_norm * c
+        pred = mx.where(pred_norm > limit, pred * (limit / pred_norm), pred)
+    return pred
+
+
+def guidance_for_step(scale: float, t_norm: float, cfg_truncation: float | None) -> float:
+    """The guidance used at a step whose normalized time is t_norm: 0 once past cfg_truncation (diffusers)."""
+    if scale > 0 and cfg_truncation is not None and float(cfg_truncation) <= 1 and t_norm > cfg_truncation:
+        return 0.0
+    return scale
