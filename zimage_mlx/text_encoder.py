@@ -1,0 +1,180 @@
+"""The Qwen3-4B text encoder of Z-Image in MLX (SPEC §7, §12.12).
+
+Ports what diffusers' `ZImagePipeline._encode_prompt` takes from transformers' `Qwen3Model`:
+`hidden_states[-2]`, i.e. the raw output of decoder layer num_layers-2 (index 34 of 36), before the final
+RMSNorm. So only num_layers-1 decoder layers are built, and the checkpoint's last layer, `norm.weight` and
+`lm_head.*` are skipped when loading (never read from disk).
+
+The decoder layers are mlx-lm's `qwen3.TransformerBlock` (same module names as the checkpoint, so the key map
+is only "strip a leading `model.`"). Its numerics match transformers within float32 round-off: `nn.RMSNorm`
+(`mx.fast.rms_norm`, statistics in float32), q/k RMSNorm per head before RoPE, `nn.RoPE` (half-split,
+`traditional=False`, base = rope_theta), causal SDPA with scale 1/sqrt(head_dim), GQA by `mx.fast` SDPA.
+In bfloat16 it rounds once per RMSNorm where transformers rounds twice (SPEC §12.4) — a sub-ulp difference.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models import qwen3 as mlx_qwen3
+
+from .weights import WeightError, check_and_cast, load_into, read_component, read_config, strip_prefix
+
+if TYPE_CHECKING:
+    from .tokenizer import ZImageTokenizer
+
+
+@dataclass
+class Qwen3EncoderConfig:
+    """`text_encoder/config.json` of Z-Image (defaults: the real Qwen3-4B values)."""
+
+    hidden_size: int = 2560
+    num_hidden_layers: int = 36
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 8
+    head_dim: int = 128
+    intermediate_size: int = 9728
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    vocab_size: int = 151936
+    max_position_embeddings: int = 40960
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Qwen3EncoderConfig":
+        d = dict(d)
+        # transformers >= 5 writes rope_theta inside rope_parameters; 4.x writes it at the top with rope_scaling.
+        rope = d.get("rope_parameters") or {}
+        if d.get("rope_theta") is None and "rope_theta" in rope:
+            d["rope_theta"] = rope["rope_theta"]
+        scaling = d.get("rope_scaling") or rope
+        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+        if rope_type != "default":
+            raise ValueError(f"text encoder config: RoPE scaling {rope_type!r} is not supported (Qwen3-4B has none)")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"text encoder config: hidden_act {d['hidden_act']!r} is not supported (expected silu)")
+        if d.get("attention_bias", False):
+            raise ValueError("text encoder config: attention_bias=true is not supported (Qwen3 has none)")
+        if d.get("use_sliding_window", False):
+            raise ValueError("text encoder config: sliding-window attention is not supported")
+        if d.get("head_dim") is None and "hidden_size" in d and "num_attention_heads" in d:
+            d["head_dim"] = d["hidden_size"] // d["num_attention_heads"]
+        names = {f.name for f in fields(cls)}
+        cfg = cls(**{k: v for k, v in d.items() if k in names and v is not None})
+        if cfg.num_hidden_layers < 2:
+            raise ValueError("text encoder config: needs at least 2 layers (the second-to-last one is the output)")
+        return cfg
+
+    @property
+    def num_encoder_layers(self) -> int:
+        """Layers actually run: the output is hidden_states[-2], the output of layer index num_layers-2."""
+        return self.num_hidden_layers - 1
+
+    def mlx_lm_args(self) -> mlx_qwen3.ModelArgs:
+        return mlx_qwen3.ModelArgs(
+            model_type="qwen3",
+            hidden_size=self.hidden_size,
+            num_hidden_layers=self.num_encoder_layers,
+            intermediate_size=self.intermediate_size,
+            num_attention_heads=self.num_attention_heads,
+            rms_norm_eps=self.rms_norm_eps,
+            vocab_size=self.vocab_size,
+            num_key_value_heads=self.num_key_value_heads,
+            max_position_embeddings=self.max_position_embeddings,
+            head_dim=self.head_dim,
+            tie_word_embeddings=True,
+            rope_theta=float(self.rope_theta),
+            rope_scaling=None,
+        )
+
+
+class Qwen3Encoder(nn.Module):
+    """Embedding + the first num_layers-1 Qwen3 decoder layers; returns the last one's raw output (causal)."""
+
+    def __init__(self, config: Qwen3EncoderConfig):
+        super().__init__()
+        self.config = config
+        args = config.mlx_lm_args()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = [mlx_qwen3.TransformerBlock(args) for _ in range(config.num_encoder_layers)]
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        # a quantized embedding stores uint32 weights; its scales carry the activation dtype
+        return getattr(self.embed_tokens, "scales", self.embed_tokens.weight).dtype
+
+    def __call__(self, input_ids: mx.array) -> mx.array:
+        """(B, L) int ids -> (B, L, hidden) = transformers' `hidden_states[-2]` (right padding is harmless)."""
+        h = self.embed_tokens(input_ids)
+        mask = "causal" if h.shape[1] > 1 else None
+        for layer in self.layers:
+            h = layer(h, mask)
+        return h
+
+
+_LAYER_KEY = re.compile(r"^layers\.(\d+)\.")
+
+
+def _text_encoder_dir(directory: Path) -> Path:
+    """Accept the `text_encoder/` directory itself or a pipeline root that contains it."""
+    if not (directory / "config.json").is_file() and (directory / "text_encoder" / "config.json").is_file():
+        return directory / "text_encoder"
+    return directory
+
+
+def load_text_encoder(directory: str | Path, dtype: mx.Dtype = mx.bfloat16) -> Qwen3Encoder:
+    """Build the encoder from a Hugging Face `text_encoder/` directory (config.json + safetensors, sharded or not).
+
+    Keys may carry a leading `model.` (as saved from Qwen3ForCausalLM) or not. `lm_head.*`, `norm.weight` and the
+    last decoder layer are dropped unread. Missing or mis-shaped tensors raise WeightError naming the key.
+    """
+    directory = _text_encoder_dir(Path(directory))
+    config = Qwen3EncoderConfig.from_dict(read_config(directory))
+    model = Qwen3Encoder(config)
+    weights = read_component(directory)  # lazy: nothing is read until evaluated
+    weights = strip_prefix(weights, ["model."])
+    n = config.num_encoder_layers
+    for key in list(weights):
+        m = _LAYER_KEY.match(key)
+        if (
+            key.startswith("lm_head.")
+            or key == "norm.weight"
+            or key.endswith("rotary_emb.inv_freq")
+            or (m is not None and int(m.group(1)) >= n)
+        ):
+            del weights[key]
+    params = check_and_cast(model, weights, dtype, source=str(directory))
+    load_into(model, params)
+    model.eval()
+    return model
+
+
+def encode_prompts(
+    tokenizer: "ZImageTokenizer",
+    encoder: Qwen3Encoder,
+    prompts: Sequence[str] | str,
+    max_length: int = 512,
+) -> list[mx.array]:
+    """Caption features: one (L_i, hidden) array per prompt, only its real tokens, in the encoder's dtype.
+
+    Equals diffusers' `ZImagePipeline._encode_prompt` (padded batch + mask, then `embeds[i][mask[i]]`): the encoder
+    is causal and the reference pads on the right, so each prompt is encoded unpadded — no compute is spent on
+    padding (a 512-token prompt next to the empty CFG negative costs 520 tokens, not 1024). Identical prompts are
+    encoded once.
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    ids = tokenizer.encode(list(prompts), max_length=max_length)
+    cache: dict[tuple[int, ...], mx.array] = {}
+    out = []
+    for seq in ids:
+        key = tuple(seq)
+        if key not in cache:
+            cache[key] = encoder(mx.array([seq], dtype=mx.int32))[0]
+        out.append(cache[key])
+    mx.eval(out)
+    return out
