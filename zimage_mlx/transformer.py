@@ -1,0 +1,365 @@
+"""Z-Image S3-DiT (single-stream diffusion transformer) in MLX.
+
+Ports diffusers 0.42.1 `ZImageTransformer2DModel` (text-to-image "basic" mode). Module names follow the
+checkpoint, so the diffusers keys load with no renames (`sanitize` is the one place key maps live).
+Numerics follow SPEC §12: float32 timestep sinusoid, RoPE tables built in float64, RoPE applied in float32,
+RMSNorm statistics in float32; everything else in the weight dtype. The output is float32.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .weights import WeightError, check_and_cast, load_into, read_component, read_config
+
+ADALN_EMBED_DIM = 256
+SEQ_MULTI_OF = 32
+FREQ_EMBED_SIZE = 256
+T_EMBED_HIDDEN = 1024
+
+
+@dataclass
+class ZImageTransformerConfig:
+    all_patch_size: list = field(default_factory=lambda: [2])
+    all_f_patch_size: list = field(default_factory=lambda: [1])
+    in_channels: int = 16
+    dim: int = 3840
+    n_layers: int = 30
+    n_refiner_layers: int = 2
+    n_heads: int = 30
+    n_kv_heads: int = 30  # diffusers ignores it (plain multi-head attention)
+    norm_eps: float = 1e-5
+    qk_norm: bool = True
+    cap_feat_dim: int = 2560
+    rope_theta: float = 256.0
+    t_scale: float = 1000.0
+    axes_dims: list = field(default_factory=lambda: [32, 48, 48])
+    axes_lens: list = field(default_factory=lambda: [1536, 512, 512])
+
+    @classmethod
+    def from_dict(cls, cfg: dict) -> "ZImageTransformerConfig":
+        """From a diffusers `transformer/config.json` dict; unknown keys (`_class_name`, ...) are ignored."""
+        if cfg.get("siglip_feat_dim") is not None:
+            raise ValueError("Omni checkpoints (siglip_feat_dim set) are not supported")
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in cfg.items() if k in names})
+
+    def __post_init__(self):
+        self.all_patch_size = list(self.all_patch_size)
+        self.all_f_patch_size = list(self.all_f_patch_size)
+        self.axes_dims = list(self.axes_dims)
+        self.axes_lens = list(self.axes_lens)
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if sum(self.axes_dims) != self.head_dim or any(d % 2 for d in self.axes_dims):
+            raise ValueError(f"axes_dims {self.axes_dims} must be even and sum to head_dim {self.head_dim}")
+        if len(self.axes_dims) != 3 or len(self.axes_lens) != 3:
+            raise ValueError("axes_dims and axes_lens must have 3 entries")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+class RMSNorm(nn.Module):
+    # diffusers rounds x*rsqrt(var) to the weight dtype before the weight product; mx.fast.rms_norm rounds once
+    # at the end (float32 inside) -- identical in float32, at most one bf16 rounding apart in bfloat16.
+    def __init__(self, dims: int, eps: float):
+        super().__init__()
+        self.weight = mx.ones((dims,))
+        self.eps = eps
+
+    def __call__(self, x):
+        return mx.fast.rms_norm(x, self.weight, self.eps)
+
+
+def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+    """Interleaved-pair rotation in float32 (diffusers' complex multiply), cast back to x's dtype."""
+    xf = x.astype(mx.float32).reshape(*x.shape[:-1], -1, 2)
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = mx.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)
+    return out.reshape(x.shape).astype(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ZImageTransformerConfig):
+        super().__init__()
+        dim = cfg.dim
+        self.n_heads = cfg.n_heads
+        self.head_dim = cfg.head_dim
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(dim, dim, bias=False)
+        self.to_v = nn.Linear(dim, dim, bias=False)
+        self.to_out = [nn.Linear(dim, dim, bias=False)]
+        if cfg.qk_norm:  # q/k norm eps is hard-coded 1e-5 in diffusers
+            self.norm_q = RMSNorm(self.head_dim, eps=1e-5)
+            self.norm_k = RMSNorm(self.head_dim, eps=1e-5)
+        self.qk_norm = cfg.qk_norm
+
+    def __call__(self, x, cos, sin):
+        B, S, _ = x.shape
+        q = self.to_q(x).reshape(B, S, self.n_heads, self.head_dim)
+        k = self.to_k(x).reshape(B, S, self.n_heads, self.head_dim)
+        v = self.to_v(x).reshape(B, S, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
+        if self.qk_norm:
+            q, k = self.norm_q(q), self.norm_k(k)
+        # cos/sin: (S, head_dim/2) -> broadcast over (B, H, S, head_dim/2)
+        q = apply_rope(q.transpose(0, 2, 1, 3), cos, sin)
+        k = apply_rope(k.transpose(0, 2, 1, 3), cos, sin)
+        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5)
+        return self.to_out[0](o.transpose(0, 2, 1, 3).reshape(B, S, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def __call__(self, x):
+        return self.w2(nn.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    """Sandwich-norm block; with modulation: tanh gates and 1+scale from the timestep embedding (no shifts)."""
+
+    def __init__(self, cfg: ZImageTransformerConfig, modulation: bool):
+        super().__init__()
+        dim, eps = cfg.dim, cfg.norm_eps
+        self.attention = Attention(cfg)
+        self.feed_forward = FeedForward(dim, int(dim / 3 * 8))
+        self.attention_norm1 = RMSNorm(dim, eps)
+        self.ffn_norm1 = RMSNorm(dim, eps)
+        self.attention_norm2 = RMSNorm(dim, eps)
+        self.ffn_norm2 = RMSNorm(dim, eps)
+        self.modulation = modulation
+        if modulation:
+            self.adaLN_modulation = [nn.Linear(min(dim, ADALN_EMBED_DIM), 4 * dim)]
+
+    def __call__(self, x, cos, sin, temb=None):
+        if self.modulation:
+            mod = self.adaLN_modulation[0](temb)[:, None, :]
+            scale_msa, gate_msa, scale_mlp, gate_mlp = mx.split(mod, 4, axis=-1)
+            scale_msa, scale_mlp = 1.0 + scale_msa, 1.0 + scale_mlp
+            gate_msa, gate_mlp = mx.tanh(gate_msa), mx.tanh(gate_mlp)
+            h = self.attention(self.attention_norm1(x) * scale_msa, cos, sin)
+            x = x + gate_msa * self.attention_norm2(h)
+            h = self.feed_forward(self.ffn_norm1(x) * scale_mlp)
+            return x + gate_mlp * self.ffn_norm2(h)
+        x = x + self.attention_norm2(self.attention(self.attention_norm1(x), cos, sin))
+        return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim: int, out_dim: int):
+        super().__init__()
+        self.linear = nn.Linear(dim, out_dim)
+        self.adaLN_modulation = [nn.SiLU(), nn.Linear(min(dim, ADALN_EMBED_DIM), dim)]
+
+    def __call__(self, x, temb):
+        scale = 1.0 + self.adaLN_modulation[1](self.adaLN_modulation[0](temb))
+        return self.linear(mx.fast.layer_norm(x, None, None, 1e-6) * scale[:, None, :])
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, out_size: int, mid_size: int):
+        super().__init__()
+        self.mlp = [nn.Linear(FREQ_EMBED_SIZE, mid_size), nn.SiLU(), nn.Linear(mid_size, out_size)]
+
+    def __call__(self, t: mx.array) -> mx.array:
+        half = FREQ_EMBED_SIZE // 2
+        freqs = mx.exp(-math.log(10000) * mx.arange(half, dtype=mx.float32) / half)
+        args = t.astype(mx.float32)[:, None] * freqs[None]
+        emb = mx.concatenate([mx.cos(args), mx.sin(args)], axis=-1)
+        w = self.mlp[0].weight.dtype
+        emb = emb.astype(w if mx.issubdtype(w, mx.floating) else self.mlp[0].scales.dtype)
+        for layer in self.mlp:
+            emb = layer(emb)
+        return emb
+
+
+def rope_tables(axes_dims, axes_lens, theta):
+    """Per-axis (cos, sin) tables [len, d/2] as diffusers builds them: float64 angles rounded to float32."""
+    tables = []
+    for d, n in zip(axes_dims, axes_lens):
+        inv = 1.0 / theta ** (np.arange(0, d, 2, dtype=np.float64) / d)
+        ang = np.outer(np.arange(n, dtype=np.float64), inv).astype(np.float32).astype(np.float64)
+        tables.append((np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)))
+    return tables
+
+
+def _round_up(n: int) -> int:
+    return n + (-n) % SEQ_MULTI_OF
+
+
+class ZImageTransformer(nn.Module):
+    """model(latents (B,C,h,w), timestep (B,) = 1 - sigma, cap_feats [list of (L_i, cap_feat_dim)]) -> (B,C,h,w)."""
+
+    def __init__(self, config: ZImageTransformerConfig):
+        super().__init__()
+        self.config = cfg = config
+        dim, c = cfg.dim, cfg.in_channels
+        self.all_x_embedder = {}
+        self.all_final_layer = {}
+        for p, pf in zip(cfg.all_patch_size, cfg.all_f_patch_size):
+            self.all_x_embedder[f"{p}-{pf}"] = nn.Linear(pf * p * p * c, dim)
+            self.all_final_layer[f"{p}-{pf}"] = FinalLayer(dim, p * p * pf * c)
+        self.noise_refiner = [TransformerBlock(cfg, True) for _ in range(cfg.n_refiner_layers)]
+        self.context_refiner = [TransformerBlock(cfg, False) for _ in range(cfg.n_refiner_layers)]
+        self.t_embedder = TimestepEmbedder(min(dim, ADALN_EMBED_DIM), T_EMBED_HIDDEN)
+        self.cap_embedder = [RMSNorm(cfg.cap_feat_dim, cfg.norm_eps), nn.Linear(cfg.cap_feat_dim, dim)]
+        self.x_pad_token = mx.zeros((1, dim))
+        self.cap_pad_token = mx.zeros((1, dim))
+        self.layers = [TransformerBlock(cfg, True) for _ in range(cfg.n_layers)]
+        self._rope = rope_tables(cfg.axes_dims, cfg.axes_lens, cfg.rope_theta)
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        """The activation dtype (pad tokens are never quantized)."""
+        return self.x_pad_token.dtype
+
+    def _rope_cos_sin(self, pos: np.ndarray):
+        """pos: (S, 3) int positions -> cos, sin (S, head_dim/2) float32."""
+        for a, n in enumerate(self.config.axes_lens):
+            if pos[:, a].max() >= n:
+                raise ValueError(
+                    f"position {int(pos[:, a].max())} on RoPE axis {a} exceeds axes_lens[{a}] = {n} "
+                    "(caption or image too large for this model)"
+                )
+        cos = np.concatenate([t[0][pos[:, a]] for a, t in enumerate(self._rope)], axis=-1)
+        sin = np.concatenate([t[1][pos[:, a]] for a, t in enumerate(self._rope)], axis=-1)
+        return mx.array(cos), mx.array(sin)
+
+    def __call__(self, latents: mx.array, timestep: mx.array, cap_feats: list) -> mx.array:
+        cfg = self.config
+        if latents.ndim != 4 or latents.shape[1] != cfg.in_channels:
+            raise ValueError(f"latents must be (B, {cfg.in_channels}, h, w), got {tuple(latents.shape)}")
+        B, _, h, w = latents.shape
+        p = cfg.all_patch_size[0]
+        if h % p or w % p:
+            raise ValueError(f"latent height and width must be multiples of {p}, got {h}x{w}")
+        if len(cap_feats) != B:
+            raise ValueError(f"got {len(cap_feats)} caption feature arrays for a batch of {B}")
+        for c in cap_feats:
+            if c.ndim != 2 or c.shape[1] != cfg.cap_feat_dim or c.shape[0] == 0:
+                raise ValueError(f"caption features must be (L>0, {cfg.cap_feat_dim}), got {tuple(c.shape)}")
+        timestep = mx.broadcast_to(mx.array(timestep).reshape(-1), (B,))
+        # Samples whose padded caption lengths agree run as one batch (no masks needed); others run apart,
+        # which equals diffusers' key-padding-masked batch.
+        groups: dict[int, list[int]] = {}
+        for i, c in enumerate(cap_feats):
+            groups.setdefault(_round_up(c.shape[0]), []).append(i)
+        if len(groups) == 1:
+            return self._forward(latents, timestep, cap_feats)
+        out = [None] * B
+        for idx in groups.values():
+            y = self._forward(latents[mx.array(idx)], timestep[mx.array(idx)], [cap_feats[i] for i in idx])
+            for j, i in enumerate(idx):
+                out[i] = y[j]
+        return mx.stack(out)
+
+    def _forward(self, latents, timestep, cap_feats):
+        cfg = self.config
+        dtype = self.dtype
+        B, C, h, w = latents.shape
+        p, pf = cfg.all_patch_size[0], cfg.all_f_patch_size[0]
+        key = f"{p}-{pf}"
+        ht, wt = h // p, w // p
+        n_img = ht * wt
+        n_img_pad = _round_up(n_img) - n_img
+        lc = _round_up(cap_feats[0].shape[0])
+
+        temb = self.t_embedder(timestep.astype(mx.float32) * cfg.t_scale).astype(dtype)
+
+        # Patchify: (B,C,h,w) -> (B, ht*wt, p*p*C), features ordered (ph, pw, c).
+        x = latents.astype(dtype).reshape(B, C, ht, p, wt, p).transpose(0, 2, 4, 3, 5, 1)
+        x = self.all_x_embedder[key](x.reshape(B, n_img, p * p * C))
+        if n_img_pad:
+            pad = mx.broadcast_to(self.x_pad_token.astype(dtype), (B, n_img_pad, cfg.dim))
+            x = mx.concatenate([x, pad], axis=1)
+
+        caps = []
+        for c in cap_feats:
+            c = self.cap_embedder[1](self.cap_embedder[0](c.astype(dtype)))
+            if lc > c.shape[0]:
+                pad = mx.broadcast_to(self.cap_pad_token.astype(dtype), (lc - c.shape[0], cfg.dim))
+                c = mx.concatenate([c, pad], axis=0)
+            caps.append(c)
+        cap = mx.stack(caps)
+
+        # Positions: caption j -> (1+j, 0, 0) incl. pads; image (r, c) -> (lc+1, r, c); image pads -> (0, 0, 0).
+        cap_pos = np.zeros((lc, 3), dtype=np.int64)
+        cap_pos[:, 0] = np.arange(1, lc + 1)
+        img_pos = np.zeros((n_img + n_img_pad, 3), dtype=np.int64)
+        rows, cols = np.meshgrid(np.arange(ht), np.arange(wt), indexing="ij")
+        img_pos[:n_img] = np.stack([np.full(n_img, lc + 1), rows.reshape(-1), cols.reshape(-1)], axis=-1)
+        img_cos, img_sin = self._rope_cos_sin(img_pos)
+        cap_cos, cap_sin = self._rope_cos_sin(cap_pos)
+
+        for layer in self.noise_refiner:
+            x = layer(x, img_cos, img_sin, temb)
+        for layer in self.context_refiner:
+            cap = layer(cap, cap_cos, cap_sin)
+
+        u = mx.concatenate([x, cap], axis=1)
+        cos = mx.concatenate([img_cos, cap_cos], axis=0)
+        sin = mx.concatenate([img_sin, cap_sin], axis=0)
+        for layer in self.layers:
+            u = layer(u, cos, sin, temb)
+        y = self.all_final_layer[key](u[:, :n_img], temb)
+
+        y = y.reshape(B, ht, wt, p, p, C).transpose(0, 5, 1, 3, 2, 4).reshape(B, C, h, w)
+        return y.astype(mx.float32)
+
+
+def sanitize(weights: dict) -> dict:
+    """Checkpoint keys -> module keys. Diffusers/official names pass through unchanged; ComfyUI single-file
+    names (SPEC §6.1) are mapped: prefix stripped, fused qkv split, out/q_norm/k_norm renamed,
+    x_embedder/final_layer moved under the "2-1" patch key, the unused norm_final dropped."""
+    out = {}
+    for k in list(weights):
+        v = weights.pop(k)
+        if k.startswith("model.diffusion_model."):
+            k = k[len("model.diffusion_model."):]
+        if k == "norm_final.weight":
+            continue
+        if k.startswith("x_embedder."):
+            k = "all_x_embedder.2-1." + k[len("x_embedder."):]
+        elif k.startswith("final_layer."):
+            k = "all_final_layer.2-1." + k[len("final_layer."):]
+        if k.endswith(".attention.qkv.weight"):
+            if v.shape[0] % 3:
+                raise WeightError(f"tensor {k} has shape {tuple(v.shape)}; a fused qkv needs 3 equal row blocks")
+            prefix = k[: -len("qkv.weight")]
+            for name, part in zip(("to_q", "to_k", "to_v"), mx.split(v, 3, axis=0)):
+                out[f"{prefix}{name}.weight"] = part
+            continue
+        k = k.replace(".attention.out.", ".attention.to_out.0.")
+        k = k.replace(".attention.q_norm.", ".attention.norm_q.").replace(".attention.k_norm.", ".attention.norm_k.")
+        out[k] = v
+    return out
+
+
+def transformer_from_weights(
+    config: ZImageTransformerConfig | dict, weights: dict, dtype: mx.Dtype = mx.bfloat16, source: str = "weights"
+) -> ZImageTransformer:
+    """Build the model from a config and a {checkpoint key: array} dict (consumed), cast to `dtype`."""
+    if isinstance(config, dict):
+        config = ZImageTransformerConfig.from_dict(config)
+    model = ZImageTransformer(config)  # parameters stay lazy (never evaluated) until replaced below
+    weights = sanitize(weights)
+    load_into(model, check_and_cast(model, weights, dtype, source))
+    return model
+
+
+def load_transformer(directory: str | Path, dtype: mx.Dtype = mx.bfloat16) -> ZImageTransformer:
+    """Load a diffusers `transformer/` directory (config.json + possibly sharded safetensors)."""
+    config = ZImageTransformerConfig.from_dict(read_config(directory))
+    return transformer_from_weights(config, read_component(directory), dtype, source=str(directory))
