@@ -172,3 +172,59 @@ def strip_prefix(weights: Mapping[str, mx.array], prefixes: Iterable[str]) -> di
                 break
         out[k] = v
     return out
+
+
+# --------------------------------------------------------------------------- sources
+DEFAULT_REPO = "Tongyi-MAI/Z-Image-Turbo"
+# What a pipeline needs from a diffusers-layout repo (no .bin/.pt duplicates, no README images).
+HUB_ALLOW_PATTERNS = [
+    "model_index.json",
+    "scheduler/*.json",
+    "tokenizer/*",
+    "text_encoder/*.json",
+    "text_encoder/*.safetensors",
+    "transformer/*.json",
+    "transformer/*.safetensors",
+    "vae/*.json",
+    "vae/*.safetensors",
+]
+
+
+def looks_like_repo_id(src: str) -> bool:
+    parts = str(src).split("/")
+    return len(parts) == 2 and all(parts) and not str(src).startswith((".", "~")) and not Path(src).exists()
+
+
+def resolve_source(src: str | Path, revision: str | None = None, offline: bool | None = None) -> Path:
+    """A local directory for `src`: the directory itself, or a hub snapshot (downloading only what is needed).
+
+    Offline (HF_HUB_OFFLINE=1 or offline=True) with nothing cached raises WeightError with the fix.
+    """
+    path = Path(src).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise WeightError(f"{path}: expected a model directory, got a file (single files go through convert)")
+    if not looks_like_repo_id(str(src)):
+        raise WeightError(f"{src}: no such directory, and not a hub id like {DEFAULT_REPO}")
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+
+    local_only = constants.HF_HUB_OFFLINE if offline is None else offline
+    try:
+        return Path(snapshot_download(str(src), revision=revision, allow_patterns=HUB_ALLOW_PATTERNS,
+                                      local_files_only=local_only))
+    except LocalEntryNotFoundError:
+        raise WeightError(
+            f"{src} is not in the local Hugging Face cache and downloading is off (offline or no network): "
+            f"run once online, or `hf download {src}`, or pass a local directory"
+        ) from None
+    except GatedRepoError:
+        raise WeightError(f"{src}: gated repository; accept its licence on the hub and log in (`hf auth login`)") from None
+    except RepositoryNotFoundError:
+        raise WeightError(f"{src}: no such repository on the hub (or it is private)") from None
+    except RevisionNotFoundError:
+        raise WeightError(f"{src}: revision {revision!r} not found") from None
+    except OSError as e:
+        raise WeightError(f"{src}: download failed ({e}); check the network or pass a local directory") from None

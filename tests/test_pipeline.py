@@ -1,0 +1,142 @@
+"""End-to-end parity with diffusers' ZImagePipeline / ZImageImg2ImgPipeline on a tiny random checkpoint.
+
+Both sides get the same start latents (torch's RNG cannot be reproduced in MLX); MLX runs in float32.
+"""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import psnr, rel_err, to_numpy
+from make_pipeline import diffusers_pipelines, save_tiny_pipeline
+
+from zimage_mlx import ZImagePipeline
+
+H, W = 64, 48          # latent 8×6 → 12 image tokens (not a multiple of 32)
+CHINESE = "一只戴着红色围巾的橘猫坐在窗台上，窗外下着雪"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, qwen_tokenizer_dir):
+    root, models = save_tiny_pipeline(tmp_path_factory.mktemp("zimage") / "Z-Image-Turbo-tiny", qwen_tokenizer_dir)
+    t2i, i2i = diffusers_pipelines(models, qwen_tokenizer_dir)
+    pipe = ZImagePipeline.from_pretrained(root, dtype="float32", quantize=None, keep_text_encoder=True)
+    return root, pipe, t2i, i2i
+
+
+def _noise(batch, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((batch, 16, 2 * (H // 16), 2 * (W // 16)), generator=g)
+
+
+def _fresh(kw):
+    # diffusers' encode_prompt rewrites a prompt list in place (it templates each item): pass copies.
+    return {k: list(v) if isinstance(v, list) else v for k, v in kw.items()}
+
+
+def _compare(pipe, ref, **kw):
+    lat = _noise(kw.pop("batch"), kw.pop("noise_seed", 0))
+    ref_lat = ref(latents=lat.clone(), height=H, width=W, output_type="latent", **_fresh(kw)).images
+    ours_lat = pipe(latents=lat.numpy(), height=H, width=W, output_type="latent", **_fresh(kw)).images
+    err = rel_err(to_numpy(ours_lat), to_numpy(ref_lat))
+    ref_img = ref(latents=lat.clone(), height=H, width=W, output_type="np", **_fresh(kw)).images
+    ours_img = pipe(latents=lat.numpy(), height=H, width=W, output_type="np", **_fresh(kw)).images
+    return err, psnr(ours_img, ref_img)
+
+
+def test_one_prompt_turbo_defaults(tiny):
+    root, pipe, t2i, _ = tiny
+    assert pipe.variant == "turbo"
+    err, db = _compare(pipe, t2i, batch=1, prompt="a red fox in the snow", num_inference_steps=8, guidance_scale=0.0)
+    print(f"one prompt: latent rel err {err:.2e}, image PSNR {db:.1f} dB")
+    assert err <= 1e-3 and db >= 40
+
+
+def test_batch_of_two_prompts_one_chinese(tiny):
+    _, pipe, t2i, _ = tiny
+    err, db = _compare(pipe, t2i, batch=2, prompt=["a lighthouse at dusk, oil painting", CHINESE],
+                       num_inference_steps=4, guidance_scale=0.0, noise_seed=1)
+    print(f"batch of two: latent rel err {err:.2e}, image PSNR {db:.1f} dB")
+    assert err <= 1e-3 and db >= 40
+
+
+def test_prompt_over_512_tokens(tiny):
+    _, pipe, t2i, _ = tiny
+    long_prompt = " ".join(["a very detailed castle with towers and flags"] * 80)
+    with pytest.warns(UserWarning):
+        err, db = _compare(pipe, t2i, batch=1, prompt=long_prompt, num_inference_steps=3, guidance_scale=0.0)
+    print(f">512 tokens: latent rel err {err:.2e}, image PSNR {db:.1f} dB")
+    assert err <= 1e-3 and db >= 40
+
+
+@pytest.mark.parametrize("normalization", [False, 0.9])
+def test_cfg_with_negative_prompt_and_truncation(tiny, normalization):
+    _, pipe, t2i, _ = tiny
+    err, db = _compare(pipe, t2i, batch=1, prompt="a portrait of an astronaut", negative_prompt="blurry, low quality",
+                       num_inference_steps=6, guidance_scale=4.0, cfg_truncation=0.5,
+                       cfg_normalization=normalization, noise_seed=2)
+    print(f"CFG (normalization={normalization}): latent rel err {err:.2e}, image PSNR {db:.1f} dB")
+    assert err <= 1e-3 and db >= 40
+
+
+def test_img2img_matches_diffusers(tiny):
+    from diffusers.utils.torch_utils import randn_tensor
+
+    _, pipe, _, i2i = tiny
+    rng = np.random.default_rng(0)
+    init = Image.fromarray(rng.integers(0, 256, (H + 5, W + 7, 3), dtype=np.uint8))   # floored to 64×48
+    shape = (1, 16, 2 * (H // 16), 2 * (W // 16))
+    g = torch.Generator().manual_seed(7)
+    eps_vae = randn_tensor(shape, generator=g, dtype=torch.float32)   # drawn by latent_dist.sample
+    eps = randn_tensor(shape, generator=g, dtype=torch.float32)       # then the start noise
+    kw = dict(prompt="a watercolor of a harbour", image=init, strength=0.6, num_inference_steps=8, guidance_scale=0.0)
+    ref = i2i(generator=torch.Generator().manual_seed(7), output_type="np", **kw).images
+    ref_lat = i2i(generator=torch.Generator().manual_seed(7), output_type="latent", **kw).images
+    ours = pipe(noise=eps.numpy(), image_noise=eps_vae.numpy(), output_type="np", **kw).images
+    ours_lat = pipe(noise=eps.numpy(), image_noise=eps_vae.numpy(), output_type="latent", **kw).images
+    err, db = rel_err(to_numpy(ours_lat), to_numpy(ref_lat)), psnr(ours, ref)
+    print(f"img2img: latent rel err {err:.2e}, image PSNR {db:.1f} dB")
+    assert ours.shape == (1, H, W, 3)
+    assert err <= 1e-3 and db >= 40
+
+
+def test_encode_prompt_and_pil_output(tiny):
+    _, pipe, t2i, _ = tiny
+    feats = pipe.encode_prompt(["hello", ""])
+    ref, _ = t2i.encode_prompt(["hello", ""], do_classifier_free_guidance=False)
+    assert [f.shape[0] for f in feats] == [r.shape[0] for r in ref]
+    out = pipe(prompt="a cat", height=H, width=W, seed=3, num_inference_steps=2)
+    assert isinstance(out.images[0], Image.Image) and out.images[0].size == (W, H)
+    assert out.seeds == [3] and out.peak_memory_gb > 0 and "denoise" in out.timings
+    again = pipe(prompt="a cat", height=H, width=W, seed=3, num_inference_steps=2, output_type="np").images
+    np.testing.assert_array_equal(np.asarray(out.images[0]), (again[0] * 255).round().astype(np.uint8))
+
+
+def test_callback_sees_every_step_and_can_cancel(tiny):
+    from zimage_mlx.pipeline import GenerationCancelled
+
+    _, pipe, _, _ = tiny
+    seen = []
+    pipe(prompt="x", height=H, width=W, seed=0, num_inference_steps=3, output_type="latent",
+         callback=lambda i, s, lat: seen.append((i, s, lat.shape)))
+    assert [s[0] for s in seen] == [0, 1, 2] and seen[-1][1] == 0.0
+    with pytest.raises(GenerationCancelled):
+        pipe(prompt="x", height=H, width=W, seed=0, num_inference_steps=3, callback=lambda i, s, lat: i < 1)
+
+
+def test_bad_arguments(tiny):
+    _, pipe, _, _ = tiny
+    with pytest.raises(ValueError, match="multiple of 16"):
+        pipe(prompt="x", height=60, width=W)
+    with pytest.raises(ValueError, match="latents have shape"):
+        pipe(prompt="x", height=H, width=W, latents=np.zeros((1, 16, 4, 4), np.float32))
+
+
+def test_text_encoder_freed_unless_kept(tiny):
+    root, _, _, _ = tiny
+    pipe = ZImagePipeline.from_pretrained(root, dtype="float32")
+    pipe(prompt="x", height=H, width=W, seed=0, num_inference_steps=1, output_type="latent")
+    assert pipe._models["text_encoder"] is None
+    pipe(prompt="y", height=H, width=W, seed=0, num_inference_steps=1, output_type="latent")   # reloads
