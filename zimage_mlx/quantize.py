@@ -1,0 +1,131 @@
+"""Quantization policy and unified-memory planning.
+
+Policy (one predicate, `nn.quantize`): every `nn.Linear` of the transformer and the text encoder is quantized,
+except the embedders and the final layer of the transformer (`t_embedder`, `all_x_embedder`, `cap_embedder`,
+`all_final_layer`: small and precision-sensitive) and any layer whose input dim does not divide by the group size.
+Norms, pad tokens, the token embedding table and the whole VAE stay in float.
+
+Planning: `plan_memory` reads the machine's memory (Metal's recommended working set on macOS, /proc/meminfo
+elsewhere), predicts the peak of each stage for each candidate precision, and picks the best that fits.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+KEEP_FLOAT = ("t_embedder", "all_x_embedder", "cap_embedder", "all_final_layer")
+COMPONENTS = ("transformer", "text_encoder")
+GROUP_SIZES = (32, 64, 128)
+
+
+def should_quantize(path: str, module: nn.Module, group_size: int) -> bool:
+    """The policy: Linear layers only, not the DiT's embedders/final layer, input dim divisible by the group."""
+    if not isinstance(module, nn.Linear) or isinstance(module, nn.QuantizedLinear):
+        return False
+    if any(part in KEEP_FLOAT for part in path.split(".")):
+        return False
+    return module.weight.shape[-1] % group_size == 0
+
+
+def quantize_model(model: nn.Module, bits: int, group_size: int = 64) -> nn.Module:
+    """Quantize `model` in place with the policy above (weights must already be loaded)."""
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"group size must be one of {GROUP_SIZES}, got {group_size}")
+    nn.quantize(model, group_size=group_size, bits=bits,
+                class_predicate=lambda p, m: should_quantize(p, m, group_size))
+    mx.eval(model.parameters())
+    return model
+
+
+def quantized_layers(model: nn.Module) -> list[str]:
+    return [p for p, m in model.named_modules() if isinstance(m, nn.QuantizedLinear)]
+
+
+def prepare_for_quantized_load(model: nn.Module, bits: int, group_size: int) -> nn.Module:
+    """Turn the policy's Linear layers into QuantizedLinear shells so saved quantized weights load into them."""
+    nn.quantize(model, group_size=group_size, bits=bits,
+                class_predicate=lambda p, m: should_quantize(p, m, group_size))
+    return model
+
+
+# --------------------------------------------------------------------------- sizes
+def _dtype_bytes(dtype: mx.Dtype) -> int:
+    return dtype.size
+
+
+def weight_bytes(model: nn.Module, bits: int | None, group_size: int, dtype: mx.Dtype) -> int:
+    """Bytes of `model`'s parameters once loaded in `dtype` and (optionally) quantized with the policy.
+
+    Works on an un-evaluated model (only shapes are read), so the real 6B config costs nothing to size.
+    """
+    total = 0
+    quantizable = set()
+    if bits:
+        for path, m in model.named_modules():
+            if should_quantize(path, m, group_size):
+                quantizable.add(path + ".weight")
+    for key, p in tree_flatten(model.parameters()):
+        n = math.prod(p.shape)
+        if key in quantizable:
+            total += n * bits // 8 + 2 * (n // group_size) * _dtype_bytes(dtype)
+        else:
+            total += n * _dtype_bytes(dtype)
+    return total
+
+
+# --------------------------------------------------------------------------- machine memory
+def machine_memory_bytes() -> tuple[int, str]:
+    """(bytes usable by MLX, where the number came from)."""
+    if sys.platform == "darwin":
+        try:
+            info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
+            ws = int(info.get("max_recommended_working_set_size", 0))
+            if ws:
+                return ws, "Metal recommended working set"
+        except Exception:  # noqa: BLE001 - fall back to the total memory
+            pass
+        try:
+            return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.75), "75% of physical memory"
+        except (ValueError, OSError):
+            pass
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if ":" in line}
+        if "MemAvailable" in info:
+            return info["MemAvailable"], "MemAvailable in /proc/meminfo"
+        return info["MemTotal"], "MemTotal in /proc/meminfo"
+    except (OSError, KeyError, ValueError):
+        return 16 * 2**30, "unknown (assumed 16 GiB)"
+
+
+@dataclass
+class MemoryPlan:
+    bits: dict[str, int | None]
+    group_size: int
+    free_text_encoder_first: bool
+    predicted_peak: int
+    available: int
+    source: str
+    stages: dict[str, int] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        def one(b):
+            return "float" if b is None else f"{b}-bit"
+
+        return f"transformer {one(self.bits.get('transformer'))}, text encoder {one(self.bits.get('text_encoder'))}"
+
+    def summary(self) -> str:
+        gb = 1e9
+        enc = "encode, free the text encoder, then load the transformer" if self.free_text_encoder_first \
+            else "keep both models loaded"
+        return (f"memory plan: {self.describe()} (group {self.group_size}); {enc}; predicted peak "
+                f"{self.predicted_peak / gb:.1f} GB of {self.available / gb:.1f} GB available ({self.source})")
