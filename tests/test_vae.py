@@ -1,0 +1,132 @@
+"""FLUX VAE: parity with diffusers' AutoencoderKL (both checkpoint layouts), tiled decode, loading errors."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from mlx.utils import tree_flatten
+from safetensors.torch import load_file, save_file
+
+from conftest import rel_err, to_numpy
+from make_vae import make_tiny_vae, save_tiny_vae, save_tiny_vae_ldm
+from zimage_mlx.vae import AutoencoderKL, VAEConfig, load_vae
+from zimage_mlx.weights import WeightError
+
+SCALE, SHIFT = 0.3611, 0.1159
+
+
+@pytest.fixture(scope="module")
+def oracle():
+    return make_tiny_vae(seed=3)
+
+
+@pytest.fixture(scope="module")
+def paths(oracle, tmp_path_factory):
+    d = tmp_path_factory.mktemp("vae")
+    save_tiny_vae(d / "diffusers", oracle)
+    save_tiny_vae_ldm(d / "ae.safetensors", oracle)
+    save_tiny_vae_ldm(d / "aio.safetensors", oracle, prefix="first_stage_model.")
+    return d
+
+
+@pytest.fixture(scope="module", params=["diffusers", "ldm", "ldm_prefixed"])
+def vae(request, oracle, paths):
+    if request.param == "diffusers":
+        return load_vae(paths / "diffusers")
+    name = "ae.safetensors" if request.param == "ldm" else "aio.safetensors"
+    return load_vae(paths / name, config=dict(oracle.config))
+
+
+def _latents(shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_decode_parity(vae, oracle):
+    lat = _latents((2, 16, 6, 5))
+    with torch.no_grad():
+        ref = oracle.decode(lat / SCALE + SHIFT).sample.permute(0, 2, 3, 1).numpy()
+    out = vae.decode(lat.numpy(), tile=None)
+    assert out.dtype == mx.float32 and out.shape == ref.shape
+    assert rel_err(to_numpy(out), ref) <= 1e-4
+    assert rel_err(to_numpy(vae.decode(mx.array(lat.numpy()), tile=None)), ref) <= 1e-4  # mx input too
+
+
+def test_encode_parity(vae, oracle):
+    img = torch.rand(2, 3, 48, 40, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        dist = oracle.encode(img).latent_dist
+        mean = ((dist.mean - SHIFT) * SCALE).numpy()
+        sample = ((dist.sample(torch.Generator().manual_seed(7)) - SHIFT) * SCALE).numpy()
+    eps = torch.randn(dist.mean.shape, generator=torch.Generator().manual_seed(7)).numpy()
+    x = img.permute(0, 2, 3, 1).numpy()
+    assert rel_err(to_numpy(vae.encode(x)), mean) <= 1e-4
+    assert rel_err(to_numpy(vae.encode(x, noise=eps)), sample) <= 1e-4
+
+
+def test_encode_seeded_sample(vae):
+    x = np.random.default_rng(0).uniform(-1, 1, (1, 32, 32, 3)).astype(np.float32)
+    mean = np.array(vae.encode(x))
+    a, b = np.array(vae.encode(x, seed=5)), np.array(vae.encode(x, seed=5))
+    c = np.array(vae.encode(x, key=mx.random.key(6)))
+    assert a.shape == mean.shape == (1, 16, 4, 4)
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - mean).max() > 1e-3 and np.abs(a - c).max() > 1e-3
+
+
+@pytest.mark.parametrize("checkpoint_bytes", [None, 0, 20_000])
+def test_tiled_decode_matches_untiled(oracle, paths, checkpoint_bytes):
+    vae = load_vae(paths / "diffusers")
+    lat = _latents((2, 16, 14, 9), seed=2).numpy()  # images 112 x 72: 8-row strips -> 14 strips at full size
+    full = np.array(vae.decode(lat, tile=None))
+    tiled = np.array(vae.decode(lat, tile=8, checkpoint_bytes=checkpoint_bytes))
+    assert tiled.shape == full.shape == (2, 112, 72, 3)
+    assert np.abs(tiled - full).max() <= 1e-4  # bound: 2/255; float32 rounding only
+    with torch.no_grad():
+        ref = oracle.decode(torch.from_numpy(lat) / SCALE + SHIFT).sample.permute(0, 2, 3, 1).numpy()
+    assert rel_err(tiled, ref) <= 1e-4
+
+
+def test_auto_tiling_is_used_for_large_images(paths):
+    vae = load_vae(paths / "diffusers")
+    lat = _latents((1, 16, 40, 36), seed=4).numpy()  # 320 x 288 image > 256^2 -> tiled automatically
+    full = np.array(vae.decode(lat, tile=None))
+    auto = np.array(vae.decode(lat))
+    assert np.abs(auto - full).max() <= 1e-4
+
+
+def test_real_config_structure():
+    cfg = VAEConfig.from_dict({"block_out_channels": [128, 256, 512, 512], "_class_name": "AutoencoderKL", "x": 1})
+    params = dict(tree_flatten(AutoencoderKL(cfg).parameters()))
+    assert len(params) == 244
+    assert sum(v.size for v in params.values()) == 83_819_683
+    assert params["decoder.up_blocks.2.resnets.0.conv_shortcut.weight"].shape == (256, 1, 1, 512)
+    assert params["decoder.mid_block.attentions.0.to_out.0.weight"].shape == (512, 512)
+    assert params["encoder.conv_out.weight"].shape == (32, 3, 3, 512)
+
+
+def test_missing_tensor_error(paths, tmp_path):
+    sd = load_file(str(paths / "ae.safetensors"))
+    del sd["decoder.up.0.block.1.norm2.weight"]
+    save_file(sd, str(tmp_path / "ae.safetensors"))
+    cfg = dict(load_vae(paths / "diffusers").config.__dict__)
+    # reversed index: LDM up.0 is the last diffusers up block
+    n = len(cfg["block_out_channels"])
+    with pytest.raises(WeightError, match=rf"decoder\.up_blocks\.{n - 1}\.resnets\.1\.norm2\.weight"):
+        load_vae(tmp_path / "ae.safetensors", config=cfg)
+
+
+def test_wrong_shape_error(paths, tmp_path):
+    d = tmp_path / "vae"
+    d.mkdir()
+    (d / "config.json").write_text((paths / "diffusers" / "config.json").read_text())
+    sd = load_file(str(paths / "diffusers" / "diffusion_pytorch_model.safetensors"))
+    sd["encoder.conv_in.bias"] = torch.zeros(7)
+    save_file(sd, str(d / "diffusion_pytorch_model.safetensors"))
+    with pytest.raises(WeightError, match=r"encoder\.conv_in\.bias.*\(7,\)"):
+        load_vae(d)
+
+
+def test_single_file_defaults_to_flux_config(paths):
+    # the tiny file does not fit the real FLUX config: the error names a tensor and its expected shape
+    with pytest.raises(WeightError, match="shape"):
+        load_vae(paths / "ae.safetensors")

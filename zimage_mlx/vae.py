@@ -1,0 +1,575 @@
+"""The FLUX.1 16-channel VAE (diffusers `AutoencoderKL`) in MLX, NHWC, with a strip-tiled decode.
+
+Ports diffusers 0.42.1 `autoencoders/autoencoder_kl.py`, `autoencoders/vae.py` (Encoder/Decoder),
+`resnet.py` (ResnetBlock2D, Upsample2D, Downsample2D) and the VAE's mid-block attention. Module names follow the
+diffusers checkpoint, so loading is only `sanitize` (LDM renames + the conv transpose [O,I,kh,kw] -> [O,kh,kw,I]).
+
+The tiled decode (`decode(..., tile=rows)`) runs the decoder in horizontal strips with halo rows and gives the
+same result as the untiled one: every GroupNorm uses statistics of the whole image, gathered in a first pass over
+strips and applied in a second (see `_StripDecoder`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .weights import WeightError, check_and_cast, load_into, read_component, read_config, read_safetensors
+
+GN_EPS = 1e-6
+
+
+@dataclass
+class VAEConfig:
+    """`vae/config.json` (defaults = the real FLUX.1 / Z-Image VAE)."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    latent_channels: int = 16
+    block_out_channels: tuple = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    norm_num_groups: int = 32
+    scaling_factor: float = 0.3611
+    shift_factor: float = 0.1159
+    mid_block_add_attention: bool = True
+    use_quant_conv: bool = False
+    use_post_quant_conv: bool = False
+    act_fn: str = "silu"
+    down_block_types: tuple = field(default=None, repr=False)
+    up_block_types: tuple = field(default=None, repr=False)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VAEConfig":
+        names = {f.name for f in fields(cls)}
+        cfg = cls(**{k: v for k, v in d.items() if k in names})
+        cfg.block_out_channels = tuple(cfg.block_out_channels)
+        cfg.shift_factor = float(cfg.shift_factor or 0.0)
+        n = len(cfg.block_out_channels)
+        for name, ok in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
+            types = getattr(cfg, name)
+            if types is not None and (len(types) != n or any(t != ok for t in types)):
+                raise ValueError(f"VAE config: {name} must be {n} x {ok}, got {types}")
+        if cfg.act_fn != "silu" or cfg.use_quant_conv or cfg.use_post_quant_conv:
+            raise ValueError("VAE config: only act_fn 'silu' without quant_conv/post_quant_conv is supported (FLUX VAE)")
+        return cfg
+
+    @property
+    def scale_factor(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+
+class GroupNorm(nn.GroupNorm):
+    """PyTorch-compatible GroupNorm (channel groups x all positions) with two-pass float32 statistics.
+
+    mx.fast.layer_norm over a whole group (up to 1M elements) loses ~1e-4 to cancellation; mean first, then the
+    centered variance, tracks PyTorch to float32 rounding.
+    """
+
+    def __call__(self, x):
+        b, c, g = x.shape[0], x.shape[-1], self.num_groups
+        xg = x.reshape(b, -1, g, c // g).astype(mx.float32)
+        mean = mx.mean(xg, axis=(1, 3), keepdims=True)
+        xc = xg - mean
+        rstd = mx.rsqrt(mx.mean(mx.square(xc), axis=(1, 3), keepdims=True) + self.eps)
+        return (xc * rstd).reshape(x.shape).astype(x.dtype) * self.weight + self.bias
+
+
+def _group_norm(groups: int, channels: int) -> GroupNorm:
+    return GroupNorm(groups, channels, eps=GN_EPS, pytorch_compatible=True)
+
+
+def upsample_nearest(x: mx.array) -> mx.array:
+    b, h, w, c = x.shape
+    return mx.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
+
+
+class ResnetBlock2D(nn.Module):
+    def __init__(self, cin: int, cout: int, groups: int):
+        super().__init__()
+        self.norm1 = _group_norm(groups, cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2 = _group_norm(groups, cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        if cin != cout:
+            self.conv_shortcut = nn.Conv2d(cin, cout, 1)
+
+    def __call__(self, x):
+        h = self.conv1(nn.silu(self.norm1(x)))
+        h = self.conv2(nn.silu(self.norm2(h)))
+        if "conv_shortcut" in self:
+            x = self.conv_shortcut(x)
+        return x + h
+
+
+class Attention(nn.Module):
+    """Single-head self-attention over all H*W positions (query-chunked so the score matrix stays bounded)."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.group_norm = _group_norm(groups, channels)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.to_out = [nn.Linear(channels, channels)]
+
+    def __call__(self, x, max_score_elems: int = 1 << 24):
+        b, h, w, c = x.shape
+        n = h * w
+        y = self.group_norm(x).reshape(b, 1, n, c)
+        q, k, v = self.to_q(y), self.to_k(y), self.to_v(y)
+        chunk = max(1, max_score_elems // (n * b))
+        if chunk >= n:
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=c**-0.5)
+        else:
+            mx.eval(k, v)
+            parts = []
+            for s in range(0, n, chunk):
+                part = mx.fast.scaled_dot_product_attention(q[:, :, s : s + chunk], k, v, scale=c**-0.5)
+                mx.eval(part)
+                parts.append(part)
+            out = mx.concatenate(parts, axis=2)
+        return x + self.to_out[0](out).reshape(b, h, w, c)
+
+
+class Downsample2D(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def __call__(self, x):
+        return self.conv(mx.pad(x, [(0, 0), (0, 1), (0, 1), (0, 0)]))  # right/bottom only
+
+
+class Upsample2D(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def __call__(self, x):
+        return self.conv(upsample_nearest(x))
+
+
+class DownEncoderBlock2D(nn.Module):
+    def __init__(self, cin, cout, layers, groups, add_downsample):
+        super().__init__()
+        self.resnets = [ResnetBlock2D(cin if i == 0 else cout, cout, groups) for i in range(layers)]
+        self.downsamplers = [Downsample2D(cout)] if add_downsample else []
+
+    def __call__(self, x):
+        for r in self.resnets:
+            x = r(x)
+        for d in self.downsamplers:
+            x = d(x)
+        return x
+
+
+class UpDecoderBlock2D(nn.Module):
+    def __init__(self, cin, cout, layers, groups, add_upsample):
+        super().__init__()
+        self.resnets = [ResnetBlock2D(cin if i == 0 else cout, cout, groups) for i in range(layers)]
+        self.upsamplers = [Upsample2D(cout)] if add_upsample else []
+
+    def __call__(self, x):
+        for r in self.resnets:
+            x = r(x)
+        for u in self.upsamplers:
+            x = u(x)
+        return x
+
+
+class UNetMidBlock2D(nn.Module):
+    def __init__(self, channels, groups, add_attention):
+        super().__init__()
+        self.resnets = [ResnetBlock2D(channels, channels, groups) for _ in range(2)]
+        self.attentions = [Attention(channels, groups)] if add_attention else []
+
+    def __call__(self, x):
+        x = self.resnets[0](x)
+        for a in self.attentions:
+            x = a(x)
+        return self.resnets[1](x)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        ch, g = cfg.block_out_channels, cfg.norm_num_groups
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.down_blocks = [
+            DownEncoderBlock2D(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, g, i < len(ch) - 1) for i in range(len(ch))
+        ]
+        self.mid_block = UNetMidBlock2D(ch[-1], g, cfg.mid_block_add_attention)
+        self.conv_norm_out = _group_norm(g, ch[-1])
+        self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
+
+    def __call__(self, x, eval_steps: bool = False):
+        x = self.conv_in(x)
+        for blk in [*self.down_blocks, self.mid_block]:
+            if eval_steps:
+                mx.eval(x)  # bound the lazy graph: one block's activations alive at a time
+            x = blk(x)
+        return self.conv_out(nn.silu(self.conv_norm_out(x)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        ch, g = tuple(reversed(cfg.block_out_channels)), cfg.norm_num_groups
+        self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
+        self.mid_block = UNetMidBlock2D(ch[0], g, cfg.mid_block_add_attention)
+        self.up_blocks = [
+            UpDecoderBlock2D(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, g, i < len(ch) - 1) for i in range(len(ch))
+        ]
+        self.conv_norm_out = _group_norm(g, ch[-1])
+        self.conv_out = nn.Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
+
+    def __call__(self, z):
+        x = self.mid_block(self.conv_in(z))
+        for blk in self.up_blocks:
+            x = blk(x)
+        return self.conv_out(nn.silu(self.conv_norm_out(x)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Strip-tiled decode. The decoder after its mid block is a flat list of row-local ops; output rows [o0, o1) of an
+# op need input rows `need(o0, o1, h)`. Residuals use a stack (Save ... Add). GroupNorm+SiLU ops get whole-image
+# statistics computed beforehand by streaming their input in strips. Activations are materialized ("checkpoints",
+# kept as lists of row chunks and released as soon as no later strip needs them) after each resnet when they fit
+# `checkpoint_bytes`; otherwise the next strips are recomputed from the last checkpoint (memory stays bounded for
+# any image size, at the cost of recomputation).
+
+
+class _Save:
+    def need(self, o0, o1, h):
+        return o0, o1
+
+    def out_h(self, h):
+        return h
+
+    def __call__(self, x, r_in, r_out, h, stack):
+        stack.append((x, r_in))
+        return x
+
+
+class _Add:
+    def __init__(self, shortcut):
+        self.shortcut = shortcut
+
+    need, out_h = _Save.need, _Save.out_h
+
+    def __call__(self, x, r_in, r_out, h, stack):
+        skip, (s0, _) = stack.pop()
+        skip = skip[:, r_out[0] - s0 : r_out[1] - s0]
+        if self.shortcut is not None:
+            skip = self.shortcut(skip)
+        return skip + x
+
+
+class _Conv3:
+    def __init__(self, conv):
+        self.conv = conv
+
+    def need(self, o0, o1, h):
+        return max(o0 - 1, 0), min(o1 + 1, h)
+
+    def out_h(self, h):
+        return h
+
+    def __call__(self, x, r_in, r_out, h, stack):
+        top, bottom = int(r_out[0] == 0), int(r_out[1] == h)  # zero padding only at the image border
+        x = mx.pad(x, [(0, 0), (top, bottom), (1, 1), (0, 0)])
+        return mx.conv2d(x, self.conv.weight) + self.conv.bias
+
+
+class _Up:
+    def need(self, o0, o1, h):
+        return o0 // 2, (o1 + 1) // 2
+
+    def out_h(self, h):
+        return 2 * h
+
+    def __call__(self, x, r_in, r_out, h, stack):
+        return upsample_nearest(x)[:, r_out[0] - 2 * r_in[0] : r_out[1] - 2 * r_in[0]]
+
+
+class _NormSiLU:
+    def __init__(self, norm):
+        self.norm = norm
+        self.stats = None  # (mean, rstd), each (B, 1, 1, G, 1) float32
+
+    need, out_h = _Save.need, _Save.out_h
+
+    def __call__(self, x, r_in, r_out, h, stack):
+        b, r, w, c = x.shape
+        g = self.norm.num_groups
+        mean, rstd = self.stats
+        y = ((x.reshape(b, r, w, g, c // g).astype(mx.float32) - mean) * rstd).reshape(b, r, w, c)
+        return nn.silu(y.astype(x.dtype) * self.norm.weight + self.norm.bias)
+
+
+class _Chunks:
+    """A materialized activation held as row chunks [(r0, r1, array)]; old chunks can be released."""
+
+    def __init__(self, chunks):
+        self.chunks = list(chunks)
+
+    def rows(self, a, b):
+        parts = [x[:, max(a, r0) - r0 : min(b, r1) - r0] for r0, r1, x in self.chunks if r0 < b and r1 > a]
+        return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=1)
+
+    def release_below(self, a):
+        self.chunks = [c for c in self.chunks if c[1] > a]
+
+    def full(self):
+        return self.rows(self.chunks[0][0], self.chunks[-1][1])
+
+    @property
+    def nbytes(self):
+        return sum(x.nbytes for *_, x in self.chunks)
+
+
+class _StripDecoder:
+    def __init__(self, dec: Decoder, tile: int, checkpoint_bytes: int | None):
+        self.tile, self.checkpoint_bytes = tile, checkpoint_bytes
+        ops, self.boundaries = [], set()
+        for blk in dec.up_blocks:
+            for r in blk.resnets:
+                ops += [_Save(), _NormSiLU(r.norm1), _Conv3(r.conv1), _NormSiLU(r.norm2), _Conv3(r.conv2)]
+                ops.append(_Add(r.conv_shortcut if "conv_shortcut" in r else None))
+                self.boundaries.add(len(ops))
+            for u in blk.upsamplers:
+                ops += [_Up(), _Conv3(u.conv)]
+                self.boundaries.add(len(ops))
+        ops += [_NormSiLU(dec.conv_norm_out), _Conv3(dec.conv_out)]
+        self.ops = ops
+
+    def _ranges(self, a, b, o0, o1):
+        ranges = [(o0, o1)]
+        for k in range(b - 1, a - 1, -1):
+            ranges.append(self.ops[k].need(*ranges[-1], self.heights[k]))
+        return ranges[::-1]
+
+    def _run(self, src: _Chunks, a, b, o0, o1):
+        ranges = self._ranges(a, b, o0, o1)
+        x, stack = src.rows(*ranges[0]), []
+        for k in range(a, b):
+            x = self.ops[k](x, ranges[k - a], ranges[k - a + 1], self.heights[k], stack)
+        return x
+
+    def _strips(self, a, b):
+        """Output row strips for ops[a:b], about `tile` image rows each."""
+        h = self.heights[b]
+        rows = max(8, math.ceil(self.tile * h / self.heights[-1]))
+        return [(s, min(s + rows, h)) for s in range(0, h, rows)]
+
+    def _stats(self, src, a, k):
+        """Whole-image GroupNorm statistics of the input of ops[k], streamed in strips (Chan's parallel merge)."""
+        norm = self.ops[k].norm
+        g = norm.num_groups
+        count, mean, m2 = 0, 0.0, 0.0
+        for o0, o1 in self._strips(a, k):
+            x = self._run(src, a, k, o0, o1).astype(mx.float32)
+            b, r, w, c = x.shape
+            x = x.reshape(b, r * w, g, c // g).transpose(0, 2, 1, 3).reshape(b, g, -1)
+            m = mx.mean(x, axis=-1)
+            s = mx.sum(mx.square(x - m[..., None]), axis=-1)
+            m, s = np.array(m, dtype=np.float64), np.array(s, dtype=np.float64)
+            n = x.shape[-1]
+            delta = m - mean
+            tot = count + n
+            mean = mean + delta * n / tot
+            m2 = m2 + s + delta**2 * count * n / tot
+            count = tot
+        var = m2 / count
+        shape = (var.shape[0], 1, 1, g, 1)
+        return (
+            mx.array(mean.astype(np.float32)).reshape(shape),
+            mx.array((1.0 / np.sqrt(var + norm.eps)).astype(np.float32)).reshape(shape),
+        )
+
+    def _materialize(self, src, a, b):
+        out = []
+        strips = self._strips(a, b)
+        for i, (o0, o1) in enumerate(strips):
+            x = self._run(src, a, b, o0, o1)
+            mx.eval(x)
+            out.append((o0, o1, x))
+            if i + 1 < len(strips):
+                src.release_below(self._ranges(a, b, *strips[i + 1])[0][0])
+        return _Chunks(out)
+
+    def __call__(self, x):
+        self.heights = [x.shape[1]]
+        for op in self.ops:
+            self.heights.append(op.out_h(self.heights[-1]))
+        src, a = _Chunks([(0, x.shape[1], x)]), 0
+        for k, op in enumerate(self.ops):
+            if isinstance(op, _NormSiLU):
+                op.stats = self._stats(src, a, k)
+                mx.eval(*op.stats)
+            if k + 1 in self.boundaries and k + 1 < len(self.ops):
+                if self.checkpoint_bytes is None or self._bytes_at(k + 1, x) <= self.checkpoint_bytes:
+                    src, a = self._materialize(src, a, k + 1), k + 1
+        out = self._materialize(src, a, len(self.ops)).full()
+        for op in self.ops:
+            if isinstance(op, _NormSiLU):
+                op.stats = None
+        return out
+
+    def _bytes_at(self, k, x):
+        """Size of the activation entering ops[k] (a resnet boundary: channels = the previous conv's outputs)."""
+        channels = next(op for op in reversed(self.ops[:k]) if isinstance(op, _Conv3)).conv.weight.shape[0]
+        width = x.shape[2] * self.heights[k] // self.heights[0]
+        return x.shape[0] * self.heights[k] * width * channels * x.itemsize
+
+
+class AutoencoderKL(nn.Module):
+    def __init__(self, config: VAEConfig | dict | None = None):
+        super().__init__()
+        if config is None:
+            config = VAEConfig()
+        elif isinstance(config, dict):
+            config = VAEConfig.from_dict(config)
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+
+    @property
+    def dtype(self):
+        return self.decoder.conv_in.weight.dtype
+
+    def decode(self, latents, tile: int | str | None = "auto", checkpoint_bytes: int | None = 1 << 29) -> mx.array:
+        """DiT latents (B, C, h, w) -> images (B, H, W, 3) float32, raw decoder output (about [-1, 1]).
+
+        tile: strip height in output pixels for the tiled decode (same result up to float rounding, bounded
+        memory); None/0 = untiled; "auto" = tiled when the image is larger than 256x256, with strips of
+        max(16, 32768 // width) rows (32 rows at width 1024; lower-resolution layers use at least 8 rows).
+        checkpoint_bytes: largest intermediate activation the tiled decode keeps whole (None = no limit); above
+        it the strips are recomputed from the last kept activation instead (bounded memory, more compute).
+        """
+        cfg = self.config
+        z = mx.array(latents) if not isinstance(latents, mx.array) else latents
+        z = z.astype(self.dtype).transpose(0, 2, 3, 1)
+        z = z / cfg.scaling_factor + cfg.shift_factor
+        f = cfg.scale_factor
+        if tile == "auto":
+            tile = max(16, 32768 // (z.shape[2] * f)) if z.shape[1] * z.shape[2] * f * f > 256 * 256 else None
+        dec = self.decoder
+        if not tile:
+            out = dec(z)
+        else:
+            x = dec.mid_block(dec.conv_in(z))
+            mx.eval(x)
+            out = _StripDecoder(dec, int(tile), checkpoint_bytes)(x)
+        out = out.astype(mx.float32)
+        mx.eval(out)
+        return out
+
+    def encode(self, images, seed: int | None = None, key: mx.array | None = None, noise=None) -> mx.array:
+        """Images (B, H, W, 3) in [-1, 1] -> DiT latents (B, C, h, w) = (z - shift) * scale.
+
+        z is the posterior mean when no seed/key/noise is given, else mean + exp(0.5 * logvar) * eps with eps from
+        `noise` ((B, C, h, w), e.g. torch's, for parity) or MLX's RNG with `seed` / `key`.
+        """
+        cfg = self.config
+        x = mx.array(images) if not isinstance(images, mx.array) else images
+        moments = self.encoder(x.astype(self.dtype), eval_steps=True).astype(mx.float32)
+        c = cfg.latent_channels
+        mean, logvar = moments[..., :c], mx.clip(moments[..., c:], -30.0, 20.0)
+        z = mean.transpose(0, 3, 1, 2)
+        if noise is not None or seed is not None or key is not None:
+            if noise is not None:
+                eps = mx.array(np.asarray(noise)) if not isinstance(noise, mx.array) else noise
+                if tuple(eps.shape) != tuple(z.shape):
+                    raise ValueError(f"noise has shape {tuple(eps.shape)}, expected {tuple(z.shape)}")
+            else:
+                eps = mx.random.normal(z.shape, key=key if key is not None else mx.random.key(seed))
+            z = z + mx.exp(0.5 * logvar.transpose(0, 3, 1, 2)) * eps.astype(mx.float32)
+        z = (z - cfg.shift_factor) * cfg.scaling_factor
+        mx.eval(z)
+        return z
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Weights
+
+
+_LDM_RULES = [
+    (r"^(encoder|decoder)\.norm_out\.", r"\1.conv_norm_out."),
+    (r"^encoder\.down\.(\d+)\.block\.(\d+)\.", r"encoder.down_blocks.\1.resnets.\2."),
+    (r"^encoder\.down\.(\d+)\.downsample\.conv\.", r"encoder.down_blocks.\1.downsamplers.0.conv."),
+    (r"^(encoder|decoder)\.mid\.block_(\d)\.", lambda m: f"{m[1]}.mid_block.resnets.{int(m[2]) - 1}."),
+    (r"^(encoder|decoder)\.mid\.attn_1\.norm\.", r"\1.mid_block.attentions.0.group_norm."),
+    (r"^(encoder|decoder)\.mid\.attn_1\.(q|k|v)\.", r"\1.mid_block.attentions.0.to_\2."),
+    (r"^(encoder|decoder)\.mid\.attn_1\.proj_out\.", r"\1.mid_block.attentions.0.to_out.0."),
+    (r"\.nin_shortcut\.", ".conv_shortcut."),
+]
+
+
+def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+    """diffusers or FLUX/LDM (`ae.safetensors`) VAE tensors -> this module's names and MLX layouts.
+
+    Consumes `weights`. LDM: optional `first_stage_model.`/`vae.` prefix (other keys dropped), `down.i.block.j`,
+    reversed `up.(n-1-k)` -> `up_blocks.k`, `mid.block_1/2`, `mid.attn_1.{norm,q,k,v,proj_out}` (1x1 convs
+    squeezed), `nin_shortcut`, `norm_out`. Then every 4-D conv weight [O,I,kh,kw] -> [O,kh,kw,I].
+    """
+    for prefix in ("first_stage_model.", "vae."):
+        if any(k.startswith(prefix) for k in weights):
+            weights = {k[len(prefix) :]: weights.pop(k) for k in list(weights) if k.startswith(prefix)}
+            break
+    ldm = any(k.startswith(("decoder.up.", "encoder.down.", "decoder.mid.block_", "encoder.mid.block_")) for k in weights)
+    if ldm:
+        ups = [int(m[1]) for k in weights if (m := re.match(r"decoder\.up\.(\d+)\.", k))]
+        n_up = max(ups) + 1 if ups else 0
+        rules = _LDM_RULES + [
+            (r"^decoder\.up\.(\d+)\.block\.", lambda m: f"decoder.up_blocks.{n_up - 1 - int(m[1])}.resnets."),
+            (r"^decoder\.up\.(\d+)\.upsample\.", lambda m: f"decoder.up_blocks.{n_up - 1 - int(m[1])}.upsamplers.0."),
+        ]
+    out = {}
+    for k in list(weights):
+        w = weights.pop(k)
+        if ldm:
+            for pattern, repl in rules:
+                k = re.sub(pattern, repl, k)
+        if ".attentions." in k and w.ndim > 2:
+            w = w.reshape(w.shape[0], -1)  # 1x1 conv attention projections -> Linear
+        if w.ndim == 4:
+            w = w.transpose(0, 2, 3, 1)
+        out[k] = w
+    return out
+
+
+def load_vae(path, dtype=mx.float32, config: VAEConfig | dict | str | Path | None = None) -> AutoencoderKL:
+    """Load a diffusers `vae/` directory or a FLUX/ComfyUI `ae.safetensors` single file.
+
+    A single file without `config` uses the real FLUX VAE config; `config` may be a VAEConfig, a dict or the path
+    of a config.json.
+    """
+    path = Path(path)
+    if isinstance(config, (str, Path)):
+        config = read_config(Path(config).parent, Path(config).name)
+    if path.is_dir():
+        cfg = config if config is not None else read_config(path)
+        weights = read_component(path)
+    elif path.is_file() or path.suffix:
+        cfg = config if config is not None else VAEConfig()
+        weights = read_safetensors(path)
+    else:
+        raise WeightError(f"{path}: not found")
+    if isinstance(cfg, dict):
+        try:
+            cfg = VAEConfig.from_dict(cfg)
+        except (TypeError, ValueError) as e:
+            raise WeightError(f"{path}: unusable VAE config ({e})") from None
+    model = AutoencoderKL(cfg)
+    weights = sanitize(weights)
+    params = check_and_cast(model, weights, dtype, source=str(path))
+    load_into(model, params)
+    model.eval()
+    return model
