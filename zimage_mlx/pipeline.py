@@ -7,6 +7,8 @@ transformer ever occupies memory.
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,36 +153,66 @@ class ZImagePipeline:
         """Load from a hub id (e.g. "Tongyi-MAI/Z-Image-Turbo"), a Hugging Face-layout directory, or an MLX directory.
 
         dtype: "bfloat16" | "float32" (default: bfloat16 on a GPU, float32 on the CPU backend).
-        quantize: None | 4 | 8 | "auto" | {"transformer": 4, "text_encoder": 8} (see zimage_mlx.quantize).
+        quantize: None | 4 | 8 | "auto" | {"transformer": 4, "text_encoder": 8}. "auto" plans bits from this
+        machine's memory (zimage_mlx.quantize.plan_memory) and prints the plan when verbose.
+        A hub model is converted once to the MLX layout and cached (keyed by repo, revision, dtype and bits) in
+        $ZIMAGE_MLX_CACHE (default ~/.cache/zimage_mlx), so later starts skip the conversion.
         Nothing heavy is read here: each model loads on first use (the text encoder before the transformer).
         """
-        from . import weights
-        from .text_encoder import load_text_encoder
-        from .tokenizer import ZImageTokenizer
-        from .transformer import load_transformer
-        from .vae import load_vae
+        from . import mlx_format, quantize as q, weights
 
+        mx_dtype = _dtype(dtype) if dtype is not None else default_dtype()
+        hub_id = str(src) if weights.looks_like_repo_id(str(src)) else None
         root = weights.resolve_source(src, revision=revision)
-        for part in ("transformer", "text_encoder", "vae", "tokenizer"):
-            if not (root / part).is_dir():
-                raise weights.WeightError(
-                    f"{root}: not a Z-Image model directory (no {part}/ folder); expected the Hugging Face layout "
-                    f"of {weights.DEFAULT_REPO} or a directory made by `zimage-mlx convert`"
-                )
+        manifest = mlx_format.read_manifest(root) if mlx_format.is_mlx_dir(root) else None
+        if manifest is None:
+            for part in ("transformer", "text_encoder", "vae", "tokenizer"):
+                if not (root / part).is_dir():
+                    raise weights.WeightError(
+                        f"{root}: not a Z-Image model directory (no {part}/ folder); expected the Hugging Face "
+                        f"layout of {weights.DEFAULT_REPO} or a directory made by `zimage-mlx convert`"
+                    )
+        else:
+            saved = manifest["components"]["transformer"]["dtype"]
+            if dtype is None:
+                mx_dtype = _dtype(saved)
+        configs = {n: weights.read_config(root / n) for n in mlx_format.MODEL_COMPONENTS}
+
+        plan = None
+        if quantize is not None and quantize is not False:
+            if manifest is not None and any(manifest["components"][n].get("bits") for n in q.COMPONENTS):
+                plan = None   # already quantized on disk: load as saved
+            else:
+                plan = q.plan_memory(configs, mx_dtype, requested=quantize)
+                if verbose:
+                    print(plan.summary(), file=sys.stderr)
+        bits = plan.bits if plan is not None else {}
+        group = plan.group_size if plan is not None else 64
+
+        if hub_id is not None and manifest is None:
+            cached = _cache_dir(hub_id, root, mx_dtype, bits)
+            if not mlx_format.is_mlx_dir(cached):
+                from .convert import convert
+
+                if verbose:
+                    print(f"converting {hub_id} to MLX (once) into {cached} …", file=sys.stderr)
+                convert(cached, root, dtype=str(mx_dtype).replace("mlx.core.", ""), bits=bits, group_size=group,
+                        overwrite=True, log=(lambda m: print(m, file=sys.stderr)) if verbose else (lambda m: None))
+            root, manifest = cached, mlx_format.read_manifest(cached)
+
         sched_file = root / "scheduler" / "scheduler_config.json"
         scheduler = SchedulerConfig.from_file(sched_file) if sched_file.is_file() else SchedulerConfig()
+        from .tokenizer import ZImageTokenizer
+
         tokenizer = ZImageTokenizer.from_dir(root / "tokenizer")
-        mx_dtype = _dtype(dtype) if dtype is not None else default_dtype()
-        loaders = {
-            "transformer": lambda: load_transformer(root / "transformer", mx_dtype),
-            "text_encoder": lambda: load_text_encoder(root / "text_encoder", mx_dtype),
-            "vae": lambda: load_vae(root / "vae", mx_dtype),
-        }
+        loaders = _loaders(root, manifest, mx_dtype, bits, group)
         if variant is None:
-            variant = detect_variant(Path(str(src)), weights.read_config(root / "transformer"), scheduler)
+            variant = manifest.get("variant") if manifest is not None else None
+            variant = variant or detect_variant(Path(str(src)), configs["transformer"], scheduler)
         pipe = cls(tokenizer=tokenizer, scheduler_config=scheduler, loaders=loaders, variant=variant,
-                   keep_text_encoder=keep_text_encoder, source=str(src))
+                   keep_text_encoder=keep_text_encoder, source=str(src), plan=plan)
         pipe.dtype_name = str(mx_dtype).replace("mlx.core.", "")
+        pipe.configs = configs
         return pipe
 
     def _component(self, name: str):
@@ -384,6 +416,40 @@ class ZImagePipeline:
         self.timings["total"] = time.perf_counter() - t_start
         return PipelineOutput(images=images, seeds=seeds, timings=dict(self.timings),
                               peak_memory_gb=mx.get_peak_memory() / 1e9)
+
+
+def _loaders(root: Path, manifest: dict | None, dtype: mx.Dtype, bits: dict, group: int) -> dict:
+    """Callables that load each component on first use, from the MLX layout or the PyTorch (diffusers) layout."""
+    if manifest is not None:
+        from .mlx_format import load_component
+
+        return {n: (lambda n=n: load_component(root, n, manifest, bits.get(n), group))
+                for n in ("transformer", "text_encoder", "vae")}
+    from .text_encoder import load_text_encoder
+    from .transformer import load_transformer
+    from .vae import load_vae
+
+    return {
+        "transformer": lambda: load_transformer(root / "transformer", dtype, bits.get("transformer"), group),
+        "text_encoder": lambda: load_text_encoder(root / "text_encoder", dtype, bits.get("text_encoder"), group),
+        "vae": lambda: load_vae(root / "vae", dtype),
+    }
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("ZIMAGE_MLX_CACHE", Path.home() / ".cache" / "zimage_mlx"))
+
+
+def _cache_dir(repo: str, snapshot: Path, dtype: mx.Dtype, bits: dict) -> Path:
+    """Where the converted MLX copy of a hub snapshot lives: keyed by repo, revision, dtype and bits."""
+    revision = snapshot.name if snapshot.parent.name == "snapshots" else "local"
+
+    def b(n):
+        return f"{bits[n]}bit" if bits.get(n) else "float"
+
+    name = (f"{repo.replace('/', '--')}--{revision[:12]}--{str(dtype).replace('mlx.core.', '')}"
+            f"--dit-{b('transformer')}--te-{b('text_encoder')}")
+    return cache_root() / name
 
 
 def _model_dtype(model) -> mx.Dtype:

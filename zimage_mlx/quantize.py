@@ -129,3 +129,101 @@ class MemoryPlan:
             else "keep both models loaded"
         return (f"memory plan: {self.describe()} (group {self.group_size}); {enc}; predicted peak "
                 f"{self.predicted_peak / gb:.1f} GB of {self.available / gb:.1f} GB available ({self.source})")
+
+
+# --------------------------------------------------------------------------- planning
+# Candidate precisions, best quality first: (transformer bits, text-encoder bits).
+CANDIDATES = ((None, None), (None, 8), (8, 8), (4, 8), (4, 4))
+HEADROOM = 0.95          # plan to use at most this share of the available memory
+OVERHEAD = 0.15e9        # tokenizer, latents, RoPE tables, allocator slack
+ENCODE_TOKENS = 512      # plan for the longest prompt
+
+
+def component_weight_bytes(name: str, config: dict, dtype: mx.Dtype, bits: int | None, group_size: int) -> int:
+    from .mlx_format import build_model
+
+    return weight_bytes(build_model(name, config), bits if name != "vae" else None, group_size, dtype)
+
+
+def dit_activation_bytes(config: dict, dtype: mx.Dtype, height: int, width: int, caption_tokens: int = 128,
+                         cpu: bool | None = None) -> int:
+    """Live activations of one DiT block at this size (hidden states, q/k/v, float32 RoPE, SwiGLU), plus the
+    attention score matrix where SDPA materializes it (MLX's CPU backend)."""
+    dim = config.get("dim", 3840)
+    heads = config.get("n_heads", 30)
+    hidden = int(dim / 3 * 8)
+    s = (height // 16) * (width // 16) + caption_tokens
+    s += -s % 32
+    b = dtype.size
+    act = s * (dim * 12 * b + hidden * 4 * b)
+    if cpu if cpu is not None else mx.default_device() == mx.cpu:
+        act += heads * s * s * 4 * 2
+    return act
+
+
+def text_encoder_activation_bytes(config: dict, dtype: mx.Dtype, tokens: int = ENCODE_TOKENS) -> int:
+    h = config.get("hidden_size", 2560)
+    inter = config.get("intermediate_size", 9728)
+    heads = config.get("num_attention_heads", 32)
+    return tokens * (h * 8 + inter * 4) * dtype.size + heads * tokens * tokens * 4 * 2
+
+
+def vae_decode_activation_bytes(config: dict, height: int, width: int) -> int:
+    """Tiled decode: bounded by a strip of the full width at the widest stage (see vae.py)."""
+    ch = config.get("block_out_channels", [128, 256, 512, 512])
+    strip_rows = min(height, 128)
+    return int(width * strip_rows * max(ch[0] * 4, ch[-1]) * 4 * 6)
+
+
+def predict_stages(configs: dict, dtype: mx.Dtype, bits: dict, group_size: int, height: int, width: int,
+                   free_text_encoder: bool = True) -> dict[str, int]:
+    w = {n: component_weight_bytes(n, configs[n], dtype, bits.get(n), group_size) for n in configs}
+    te_resident = 0 if free_text_encoder else w["text_encoder"]
+    return {
+        "encode": int(w["text_encoder"] + text_encoder_activation_bytes(configs["text_encoder"], dtype) + OVERHEAD),
+        "denoise": int(te_resident + w["transformer"] + dit_activation_bytes(configs["transformer"], dtype, height,
+                                                                             width) + OVERHEAD),
+        "decode": int(te_resident + w["transformer"] + w["vae"] + vae_decode_activation_bytes(configs["vae"], height,
+                                                                                               width) + OVERHEAD),
+        **{f"weights_{n}": v for n, v in w.items()},
+    }
+
+
+def plan_memory(configs: dict, dtype: mx.Dtype, requested="auto", height: int = 1024, width: int = 1024,
+                group_size: int = 64, available: int | None = None, source: str | None = None) -> MemoryPlan:
+    """Choose bits per component (for "auto") and whether the text encoder must be freed before the transformer.
+
+    requested: "auto", None/0 (float), 4, 8, or {"transformer": b, "text_encoder": b}. Raises MemoryError with a
+    clear message when even 4-bit cannot fit an "auto" plan.
+    """
+    if available is None:
+        available, source = machine_memory_bytes()
+    budget = available * HEADROOM
+    if requested == "auto":
+        candidates = [dict(zip(COMPONENTS, c)) for c in CANDIDATES]
+    elif isinstance(requested, dict):
+        candidates = [{n: requested.get(n) for n in COMPONENTS}]
+    else:
+        candidates = [{n: (int(requested) if requested else None) for n in COMPONENTS}]
+
+    def stages(bits, free):
+        st = predict_stages(configs, dtype, bits, group_size, height, width, free)
+        return st, max(st["encode"], st["denoise"], st["decode"])
+
+    best = None
+    for bits in candidates:
+        st, peak = stages(bits, free=False)
+        if peak <= budget:
+            return MemoryPlan(bits, group_size, False, peak, available, source or "", st)
+        st, peak = stages(bits, free=True)
+        if peak <= budget or best is None or peak < best.predicted_peak:
+            best = MemoryPlan(bits, group_size, True, peak, available, source or "", st)
+        if peak <= budget:
+            return best
+    if requested == "auto":
+        raise MemoryError(
+            f"Z-Image does not fit in this machine's memory even at 4-bit: it needs about "
+            f"{best.predicted_peak / 1e9:.1f} GB at {width}x{height}, {available / 1e9:.1f} GB are available "
+            f"({source}). Close other apps, or try a smaller size."
+        )
+    return best

@@ -23,7 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models import qwen3 as mlx_qwen3
 
-from .weights import WeightError, check_and_cast, load_into, read_component, read_config, strip_prefix
+from .weights import WeightError, fill_model, read_component, read_config, strip_prefix
 
 if TYPE_CHECKING:
     from .tokenizer import ZImageTokenizer
@@ -126,16 +126,22 @@ def _text_encoder_dir(directory: Path) -> Path:
     return directory
 
 
-def load_text_encoder(directory: str | Path, dtype: mx.Dtype = mx.bfloat16) -> Qwen3Encoder:
-    """Build the encoder from a Hugging Face `text_encoder/` directory (config.json + safetensors, sharded or not).
+def text_encoder_from_weights(
+    config: Qwen3EncoderConfig | dict,
+    weights: dict,
+    dtype: mx.Dtype = mx.bfloat16,
+    source: str = "weights",
+    bits: int | None = None,
+    group_size: int = 64,
+) -> Qwen3Encoder:
+    """Build the encoder from a config and a {checkpoint key: array} dict (consumed).
 
     Keys may carry a leading `model.` (as saved from Qwen3ForCausalLM) or not. `lm_head.*`, `norm.weight` and the
-    last decoder layer are dropped unread. Missing or mis-shaped tensors raise WeightError naming the key.
+    last decoder layer are dropped unread. With `bits`, Linear layers are quantized tensor by tensor.
     """
-    directory = _text_encoder_dir(Path(directory))
-    config = Qwen3EncoderConfig.from_dict(read_config(directory))
+    if isinstance(config, dict):
+        config = Qwen3EncoderConfig.from_dict(config)
     model = Qwen3Encoder(config)
-    weights = read_component(directory)  # lazy: nothing is read until evaluated
     weights = strip_prefix(weights, ["model."])
     n = config.num_encoder_layers
     for key in list(weights):
@@ -147,10 +153,36 @@ def load_text_encoder(directory: str | Path, dtype: mx.Dtype = mx.bfloat16) -> Q
             or (m is not None and int(m.group(1)) >= n)
         ):
             del weights[key]
-    params = check_and_cast(model, weights, dtype, source=str(directory))
-    load_into(model, params)
-    model.eval()
-    return model
+    return fill_model(model, weights, dtype, source, bits=bits, group_size=group_size)
+
+
+def config_from_weights(weights: dict) -> dict:
+    """A Qwen3 config for a single-file text encoder (e.g. ComfyUI's qwen_3_4b.safetensors), from tensor shapes."""
+    keys = {k.removeprefix("model."): tuple(v.shape) for k, v in weights.items()}
+    try:
+        vocab, hidden = keys["embed_tokens.weight"]
+        head_dim = keys["layers.0.self_attn.q_norm.weight"][0]
+        n_heads = keys["layers.0.self_attn.q_proj.weight"][0] // head_dim
+        n_kv = keys["layers.0.self_attn.k_proj.weight"][0] // head_dim
+        inter = keys["layers.0.mlp.gate_proj.weight"][0]
+    except KeyError as e:
+        raise WeightError(f"not a Qwen3 text encoder checkpoint (no {e.args[0]})") from None
+    layers = len({k.split(".")[1] for k in keys if k.startswith("layers.")})
+    return {"architectures": ["Qwen3ForCausalLM"], "hidden_size": hidden, "num_hidden_layers": layers,
+            "num_attention_heads": n_heads, "num_key_value_heads": n_kv, "head_dim": head_dim,
+            "intermediate_size": inter, "vocab_size": vocab, "rms_norm_eps": 1e-6, "rope_theta": 1_000_000.0,
+            "max_position_embeddings": 40960, "hidden_act": "silu", "attention_bias": False}
+
+
+def load_text_encoder(directory: str | Path, dtype: mx.Dtype = mx.bfloat16, bits: int | None = None,
+                      group_size: int = 64) -> Qwen3Encoder:
+    """Build the encoder from a Hugging Face `text_encoder/` directory (config.json + safetensors, sharded or not).
+
+    Missing or mis-shaped tensors raise WeightError naming the key.
+    """
+    directory = _text_encoder_dir(Path(directory))
+    config = Qwen3EncoderConfig.from_dict(read_config(directory))
+    return text_encoder_from_weights(config, read_component(directory), dtype, str(directory), bits, group_size)
 
 
 def encode_prompts(

@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .weights import WeightError, check_and_cast, load_into, read_component, read_config
+from .weights import WeightError, fill_model, read_component, read_config
 
 ADALN_EMBED_DIM = 256
 SEQ_MULTI_OF = 32
@@ -348,18 +348,48 @@ def sanitize(weights: dict) -> dict:
 
 
 def transformer_from_weights(
-    config: ZImageTransformerConfig | dict, weights: dict, dtype: mx.Dtype = mx.bfloat16, source: str = "weights"
+    config: ZImageTransformerConfig | dict,
+    weights: dict,
+    dtype: mx.Dtype = mx.bfloat16,
+    source: str = "weights",
+    bits: int | None = None,
+    group_size: int = 64,
 ) -> ZImageTransformer:
-    """Build the model from a config and a {checkpoint key: array} dict (consumed), cast to `dtype`."""
+    """Build the model from a config and a {checkpoint key: array} dict (consumed), cast to `dtype`
+    (and quantized to `bits` with the policy of quantize.py, tensor by tensor)."""
     if isinstance(config, dict):
         config = ZImageTransformerConfig.from_dict(config)
     model = ZImageTransformer(config)  # parameters stay lazy (never evaluated) until replaced below
-    weights = sanitize(weights)
-    load_into(model, check_and_cast(model, weights, dtype, source))
-    return model
+    return fill_model(model, sanitize(weights), dtype, source, bits=bits, group_size=group_size)
 
 
-def load_transformer(directory: str | Path, dtype: mx.Dtype = mx.bfloat16) -> ZImageTransformer:
+def config_from_weights(weights: dict) -> dict:
+    """A transformer config for a single-file checkpoint (ComfyUI layout or diffusers names), from tensor shapes.
+
+    Everything not visible in the shapes takes the real Z-Image value (rope, axes, eps).
+    """
+    keys = {k.removeprefix("model.diffusion_model."): tuple(v.shape) for k, v in weights.items()}
+    x_emb = keys.get("x_embedder.weight") or keys.get("all_x_embedder.2-1.weight")
+    norm_q = keys.get("layers.0.attention.q_norm.weight") or keys.get("layers.0.attention.norm_q.weight")
+    cap = keys.get("cap_embedder.1.weight")
+    if x_emb is None or cap is None:
+        raise WeightError("not a Z-Image transformer checkpoint (no x_embedder / cap_embedder tensors)")
+
+    def count(prefix):
+        return len({k.split(".")[1] for k in keys if k.startswith(prefix + ".")})
+
+    dim = x_emb[0]
+    head_dim = norm_q[0] if norm_q else 128
+    cfg = ZImageTransformerConfig(
+        dim=dim, in_channels=x_emb[1] // 4, n_layers=count("layers"), n_refiner_layers=count("noise_refiner"),
+        n_heads=dim // head_dim, n_kv_heads=dim // head_dim, cap_feat_dim=cap[1], qk_norm=norm_q is not None,
+    )
+    return {k: getattr(cfg, k) for k in ZImageTransformerConfig.__dataclass_fields__}
+
+
+def load_transformer(directory: str | Path, dtype: mx.Dtype = mx.bfloat16, bits: int | None = None,
+                     group_size: int = 64) -> ZImageTransformer:
     """Load a diffusers `transformer/` directory (config.json + possibly sharded safetensors)."""
     config = ZImageTransformerConfig.from_dict(read_config(directory))
-    return transformer_from_weights(config, read_component(directory), dtype, source=str(directory))
+    return transformer_from_weights(config, read_component(directory), dtype, source=str(directory),
+                                    bits=bits, group_size=group_size)

@@ -116,19 +116,28 @@ def read_config(directory: str | Path, name: str = "config.json") -> dict:
 def check_and_cast(
     model: nn.Module,
     weights: dict[str, mx.array],
-    dtype: mx.Dtype,
+    dtype: mx.Dtype | None,
     source: str,
     keep_dtype: Callable[[str], bool] = lambda k: False,
 ) -> dict[str, mx.array]:
     """Match `weights` (already in the model's key names and layouts) against the model's parameters.
 
     Raises WeightError naming the missing/unexpected key or the shape mismatch. Floating tensors are cast to
-    `dtype` (unless keep_dtype(key)); the result is evaluated tensor by tensor so the source is never held twice.
+    `dtype` (unless dtype is None or keep_dtype(key)); the result is evaluated tensor by tensor so the source is
+    never held twice. Quantized layers of `model` (QuantizedLinear shells, see quantize.py) accept either their
+    saved packed weights/scales/biases or a float weight, which is quantized here, one tensor at a time.
     `weights` is consumed (emptied): a lazily loaded source tensor that stays referenced after its cast is
     evaluated would keep its file data alive, doubling peak memory. Callers must hold no other references.
     """
     expected = dict(tree_flatten(model.parameters()))
-    missing = sorted(set(expected) - set(weights))
+    to_quantize = {}
+    for path, m in model.named_modules():
+        if isinstance(m, nn.QuantizedLinear) and f"{path}.weight" in weights and f"{path}.scales" not in weights:
+            to_quantize[f"{path}.weight"] = m
+    provided = set(weights)
+    for key in to_quantize:
+        provided |= {key[: -len("weight")] + "scales", key[: -len("weight")] + "biases"}
+    missing = sorted(set(expected) - provided)
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise WeightError(
@@ -141,15 +150,32 @@ def check_and_cast(
         raise WeightError(f"{source}: unexpected tensor(s) {', '.join(unexpected[:5])}{more}")
     out = {}
     for key, ref in expected.items():
+        if key in out:
+            continue
+        if key in to_quantize:
+            m = to_quantize[key]
+            w = weights.pop(key)
+            shape = (ref.shape[0], ref.shape[1] * 32 // m.bits)
+            if tuple(w.shape) != shape:
+                raise WeightError(f"{source}: tensor {key} has shape {tuple(w.shape)}, expected {shape}")
+            w = w.astype(dtype if dtype is not None else w.dtype)
+            wq, scales, biases = mx.quantize(w, group_size=m.group_size, bits=m.bits)
+            stem = key[: -len("weight")]
+            mx.eval(wq, scales, biases)
+            out[key], out[stem + "scales"], out[stem + "biases"] = wq, scales, biases
+            continue
         w = weights.pop(key)
         if tuple(w.shape) != tuple(ref.shape):
             raise WeightError(
                 f"{source}: tensor {key} has shape {tuple(w.shape)}, expected {tuple(ref.shape)} "
                 "(does the config match the weights?)"
             )
-        if not mx.issubdtype(w.dtype, mx.floating):
+        if not mx.issubdtype(ref.dtype, mx.floating):
+            if w.dtype != ref.dtype:
+                raise WeightError(f"{source}: tensor {key} has dtype {w.dtype}, expected {ref.dtype}")
+        elif not mx.issubdtype(w.dtype, mx.floating):
             raise WeightError(f"{source}: tensor {key} has dtype {w.dtype}, expected a floating-point tensor")
-        if not keep_dtype(key):
+        elif dtype is not None and not keep_dtype(key):
             w = w.astype(dtype)
         mx.eval(w)
         out[key] = w
@@ -158,6 +184,27 @@ def check_and_cast(
 
 def load_into(model: nn.Module, params: Mapping[str, mx.array]) -> nn.Module:
     model.update(tree_unflatten(list(params.items())))
+    return model
+
+
+def fill_model(
+    model: nn.Module,
+    weights: dict[str, mx.array],
+    dtype: mx.Dtype | None,
+    source: str,
+    bits: int | None = None,
+    group_size: int = 64,
+) -> nn.Module:
+    """Check, cast (and with `bits`, quantize with the policy of quantize.py) `weights` into `model`.
+
+    `weights` must already be in the model's names and layouts; it is consumed (see check_and_cast).
+    """
+    if bits:
+        from .quantize import prepare_for_quantized_load
+
+        prepare_for_quantized_load(model, bits, group_size)
+    load_into(model, check_and_cast(model, weights, dtype, source))
+    model.eval()
     return model
 
 
@@ -228,3 +275,62 @@ def resolve_source(src: str | Path, revision: str | None = None, offline: bool |
         raise WeightError(f"{src}: revision {revision!r} not found") from None
     except OSError as e:
         raise WeightError(f"{src}: download failed ({e}); check the network or pass a local directory") from None
+
+
+# --------------------------------------------------------------------------- single-file kinds
+KIND_NAMES = {
+    "transformer": "a Z-Image transformer (S3-DiT)",
+    "text_encoder": "a Qwen3 text encoder",
+    "vae": "a FLUX 16-channel VAE",
+}
+
+
+def _file_kind_from_keys(keys: dict[str, tuple]) -> str:
+    """'transformer' | 'text_encoder' | 'vae', or a WeightError saying what the file looks like."""
+    names = list(keys)
+
+    def has(*fragments):
+        return any(all(f in k for f in fragments) for k in names)
+
+    if has("lora_") or has(".lora.") or has("lokr_") or has("hada_w"):
+        raise WeightError("it looks like a LoRA (lora_A/lora_down keys); LoRAs are applied on top of a model, "
+                          "they are not a model")
+    if has("layers.0.adaLN_modulation.0.weight") and (has("cap_embedder") or has("x_pad_token")):
+        return "transformer"
+    if has("double_blocks.") or has("single_blocks."):
+        raise WeightError("it looks like a FLUX transformer (double_blocks/single_blocks), not Z-Image")
+    if has("input_blocks.") or has("conditioner.embedders") or has("down_blocks.0.attentions"):
+        raise WeightError("it looks like a Stable Diffusion / SDXL UNet checkpoint, not Z-Image")
+    if has("self_attn.q_norm.weight") and has("embed_tokens.weight"):
+        return "text_encoder"
+    if has("self_attn.q_proj") and has("embed_tokens.weight"):
+        raise WeightError("it looks like a language model without q/k norms (Qwen2/Llama?), not the Qwen3 encoder")
+    conv_in = next((v for k, v in keys.items() if k.endswith("decoder.conv_in.weight")), None)
+    if conv_in is not None:
+        if len(conv_in[0]) == 4 and conv_in[0][1] != 16:
+            raise WeightError(f"it looks like a {conv_in[0][1]}-channel VAE (SD/SDXL); Z-Image needs the 16-channel "
+                              "FLUX VAE (ae.safetensors)")
+        return "vae"
+    raise WeightError("it is not a Z-Image transformer, Qwen3 text encoder or FLUX VAE checkpoint "
+                      f"(first keys: {', '.join(names[:3])})")
+
+
+def detect_file_kind(path: str | Path) -> str:
+    """Which Z-Image component a single checkpoint file holds, from its keys (never unpickles anything)."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightError(f"{path}: file not found")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == b"GGUF" or path.suffix.lower() == ".gguf":
+        raise WeightError(f"{path}: a GGUF file; zimage_mlx reads .safetensors checkpoints (convert it or use the "
+                          "bf16 safetensors release)")
+    if magic[:2] == b"PK" or magic[:1] == b"\x80" or path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin", ".pkl"):
+        raise WeightError(f"{path}: a pickle checkpoint (.ckpt/.pt/.bin); these can run code when loaded and are "
+                          "never opened: use the .safetensors release")
+    try:
+        return _file_kind_from_keys(safetensors_keys(path))
+    except WeightError as e:
+        if str(e).startswith(str(path)):
+            raise
+        raise WeightError(f"{path}: {e}") from None
