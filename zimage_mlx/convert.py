@@ -101,6 +101,8 @@ def convert(
     text_encoder: str | Path | None = None,
     vae: str | Path | None = None,
     tokenizer: str | Path | None = None,
+    transformer_config: str | Path | None = None,
+    vae_config: str | Path | None = None,
     dtype: str = "bfloat16",
     bits: dict[str, int | None] | int | None = None,
     group_size: int = 64,
@@ -180,7 +182,8 @@ def convert(
                     model = load_transformer(path, mx_dtype, bits=b, group_size=group_size)
                 else:
                     weights = read_safetensors(path)
-                    config = tr_config(weights)
+                    config = json.loads(Path(transformer_config).read_text()) if transformer_config \
+                        else tr_config(weights)
                     model = transformer_from_weights(config, weights, mx_dtype, str(path), b, group_size)
             elif name == "text_encoder":
                 if path.is_dir():
@@ -191,8 +194,11 @@ def convert(
                     config = te_config(weights)
                     model = text_encoder_from_weights(config, weights, mx_dtype, str(path), b, group_size)
             else:
-                config = read_config(path) if path.is_dir() else asdict(VAEConfig())
-                model = load_vae(path, mx_dtype)
+                if path.is_dir():
+                    config = read_config(path)
+                else:   # FLUX ae.safetensors: the FLUX config unless one is given
+                    config = json.loads(Path(vae_config).read_text()) if vae_config else asdict(VAEConfig())
+                model = load_vae(path, mx_dtype, config=config)
             shards = save_component(tmp / name, model, config)
             nbytes = sum((tmp / name / s).stat().st_size for s in shards)
             del model
@@ -261,6 +267,10 @@ def _parse_bits(quantize: str | None, te_bits: str | None, dit_bits: str | None)
 @click.option("--text-encoder", type=click.Path(exists=True, dir_okay=False), help="Single-file Qwen3 text encoder.")
 @click.option("--vae", type=click.Path(exists=True, dir_okay=False), help="Single-file FLUX VAE (ae.safetensors).")
 @click.option("--tokenizer", type=click.Path(exists=True, file_okay=False), help="Directory with tokenizer.json.")
+@click.option("--transformer-config", type=click.Path(exists=True, dir_okay=False),
+              help="config.json for a single-file transformer (default: inferred from its shapes).")
+@click.option("--vae-config", type=click.Path(exists=True, dir_okay=False),
+              help="config.json for a single-file VAE (default: the FLUX VAE's).")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True)
 @click.option("--quantize", "-q", default=None, help="4 or 8: quantize transformer and text encoder.")
 @click.option("--transformer-bits", default=None, help="Bits for the transformer only (4, 8, none).")
@@ -271,7 +281,7 @@ def _parse_bits(quantize: str | None, te_bits: str | None, dit_bits: str | None)
               help="Model family (sets default steps/guidance) [default: detected; turbo for single files].")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty destination.")
 @click.option("--verbose", "-v", is_flag=True, help="Show tracebacks on errors.")
-def convert_command(source, output, transformer, text_encoder, vae, tokenizer, dtype, quantize, transformer_bits,
+def convert_command(source, output, transformer, text_encoder, vae, tokenizer, transformer_config, vae_config, dtype, quantize, transformer_bits,
                     text_encoder_bits, group_size, revision, variant, overwrite, verbose):
     """Convert SOURCE (hub id or Hugging Face-layout directory), or --transformer/--text-encoder/--vae single
     files, into a zimage_mlx (MLX) directory that loads with no key mapping."""
@@ -281,7 +291,8 @@ def convert_command(source, output, transformer, text_encoder, vae, tokenizer, d
     if source is None and not (transformer or text_encoder or vae):
         raise click.UsageError("give SOURCE or --transformer/--text-encoder/--vae files")
     run_guarded(lambda: convert(output, source, transformer=transformer, text_encoder=text_encoder, vae=vae,
-                                tokenizer=tokenizer, dtype=dtype, bits=bits, group_size=int(group_size),
+                                tokenizer=tokenizer, transformer_config=transformer_config, vae_config=vae_config,
+                                dtype=dtype, bits=bits, group_size=int(group_size),
                                 overwrite=overwrite, revision=revision, variant=variant), verbose)
 
 

@@ -380,6 +380,9 @@ def config_from_weights(weights: dict) -> dict:
 
     dim = x_emb[0]
     head_dim = norm_q[0] if norm_q else 128
+    if head_dim != 128:
+        raise WeightError(f"head_dim {head_dim} is not Z-Image's 128: the RoPE axes cannot be inferred from the "
+                          "file; pass the model's config.json (--transformer-config)")
     cfg = ZImageTransformerConfig(
         dim=dim, in_channels=x_emb[1] // 4, n_layers=count("layers"), n_refiner_layers=count("noise_refiner"),
         n_heads=dim // head_dim, n_kv_heads=dim // head_dim, cap_feat_dim=cap[1], qk_norm=norm_q is not None,
