@@ -366,11 +366,15 @@ def test_hub_download_then_cached_conversion(tiny, tmp_path):
         np.save({str(tmp_path / 'img.npy')!r}, img)
         ZImagePipeline.from_pretrained("Tongyi-MAI/Z-Image-Turbo", dtype="float32")
         print("conversions", len(calls))
+        import shutil
+        shutil.rmtree({str(tmp_path / 'hf' / 'hub')!r})    # offline, hub snapshot gone: the MLX copy serves
+        pipe = ZImagePipeline.from_pretrained("Tongyi-MAI/Z-Image-Turbo", dtype="float32")
+        print("offline from cache", pipe.source, len(calls))
     """)
     np.save(tmp_path / "lat.npy", latents)
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert "conversions 1" in proc.stdout
+    assert "conversions 1" in proc.stdout and "offline from cache Tongyi-MAI/Z-Image-Turbo 1" in proc.stdout
     cached = list((tmp_path / "c").iterdir())
     assert len(cached) == 1 and "Tongyi-MAI--Z-Image-Turbo--0123456789ab--float32" in cached[0].name
     assert psnr(np.load(tmp_path / "img.npy"), reference) >= 60

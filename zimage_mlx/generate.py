@@ -19,6 +19,7 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .convert import convert_command
 
 DEFAULT_MODEL = "Tongyi-MAI/Z-Image-Turbo"
 DEFAULT_OUTPUT = "zimage-{seed}.png"
@@ -391,6 +392,7 @@ def cli():
 
 cli.add_command(generate)
 cli.add_command(info)
+cli.add_command(convert_command)
 
 if __name__ == "__main__":
     generate(prog_name="python -m zimage_mlx.generate")
