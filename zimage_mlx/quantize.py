@@ -168,11 +168,16 @@ def text_encoder_activation_bytes(config: dict, dtype: mx.Dtype, tokens: int = E
     return tokens * (h * 8 + inter * 4) * dtype.size + heads * tokens * tokens * 4 * 2
 
 
-def vae_decode_activation_bytes(config: dict, height: int, width: int) -> int:
-    """Tiled decode: bounded by a strip of the full width at the widest stage (see vae.py)."""
+def vae_decode_activation_bytes(config: dict, height: int, width: int, dtype: mx.Dtype = mx.float32) -> int:
+    """VAE decode activations, calibrated on the real config (float32, MLX CPU backend, vae_bench.py):
+    untiled (≤ 256², vae.decode's "auto" rule) ≈ 39.4 kB per output pixel; strip-tiled ≈ 0.8 GB + 966 B/pixel.
+    Scaled by the dtype size and by the width of the first decoder stage relative to FLUX's 512."""
     ch = config.get("block_out_channels", [128, 256, 512, 512])
-    strip_rows = min(height, 128)
-    return int(width * strip_rows * max(ch[0] * 4, ch[-1]) * 4 * 6)
+    scale = dtype.size / 4 * ch[-1] / 512
+    pixels = height * width
+    if pixels > 256 * 256:
+        return int((0.8e9 + 966 * pixels) * scale)
+    return int(39.4e3 * pixels * scale)
 
 
 def predict_stages(configs: dict, dtype: mx.Dtype, bits: dict, group_size: int, height: int, width: int,
@@ -183,8 +188,8 @@ def predict_stages(configs: dict, dtype: mx.Dtype, bits: dict, group_size: int, 
         "encode": int(w["text_encoder"] + text_encoder_activation_bytes(configs["text_encoder"], dtype) + OVERHEAD),
         "denoise": int(te_resident + w["transformer"] + dit_activation_bytes(configs["transformer"], dtype, height,
                                                                              width) + OVERHEAD),
-        "decode": int(te_resident + w["transformer"] + w["vae"] + vae_decode_activation_bytes(configs["vae"], height,
-                                                                                               width) + OVERHEAD),
+        "decode": int(te_resident + w["transformer"] + w["vae"]
+                      + vae_decode_activation_bytes(configs["vae"], height, width, dtype) + OVERHEAD),
         **{f"weights_{n}": v for n, v in w.items()},
     }
 
