@@ -1,0 +1,360 @@
+"""Z-Image in MLX: load time, text-encoder time, DiT step latency, VAE decode time and peak memory per stage.
+
+    python benchmarks/bench.py --device gpu --dtype bfloat16 --config full --sizes 512,1024 [--bits 8] [--diffusers]
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \\
+        python benchmarks/bench.py --device cpu --config reduced --sizes 256,512
+
+Random weights are created directly in MLX (mx.random.normal(...) * 0.02 per parameter, one layer at a time, quantized
+per layer with the package's policy when --bits is given), written as safetensors into a temporary directory (the
+Hugging Face layout for float weights, packed MLX tensors for quantized ones) and loaded back through zimage_mlx's
+loaders: the load time is that of a warm page cache. Stages run one after the other, each model freed before the
+next. DiT: one step (a velocity) for a 1-image batch with a --caption-tokens caption, median of --repeats after
+--warmup runs. Text encoder: one --prompt-tokens prompt. VAE: `decode` with its default tiling.
+--diffusers repeats the timings with diffusers/transformers (torch CUDA when --device gpu and CUDA is present, else
+torch CPU; default initialisation on that device, no CPU copies) for the ratio. Never part of the test pass/fail.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+
+from zimage_mlx.quantize import prepare_for_quantized_load, should_quantize
+from zimage_mlx.text_encoder import Qwen3Encoder, Qwen3EncoderConfig
+from zimage_mlx.transformer import ZImageTransformer, ZImageTransformerConfig
+from zimage_mlx.transformer import sanitize as transformer_sanitize
+from zimage_mlx.vae import AutoencoderKL, VAEConfig, load_vae
+from zimage_mlx.weights import check_and_cast, load_into, read_component, strip_prefix
+
+GB = 1e9
+REDUCED = {  # the parity tier's reduced configs (tests/parity/conftest.py)
+    "transformer": dict(dim=256, n_layers=4, n_heads=4, n_kv_heads=4, cap_feat_dim=256, axes_dims=[16, 24, 24]),
+    "text_encoder": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1,
+                         head_dim=64, intermediate_size=768),
+    "vae": dict(block_out_channels=(32, 64, 64, 64)),
+}
+
+
+def configs(which: str):
+    over = REDUCED if which == "reduced" else {"transformer": {}, "text_encoder": {}, "vae": {}}
+    return (ZImageTransformerConfig(**over["transformer"]), Qwen3EncoderConfig(**over["text_encoder"]),
+            VAEConfig(**over["vae"]))
+
+
+def vae_config_dict(cfg: VAEConfig) -> dict:
+    d = dataclasses.asdict(cfg)
+    n = len(cfg.block_out_channels)
+    d.update(block_out_channels=list(cfg.block_out_channels), down_block_types=["DownEncoderBlock2D"] * n,
+             up_block_types=["UpDecoderBlock2D"] * n, force_upcast=True, sample_size=1024)
+    return d
+
+
+def te_config_dict(cfg: Qwen3EncoderConfig) -> dict:
+    return {**dataclasses.asdict(cfg), "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
+            "hidden_act": "silu", "attention_bias": False, "tie_word_embeddings": True, "rope_scaling": None}
+
+
+# ----------------------------------------------------------------------------------------------- random weights
+def write_random_weights(model: nn.Module, directory: Path, config: dict, dtype: mx.Dtype, bits: int | None,
+                         group_size: int, torch_conv_layout: bool = False, seed: int = 0) -> int:
+    """Random weights for `model`'s parameters, one layer at a time, straight into safetensors shards (+ index).
+
+    Weight tensors ~ N(0, 0.02²); 1-D norm weights 1, biases 0. With `bits`, the layers the quantization policy
+    selects are written packed (weight/scales/biases). `torch_conv_layout` writes 4-D conv weights as [O,I,kh,kw]
+    (what the VAE loader expects). Returns the bytes written. The model itself is never materialized.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    modules = dict(model.named_modules())
+    groups: dict[str, list[tuple[str, tuple]]] = {}
+    for key, p in tree_flatten(model.parameters()):
+        parts = key.split(".")
+        cut = next((i + 1 for i, s in enumerate(parts) if s.isdigit()), 1)   # "layers.3", "t_embedder", ...
+        groups.setdefault(".".join(parts[:cut]), []).append((key, tuple(p.shape)))
+    weight_map, total, root_key = {}, 0, mx.random.key(seed)
+    for n, (group, items) in enumerate(groups.items()):
+        tensors = {}
+        for j, (key, shape) in enumerate(items):
+            k = mx.random.fold_in(root_key, n * 4096 + j) if hasattr(mx.random, "fold_in") else \
+                mx.random.key(seed * 1_000_003 + n * 4096 + j)
+            if len(shape) >= 2:
+                w = (mx.random.normal(shape, key=k) * 0.02).astype(dtype)
+            else:
+                w = mx.full(shape, 1.0 if "norm" in key and key.endswith("weight") else 0.0, dtype=dtype)
+            path = key.rsplit(".", 1)[0]
+            m = modules.get(path)
+            if bits and key.endswith(".weight") and m is not None and should_quantize(path, m, group_size):
+                wq, scales, biases = mx.quantize(w, group_size=group_size, bits=bits)
+                tensors.update({key: wq, path + ".scales": scales, path + ".biases": biases})
+                continue
+            if torch_conv_layout and len(shape) == 4:
+                w = w.transpose(0, 3, 1, 2)
+            tensors[key] = w
+        mx.eval(tensors)
+        name = f"model-{n:05d}.safetensors"
+        mx.save_safetensors(str(directory / name), tensors, metadata={"format": "pt"})
+        total += sum(v.nbytes for v in tensors.values())
+        weight_map.update({k: name for k in tensors})
+        del tensors
+    (directory / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    return total
+
+
+def load_component(kind: str, directory: Path, cfg, dtype: mx.Dtype, bits: int | None, group_size: int):
+    """zimage_mlx's loading path (lazy safetensors -> check_and_cast -> load_into); quantized shells when `bits`."""
+    if kind == "vae":
+        return load_vae(directory, dtype)
+    model = ZImageTransformer(cfg) if kind == "transformer" else Qwen3Encoder(cfg)
+    if bits:
+        prepare_for_quantized_load(model, bits, group_size)
+    weights = read_component(directory)
+    weights = transformer_sanitize(weights) if kind == "transformer" else strip_prefix(weights, ["model."])
+    load_into(model, check_and_cast(model, weights, dtype, source=str(directory)))
+    mx.eval(model.parameters())
+    return model
+
+
+def nbytes(model: nn.Module) -> int:
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
+# ----------------------------------------------------------------------------------------------- timing
+def timed(fn, warmup: int, repeats: int, sync=lambda: None) -> dict:
+    for _ in range(warmup):
+        fn()
+        sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(times), "min_s": min(times), "runs": len(times)}
+
+
+def mlx_stage(kind: str, cfg, args, dtype: mx.Dtype, tmp: Path, results: dict):
+    bits = None if args.bits == "none" else int(args.bits)
+    bits = None if kind == "vae" else bits
+    t0 = time.perf_counter()
+    if kind == "transformer":
+        shell, conf = ZImageTransformer(cfg), {"_class_name": "ZImageTransformer2DModel", **dataclasses.asdict(cfg)}
+    elif kind == "text_encoder":
+        shell, conf = Qwen3Encoder(cfg), te_config_dict(cfg)
+    else:
+        shell, conf = AutoencoderKL(cfg), vae_config_dict(cfg)
+    d = tmp / kind
+    written = write_random_weights(shell, d, conf, dtype, bits, args.group_size, torch_conv_layout=kind == "vae")
+    del shell
+    gc.collect()
+    mx.clear_cache()
+    t_write = time.perf_counter() - t0
+
+    mx.reset_peak_memory()
+    t0 = time.perf_counter()
+    model = load_component(kind, d, cfg, dtype, bits, args.group_size)
+    load_s = time.perf_counter() - t0
+    weights = nbytes(model)
+    stage = {"weights_gb": weights / GB, "file_gb": written / GB, "write_s": t_write, "load_s": load_s,
+             "load_peak_gb": mx.get_peak_memory() / GB, "bits": bits, "runs": {}}
+    print(f"[{kind}] weights {weights / GB:.2f} GB ({'%d-bit' % bits if bits else str(dtype).split('.')[-1]}), "
+          f"written in {t_write:.1f} s, loaded in {load_s:.2f} s", flush=True)
+
+    def measure(label: str, fn, warmup: int, repeats: int):
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        r = timed(fn, warmup, repeats)
+        r["peak_gb"] = mx.get_peak_memory() / GB
+        r["peak_above_weights_gb"] = r["peak_gb"] - weights / GB
+        stage["runs"][label] = r
+        print(f"[{kind}] {label}: median {r['median_s']:.3f} s (min {r['min_s']:.3f}, {r['runs']} runs), "
+              f"peak {r['peak_gb']:.2f} GB", flush=True)
+
+    if kind == "text_encoder":
+        ids = mx.random.randint(0, 151643, (1, args.prompt_tokens), key=mx.random.key(1)).astype(mx.int32)
+        measure(f"{args.prompt_tokens} tokens", lambda: mx.eval(model(ids)), args.warmup, args.te_repeats)
+    elif kind == "transformer":
+        cap = (mx.random.normal((args.caption_tokens, cfg.cap_feat_dim), key=mx.random.key(2))).astype(dtype)
+        t = mx.array([0.5], dtype=mx.float32)
+        for size in args.sizes:
+            lat = mx.random.normal((1, cfg.in_channels, size // 8, size // 8), key=mx.random.key(3))
+            mx.eval(lat, cap)
+            measure(f"{size}x{size} step", lambda: mx.eval(model(lat, t, [cap])), args.warmup, args.repeats)
+    else:
+        for size in args.sizes:
+            lat = mx.random.normal((1, cfg.latent_channels, size // 8, size // 8), key=mx.random.key(4))
+            mx.eval(lat)
+            measure(f"{size}x{size} decode", lambda: mx.eval(model.decode(lat)), args.warmup, args.vae_repeats)
+    results[kind] = stage
+    del model
+    gc.collect()
+    mx.clear_cache()
+    shutil.rmtree(d, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------- diffusers
+def diffusers_stage(kind: str, cfg, args, results: dict):
+    import torch
+
+    dev = "cuda" if args.device == "gpu" and torch.cuda.is_available() else "cpu"
+    tdtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+    cuda = dev == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    with torch.device(dev):
+        if kind == "transformer":
+            from diffusers import ZImageTransformer2DModel
+
+            model = ZImageTransformer2DModel(**dataclasses.asdict(cfg))
+        elif kind == "text_encoder":
+            from transformers import Qwen3Config, Qwen3Model
+
+            model = Qwen3Model(Qwen3Config(**dataclasses.asdict(cfg), tie_word_embeddings=True))
+        else:
+            from diffusers import AutoencoderKL as TorchVAE
+
+            model = TorchVAE(**vae_config_dict(cfg))
+    model = model.to(tdtype).eval()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    stage = {"device": f"torch {dev}", "weights_gb": weights / GB, "runs": {}}
+
+    def measure(label, fn, warmup, repeats):
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        with torch.no_grad():
+            r = timed(fn, warmup, repeats, sync)
+        r["peak_gb"] = torch.cuda.max_memory_allocated() / GB if cuda else None
+        stage["runs"][label] = r
+        print(f"[diffusers {kind}] {label}: median {r['median_s']:.3f} s (min {r['min_s']:.3f})"
+              + (f", peak {r['peak_gb']:.2f} GB" if cuda else ""), flush=True)
+
+    g = torch.Generator(device=dev).manual_seed(0)
+    if kind == "text_encoder":
+        ids = torch.randint(0, 151643, (1, args.prompt_tokens), device=dev, generator=g)
+        mask = torch.ones_like(ids)
+        measure(f"{args.prompt_tokens} tokens",
+                lambda: model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-2],
+                args.warmup, args.te_repeats)
+    elif kind == "transformer":
+        cap = torch.randn((args.caption_tokens, cfg.cap_feat_dim), device=dev, generator=g).to(tdtype)
+        t = torch.tensor([0.5], device=dev)
+        for size in args.sizes:
+            x = torch.randn((cfg.in_channels, 1, size // 8, size // 8), device=dev, generator=g).to(tdtype)
+            measure(f"{size}x{size} step", lambda: model([x], t, [cap], return_dict=False), args.warmup, args.repeats)
+    else:
+        for size in args.sizes:
+            z = torch.randn((1, cfg.latent_channels, size // 8, size // 8), device=dev, generator=g).to(tdtype)
+            measure(f"{size}x{size} decode", lambda: model.decode(z, return_dict=False), args.warmup,
+                    args.vae_repeats)
+    results[kind] = stage
+    del model
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------- report
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} CPUs"
+
+
+def table(report: dict) -> str:
+    mlx_r, ref = report["mlx"], report.get("diffusers", {})
+    lines = [f"{'stage':<14} {'run':<18} {'MLX median s':>12} {'min s':>8} {'peak GB':>8} {'+act GB':>8}"
+             + (f" {'torch s':>8} {'torch GB':>8} {'MLX/torch':>9}" if ref else "")]
+    lines.append("-" * len(lines[0]))
+    for kind, stage in mlx_r.items():
+        lines.append(f"{kind:<14} {'weights / load':<18} {stage['load_s']:>12.2f} {'':>8} "
+                     f"{stage['load_peak_gb']:>8.2f} {'':>8}   weights {stage['weights_gb']:.2f} GB")
+        for label, r in stage["runs"].items():
+            line = (f"{kind:<14} {label:<18} {r['median_s']:>12.3f} {r['min_s']:>8.3f} {r['peak_gb']:>8.2f} "
+                    f"{r['peak_above_weights_gb']:>8.2f}")
+            tr = ref.get(kind, {}).get("runs", {}).get(label)
+            if tr:
+                peak = f"{tr['peak_gb']:.2f}" if tr.get("peak_gb") is not None else "-"
+                line += f" {tr['median_s']:>8.3f} {peak:>8} {r['median_s'] / tr['median_s']:>9.2f}"
+            lines.append(line)
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", choices=["gpu", "cpu"], default="gpu" if mx.is_available(mx.gpu) else "cpu")
+    ap.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
+                    help="default: bfloat16 on gpu, float32 on cpu (MLX's CPU bf16 matmul is slow)")
+    ap.add_argument("--bits", choices=["none", "8", "4"], default="none", help="quantize the DiT and text encoder")
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--config", choices=["full", "reduced"], default="full")
+    ap.add_argument("--sizes", default="512,1024", help="comma-separated square image sizes (multiples of 16)")
+    ap.add_argument("--stages", default="text_encoder,transformer,vae")
+    ap.add_argument("--caption-tokens", type=int, default=64, help="caption length for the DiT step")
+    ap.add_argument("--prompt-tokens", type=int, default=512, help="prompt length for the text encoder")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=5, help="timed DiT steps per size (median reported)")
+    ap.add_argument("--te-repeats", type=int, default=3)
+    ap.add_argument("--vae-repeats", type=int, default=3)
+    ap.add_argument("--diffusers", action="store_true", help="also time diffusers/transformers (torch)")
+    ap.add_argument("--tmp", default=None, help="directory for the temporary safetensors (default: system temp)")
+    ap.add_argument("--json", default=None, help="write the results here")
+    args = ap.parse_args(argv)
+    args.sizes = [int(s) for s in args.sizes.split(",") if s]
+    if any(s % 16 for s in args.sizes):
+        ap.error("sizes must be multiples of 16")
+    args.dtype = args.dtype or ("bfloat16" if args.device == "gpu" else "float32")
+    if args.device == "gpu" and not mx.is_available(mx.gpu):
+        ap.error("--device gpu: MLX has no GPU backend here (install mlx-cuda on Linux, or use --device cpu)")
+    mx.set_default_device(mx.gpu if args.device == "gpu" else mx.cpu)
+    dtype = getattr(mx, args.dtype)
+    stages = [s for s in args.stages.split(",") if s]
+    cfg_t, cfg_te, cfg_v = configs(args.config)
+    cfgs = {"transformer": cfg_t, "text_encoder": cfg_te, "vae": cfg_v}
+
+    report = {"machine": machine(), "mlx_version": mx.__version__, "mlx_device": str(mx.default_device()),
+              "args": dict(vars(args)), "mlx": {}}
+    print(f"{report['machine']}; MLX {mx.__version__} on {mx.default_device()}; config {args.config}, "
+          f"{args.dtype}, bits {args.bits}, sizes {args.sizes}", flush=True)
+    tmp = Path(tempfile.mkdtemp(prefix="zimage_bench_", dir=args.tmp))
+    try:
+        for kind in stages:
+            mlx_stage(kind, cfgs[kind], args, dtype, tmp, report["mlx"])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if args.diffusers:
+        import torch
+
+        report["torch_version"] = torch.__version__
+        report["diffusers"] = {}
+        for kind in stages:
+            diffusers_stage(kind, cfgs[kind], args, report["diffusers"])
+    print()
+    print(table(report))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2, default=str))
+        print(f"results written to {args.json}")
+    return report
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
