@@ -1,0 +1,40 @@
+"""Maintainer script: make the published MLX variants of a Z-Image checkpoint in one go.
+
+    python convert/make_variants.py Tongyi-MAI/Z-Image-Turbo --out dist/
+      → dist/Z-Image-Turbo-mlx-bf16, -8bit, -4bit, -dit4-te8
+
+Thin on purpose: every variant is one call of zimage_mlx.convert.convert (which holds all the logic).
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from zimage_mlx.convert import convert
+
+VARIANTS = {
+    "bf16": None,
+    "8bit": {"transformer": 8, "text_encoder": 8},
+    "4bit": {"transformer": 4, "text_encoder": 4},
+    "dit4-te8": {"transformer": 4, "text_encoder": 8},
+}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("source", help="hub id or Hugging Face-layout directory")
+    ap.add_argument("--out", type=Path, required=True, help="parent directory of the variants")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--overwrite", action="store_true")
+    args = ap.parse_args(argv)
+    stem = Path(str(args.source).rstrip("/")).name
+    for name in args.variants.split(","):
+        if name not in VARIANTS:
+            sys.exit(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+        convert(args.out / f"{stem}-mlx-{name}", args.source, dtype="bfloat16", bits=VARIANTS[name],
+                group_size=args.group_size, overwrite=args.overwrite)
+
+
+if __name__ == "__main__":
+    main()
