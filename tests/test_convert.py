@@ -387,3 +387,14 @@ def test_offline_without_cache_is_one_clear_line(tmp_path):
     assert proc.returncode == 1
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "not in the local Hugging Face cache" in lines[0], proc.stderr
+
+
+def test_maintainer_variants_script(tiny, tmp_path):
+    _, root, _, _, _ = tiny
+    script = Path(__file__).resolve().parents[1] / "convert" / "make_variants.py"
+    proc = subprocess.run([sys.executable, str(script), str(root), "--out", str(tmp_path), "--variants", "8bit,bf16"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    m8 = mlx_format.read_manifest(tmp_path / f"{root.name}-mlx-8bit")
+    assert m8["components"]["transformer"]["bits"] == 8 and m8["components"]["transformer"]["dtype"] == "bfloat16"
+    assert mlx_format.read_manifest(tmp_path / f"{root.name}-mlx-bf16")["components"]["text_encoder"]["bits"] is None
