@@ -215,7 +215,7 @@ def main():
     source = args.work / "Z-Image-Turbo-random"
     source_bytes = make_source(source, tok)
     rows = []
-    for name in args.variants.split(","):
+    for name in [v for v in args.variants.split(",") if v]:
         print(f"variant {name} …", file=sys.stderr)
         rows.append(bench_variant(name, source, source_bytes, args.work, args))
         print(json.dumps(rows[-1]), file=sys.stderr)
