@@ -140,3 +140,15 @@ def test_text_encoder_freed_unless_kept(tiny):
     pipe(prompt="x", height=H, width=W, seed=0, num_inference_steps=1, output_type="latent")
     assert pipe._models["text_encoder"] is None
     pipe(prompt="y", height=H, width=W, seed=0, num_inference_steps=1, output_type="latent")   # reloads
+
+
+def test_nan_latents_are_an_error_not_a_black_image(tiny, monkeypatch):
+    from zimage_mlx.pipeline import GenerationError
+
+    root, _, _, _ = tiny
+    pipe = ZImagePipeline.from_pretrained(root, dtype="float32")
+    real = pipe.transformer
+    monkeypatch.setattr(pipe, "_models", {**pipe._models,
+                                          "transformer": lambda x, t, c: real(x, t, c) * mx.array(float("nan"))})
+    with pytest.raises(GenerationError, match="NaN"):
+        pipe(prompt="x", height=H, width=W, seed=0, num_inference_steps=1)
