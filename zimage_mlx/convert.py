@@ -24,8 +24,8 @@ import mlx.core as mx
 
 from . import __version__
 from .mlx_format import FORMAT_VERSION, MANIFEST_NAME, save_component
-from .weights import (DEFAULT_REPO, KIND_NAMES, WeightError, component_files, detect_file_kind, read_config,
-                      read_safetensors, resolve_source)
+from .weights import (DEFAULT_REPO, KIND_NAMES, WeightError, component_files, detect_file_kind, read_component,
+                      read_config, read_safetensors, resolve_source)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json")
 TURBO_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
@@ -118,9 +118,9 @@ def convert(
     """
     from .pipeline import detect_variant
     from .sampler import SchedulerConfig
-    from .text_encoder import config_from_weights as te_config, load_text_encoder, text_encoder_from_weights
-    from .transformer import config_from_weights as tr_config, load_transformer, transformer_from_weights
-    from .vae import VAEConfig, load_vae
+    from .text_encoder import config_from_weights as te_config, text_encoder_from_weights
+    from .transformer import config_from_weights as tr_config, transformer_from_weights
+    from .vae import VAEConfig, vae_from_weights
 
     output = Path(output).expanduser()
     mx_dtype = _dtype(dtype)
@@ -167,6 +167,13 @@ def convert(
     if not (tok_dir / "tokenizer.json").is_file():
         raise WeightError(f"{tok_dir}: no tokenizer.json (pass --tokenizer DIR with the Qwen3 tokenizer files)")
 
+    from_weights = {"transformer": transformer_from_weights, "text_encoder": text_encoder_from_weights,
+                    "vae": vae_from_weights}
+    single_file_config = {   # a single file carries no config.json: a given one, or what its shapes say
+        "transformer": lambda w: _read_json(transformer_config) if transformer_config else tr_config(w),
+        "text_encoder": te_config,
+        "vae": lambda w: _read_json(vae_config) if vae_config else asdict(VAEConfig()),
+    }
     tmp = _prepare_output(output, overwrite)
     try:
         t_all = time.perf_counter()
@@ -176,29 +183,13 @@ def convert(
             b = bits.get(name)
             log(f"converting {name} ({dtype}{f', {b}-bit' if b else ''}) …")
             path = inputs[name]
-            if name == "transformer":
-                if path.is_dir():
-                    config = read_config(path)
-                    model = load_transformer(path, mx_dtype, bits=b, group_size=group_size)
-                else:
-                    weights = read_safetensors(path)
-                    config = json.loads(Path(transformer_config).read_text()) if transformer_config \
-                        else tr_config(weights)
-                    model = transformer_from_weights(config, weights, mx_dtype, str(path), b, group_size)
-            elif name == "text_encoder":
-                if path.is_dir():
-                    config = read_config(path)
-                    model = load_text_encoder(path, mx_dtype, bits=b, group_size=group_size)
-                else:
-                    weights = read_safetensors(path)
-                    config = te_config(weights)
-                    model = text_encoder_from_weights(config, weights, mx_dtype, str(path), b, group_size)
+            if path.is_dir():
+                config, weights = read_config(path), read_component(path)
             else:
-                if path.is_dir():
-                    config = read_config(path)
-                else:   # FLUX ae.safetensors: the FLUX config unless one is given
-                    config = json.loads(Path(vae_config).read_text()) if vae_config else asdict(VAEConfig())
-                model = load_vae(path, mx_dtype, config=config)
+                weights = read_safetensors(path)
+                config = single_file_config[name](weights)
+            model = from_weights[name](config, weights, mx_dtype, str(path), b, group_size)
+            del weights
             shards = save_component(tmp / name, model, config)
             nbytes = sum((tmp / name / s).stat().st_size for s in shards)
             del model
@@ -232,6 +223,13 @@ def convert(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return output
+
+
+def _read_json(path: str | Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise WeightError(f"{path}: unreadable config ({e})") from None
 
 
 def _hub_tokenizer(log) -> Path:

@@ -20,7 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .weights import WeightError, check_and_cast, load_into, read_component, read_config, read_safetensors
+from .weights import WeightError, fill_model, read_component, read_config, read_safetensors
 
 GN_EPS = 1e-6
 
@@ -562,14 +562,18 @@ def load_vae(path, dtype=mx.float32, config: VAEConfig | dict | str | Path | Non
         weights = read_safetensors(path)
     else:
         raise WeightError(f"{path}: not found")
-    if isinstance(cfg, dict):
+    return vae_from_weights(cfg, weights, dtype, source=str(path))
+
+
+def vae_from_weights(config: VAEConfig | dict, weights: dict, dtype=mx.float32, source: str = "weights",
+                     bits: int | None = None, group_size: int = 64) -> AutoencoderKL:
+    """Build the VAE from a config and a {checkpoint key: array} dict (consumed; diffusers or LDM names).
+
+    bits/group_size are accepted for a uniform loader signature and ignored: the VAE always stays in float.
+    """
+    if isinstance(config, dict):
         try:
-            cfg = VAEConfig.from_dict(cfg)
+            config = VAEConfig.from_dict(config)
         except (TypeError, ValueError) as e:
-            raise WeightError(f"{path}: unusable VAE config ({e})") from None
-    model = AutoencoderKL(cfg)
-    weights = sanitize(weights)
-    params = check_and_cast(model, weights, dtype, source=str(path))
-    load_into(model, params)
-    model.eval()
-    return model
+            raise WeightError(f"{source}: unusable VAE config ({e})") from None
+    return fill_model(AutoencoderKL(config), sanitize(weights), dtype, source)
