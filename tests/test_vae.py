@@ -130,3 +130,25 @@ def test_single_file_defaults_to_flux_config(paths):
     # the tiny file does not fit the real FLUX config: the error names a tensor and its expected shape
     with pytest.raises(WeightError, match="shape"):
         load_vae(paths / "ae.safetensors")
+
+
+def test_tiled_decode_memory_grows_with_width_not_area(tmp_path):
+    """Doubling the side quadruples an untiled decode's activations; a strip-tiled decode's grow ~2x (the strip
+    is full-width), so large images (2048², 4096²) stay bounded by the strip, not the area."""
+    save_tiny_vae(tmp_path, make_tiny_vae(seed=5, block_out_channels=(8, 8, 8, 8), norm_num_groups=4))
+    model = load_vae(tmp_path)
+
+    def peak(px, tile):
+        z = mx.random.normal((1, 16, px // 8, px // 8), key=mx.random.key(0))
+        mx.eval(z)
+        mx.clear_cache()
+        base = mx.get_active_memory()
+        mx.reset_peak_memory()
+        mx.eval(model.decode(z, tile=tile, checkpoint_bytes=1 << 20))
+        return mx.get_peak_memory() - base
+
+    tiled_256, tiled_512, untiled_512 = peak(256, 64), peak(512, 64), peak(512, None)
+    print(f"decode activations: tiled 256² {tiled_256 / 1e6:.0f} MB, 512² {tiled_512 / 1e6:.0f} MB; "
+          f"untiled 512² {untiled_512 / 1e6:.0f} MB")
+    assert tiled_512 < 3 * tiled_256          # area grew 4x
+    assert tiled_512 < untiled_512 / 3
