@@ -107,6 +107,7 @@ def test_saved_quantized_model_reloads_bit_identical(tiny, tmp_path):
     pipe = ZImagePipeline.from_pretrained(out)
     np.testing.assert_array_equal(_run(pipe, latents), on_load)
     assert q.quantized_layers(pipe.transformer) and q.quantized_layers(pipe.text_encoder)
+    assert pipe.quantization == "transformer 4-bit, text encoder 4-bit"   # what PNG metadata records
     again = _run(ZImagePipeline.from_pretrained(out), latents)
     np.testing.assert_array_equal(again, on_load)
 

@@ -248,7 +248,7 @@ def _generate(o: dict) -> None:
     pipe.transformer, pipe.vae  # noqa: B018 - load both before the first step
     clock("load", t0)
 
-    quant = _quant_label(pipe, o["quantize"])
+    quant = _quant_label(pipe)
     if not o["seed"]:
         _note(f"seed: {', '.join(map(str, o['seeds']))}")
     for i, seed in enumerate(o["seeds"]):
@@ -279,15 +279,8 @@ def _generate(o: dict) -> None:
           f"peak memory {mx.get_peak_memory() / 1e9:.2f} GB")
 
 
-def _quant_label(pipe, requested) -> str:
-    plan = getattr(pipe, "plan", None)
-    if plan is not None and hasattr(plan, "describe"):
-        return plan.describe()
-    if requested is None:
-        return "none"
-    if isinstance(requested, dict):
-        return ", ".join(f"{k} {'float' if b is None else f'{b}-bit'}" for k, b in requested.items())
-    return str(requested) if requested == "auto" else f"{requested}-bit"
+def _quant_label(pipe) -> str:
+    return pipe.quantization
 
 
 def run_guarded(fn, verbose: bool) -> None:

@@ -136,6 +136,7 @@ class ZImagePipeline:
         self.plan = plan
         self.timings: dict[str, float] = {}
         self.dtype_name = "float32"
+        self.quantization = "none"   # what the loaded weights are, e.g. "transformer 4-bit, text encoder 8-bit"
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -219,6 +220,8 @@ class ZImagePipeline:
                    keep_text_encoder=keep_text_encoder, source=str(src), plan=plan)
         pipe.dtype_name = str(mx_dtype).replace("mlx.core.", "")
         pipe.configs = configs
+        saved = {n: manifest["components"][n].get("bits") for n in q.COMPONENTS} if manifest is not None else {}
+        pipe.quantization = q.describe_bits({n: saved.get(n) or bits.get(n) for n in q.COMPONENTS})
         return pipe
 
     def _component(self, name: str):

@@ -107,6 +107,17 @@ def machine_memory_bytes() -> tuple[int, str]:
         return 16 * 2**30, "unknown (assumed 16 GiB)"
 
 
+def describe_bits(bits: dict) -> str:
+    """'transformer 4-bit, text encoder 8-bit' (float for None); 'none' when nothing is quantized."""
+    if not any(bits.get(n) for n in COMPONENTS):
+        return "none"
+
+    def one(b):
+        return "float" if not b else f"{b}-bit"
+
+    return f"transformer {one(bits.get('transformer'))}, text encoder {one(bits.get('text_encoder'))}"
+
+
 @dataclass
 class MemoryPlan:
     bits: dict[str, int | None]
@@ -118,10 +129,7 @@ class MemoryPlan:
     stages: dict[str, int] = field(default_factory=dict)
 
     def describe(self) -> str:
-        def one(b):
-            return "float" if b is None else f"{b}-bit"
-
-        return f"transformer {one(self.bits.get('transformer'))}, text encoder {one(self.bits.get('text_encoder'))}"
+        return describe_bits(self.bits)
 
     def summary(self) -> str:
         gb = 1e9
