@@ -127,7 +127,10 @@ def test_callback_sees_every_step_and_can_cancel(tiny):
 
 
 def test_bad_arguments(tiny):
-    _, pipe, _, _ = tiny
+    root, pipe, _, _ = tiny
+    for half in ("float16", mx.float16):
+        with pytest.raises(ValueError, match="float16 is not supported.*black images"):
+            ZImagePipeline.from_pretrained(root, dtype=half)
     with pytest.raises(ValueError, match="multiple of 16"):
         pipe(prompt="x", height=60, width=W)
     with pytest.raises(ValueError, match="latents have shape"):

@@ -47,10 +47,13 @@ class PipelineOutput:
 
 
 def _dtype(d) -> mx.Dtype:
-    if isinstance(d, mx.Dtype):
+    """bfloat16 or float32. float16 is refused: Z-Image's activations overflow its range (black images)."""
+    names = {"bfloat16": mx.bfloat16, "bf16": mx.bfloat16, "float32": mx.float32, "fp32": mx.float32}
+    if d in (mx.float16, "float16", "fp16", "half"):
+        raise ValueError("float16 is not supported: Z-Image's activations overflow it (black images); "
+                         "use bfloat16 (the default on a GPU) or float32")
+    if isinstance(d, mx.Dtype) and d in names.values():
         return d
-    names = {"bfloat16": mx.bfloat16, "bf16": mx.bfloat16, "float32": mx.float32, "fp32": mx.float32,
-             "float16": mx.float16, "fp16": mx.float16}
     if d not in names:
         raise ValueError(f"unknown dtype {d!r}; use bfloat16 or float32")
     return names[d]
