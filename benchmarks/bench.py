@@ -31,15 +31,14 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 from mlx.utils import tree_flatten
 
-from zimage_mlx.quantize import prepare_for_quantized_load, should_quantize
+from zimage_mlx.quantize import should_quantize
 from zimage_mlx.text_encoder import Qwen3Encoder, Qwen3EncoderConfig
 from zimage_mlx.transformer import ZImageTransformer, ZImageTransformerConfig
 from zimage_mlx.transformer import sanitize as transformer_sanitize
 from zimage_mlx.vae import AutoencoderKL, VAEConfig, load_vae
-from zimage_mlx.weights import check_and_cast, load_into, read_component, strip_prefix
+from zimage_mlx.weights import fill_model, read_component, strip_prefix
 
 GB = 1e9
 REDUCED = {  # the parity tier's reduced configs (tests/parity/conftest.py)
@@ -117,17 +116,13 @@ def write_random_weights(model: nn.Module, directory: Path, config: dict, dtype:
 
 
 def load_component(kind: str, directory: Path, cfg, dtype: mx.Dtype, bits: int | None, group_size: int):
-    """zimage_mlx's loading path (lazy safetensors -> check_and_cast -> load_into); quantized shells when `bits`."""
+    """zimage_mlx's loading path (lazy safetensors -> fill_model); pre-quantized weights load into quantized shells."""
     if kind == "vae":
         return load_vae(directory, dtype)
     model = ZImageTransformer(cfg) if kind == "transformer" else Qwen3Encoder(cfg)
-    if bits:
-        prepare_for_quantized_load(model, bits, group_size)
     weights = read_component(directory)
     weights = transformer_sanitize(weights) if kind == "transformer" else strip_prefix(weights, ["model."])
-    load_into(model, check_and_cast(model, weights, dtype, source=str(directory)))
-    mx.eval(model.parameters())
-    return model
+    return fill_model(model, weights, dtype, str(directory), bits=bits, group_size=group_size)
 
 
 def nbytes(model: nn.Module) -> int:

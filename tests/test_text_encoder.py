@@ -1,6 +1,5 @@
 """MLX Qwen3 text encoder vs diffusers' ZImagePipeline.encode_prompt on a tiny random Qwen3 (float32, CPU)."""
 
-import json
 
 import mlx.core as mx
 import numpy as np

@@ -18,7 +18,6 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from . import __version__
 from .weights import WeightError, fill_model, read_component, read_config
 
 FORMAT_VERSION = 1

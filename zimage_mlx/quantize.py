@@ -34,18 +34,6 @@ def should_quantize(path: str, module: nn.Module, group_size: int) -> bool:
     return module.weight.shape[-1] % group_size == 0
 
 
-def quantize_model(model: nn.Module, bits: int, group_size: int = 64) -> nn.Module:
-    """Quantize `model` in place with the policy above (weights must already be loaded)."""
-    if bits not in (4, 8):
-        raise ValueError(f"bits must be 4 or 8, got {bits}")
-    if group_size not in GROUP_SIZES:
-        raise ValueError(f"group size must be one of {GROUP_SIZES}, got {group_size}")
-    nn.quantize(model, group_size=group_size, bits=bits,
-                class_predicate=lambda p, m: should_quantize(p, m, group_size))
-    mx.eval(model.parameters())
-    return model
-
-
 def quantized_layers(model: nn.Module) -> list[str]:
     return [p for p, m in model.named_modules() if isinstance(m, nn.QuantizedLinear)]
 

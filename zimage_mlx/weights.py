@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Iterable, Mapping
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -51,10 +51,6 @@ def safetensors_keys(path: str | Path) -> dict[str, tuple[tuple[int, ...], str]]
     """{key: (shape, dtype string)} of a safetensors file, from its header only (cheap)."""
     header = _safetensors_header(Path(path))
     return {k: (tuple(v["shape"]), v["dtype"]) for k, v in header.items() if k != "__metadata__"}
-
-
-def safetensors_metadata(path: str | Path) -> dict[str, str]:
-    return _safetensors_header(Path(path)).get("__metadata__", {}) or {}
 
 
 def read_safetensors(path: str | Path) -> dict[str, mx.array]:
@@ -118,12 +114,11 @@ def check_and_cast(
     weights: dict[str, mx.array],
     dtype: mx.Dtype | None,
     source: str,
-    keep_dtype: Callable[[str], bool] = lambda k: False,
 ) -> dict[str, mx.array]:
     """Match `weights` (already in the model's key names and layouts) against the model's parameters.
 
     Raises WeightError naming the missing/unexpected key or the shape mismatch. Floating tensors are cast to
-    `dtype` (unless dtype is None or keep_dtype(key)); the result is evaluated tensor by tensor so the source is
+    `dtype` (unless dtype is None); the result is evaluated tensor by tensor so the source is
     never held twice. Quantized layers of `model` (QuantizedLinear shells, see quantize.py) accept either their
     saved packed weights/scales/biases or a float weight, which is quantized here, one tensor at a time.
     `weights` is consumed (emptied): a lazily loaded source tensor that stays referenced after its cast is
@@ -175,7 +170,7 @@ def check_and_cast(
                 raise WeightError(f"{source}: tensor {key} has dtype {w.dtype}, expected {ref.dtype}")
         elif not mx.issubdtype(w.dtype, mx.floating):
             raise WeightError(f"{source}: tensor {key} has dtype {w.dtype}, expected a floating-point tensor")
-        elif dtype is not None and not keep_dtype(key):
+        elif dtype is not None:
             w = w.astype(dtype)
         mx.eval(w)
         out[key] = w
