@@ -44,12 +44,6 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _dtype(name: str) -> mx.Dtype:
-    from .pipeline import _dtype as parse
-
-    return parse(name)
-
-
 def _prepare_output(output: Path, overwrite: bool) -> Path:
     """Refuse a non-empty destination unless overwrite; remove stale temporaries; return a fresh temp dir."""
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
@@ -116,14 +110,14 @@ def convert(
 
     bits: None, 4, 8 or per component {"transformer": 4, "text_encoder": 8} (the VAE always stays float).
     """
-    from .pipeline import detect_variant
+    from .pipeline import detect_variant, dtype_name, parse_dtype
     from .sampler import SchedulerConfig
     from .text_encoder import config_from_weights as te_config, text_encoder_from_weights
     from .transformer import config_from_weights as tr_config, transformer_from_weights
     from .vae import VAEConfig, vae_from_weights
 
     output = Path(output).expanduser()
-    mx_dtype = _dtype(dtype)
+    mx_dtype = parse_dtype(dtype)
     if not isinstance(bits, dict):
         bits = {"transformer": bits, "text_encoder": bits}
     bits = {k: bits.get(k) for k in ("transformer", "text_encoder")}
@@ -196,7 +190,7 @@ def convert(
             mx.clear_cache()
             dt = time.perf_counter() - t0
             log(f"  {name}: {nbytes / 1e9:.2f} GB in {dt:.1f} s")
-            components[name] = {"dtype": str(mx_dtype).replace("mlx.core.", ""), "bits": b if name != "vae" else None,
+            components[name] = {"dtype": dtype_name(mx_dtype), "bits": b if name != "vae" else None,
                                 "group_size": group_size if b and name != "vae" else None, "files": shards,
                                 "bytes": nbytes, "seconds": round(dt, 2)}
         (tmp / "tokenizer").mkdir()

@@ -46,7 +46,12 @@ class PipelineOutput:
     peak_memory_gb: float = 0.0
 
 
-def _dtype(d) -> mx.Dtype:
+def dtype_name(d: mx.Dtype) -> str:
+    """"bfloat16" / "float32" (what manifests, metadata and the converter's --dtype use)."""
+    return str(d).replace("mlx.core.", "")
+
+
+def parse_dtype(d) -> mx.Dtype:
     """bfloat16 or float32. float16 is refused: Z-Image's activations overflow its range (black images)."""
     names = {"bfloat16": mx.bfloat16, "bf16": mx.bfloat16, "float32": mx.float32, "fp32": mx.float32}
     if d in (mx.float16, "float16", "fp16", "half"):
@@ -165,7 +170,7 @@ class ZImagePipeline:
         """
         from . import mlx_format, quantize as q, weights
 
-        mx_dtype = _dtype(dtype) if dtype is not None else default_dtype()
+        mx_dtype = parse_dtype(dtype) if dtype is not None else default_dtype()
         hub_id = str(src) if weights.looks_like_repo_id(str(src)) else None
         try:
             root = weights.resolve_source(src, revision=revision)
@@ -185,7 +190,7 @@ class ZImagePipeline:
         else:
             saved = manifest["components"]["transformer"]["dtype"]
             if dtype is None:
-                mx_dtype = _dtype(saved)
+                mx_dtype = parse_dtype(saved)
         configs = {n: weights.read_config(root / n) for n in mlx_format.MODEL_COMPONENTS}
 
         plan = None
@@ -206,7 +211,7 @@ class ZImagePipeline:
 
                 if verbose:
                     print(f"converting {hub_id} to MLX (once) into {cached} …", file=sys.stderr)
-                convert(cached, root, dtype=str(mx_dtype).replace("mlx.core.", ""), bits=bits, group_size=group,
+                convert(cached, root, dtype=dtype_name(mx_dtype), bits=bits, group_size=group,
                         overwrite=True, log=(lambda m: print(m, file=sys.stderr)) if verbose else (lambda m: None))
             root, manifest = cached, mlx_format.read_manifest(cached)
 
@@ -221,7 +226,7 @@ class ZImagePipeline:
             variant = variant or detect_variant(Path(str(src)), configs["transformer"], scheduler)
         pipe = cls(tokenizer=tokenizer, scheduler_config=scheduler, loaders=loaders, variant=variant,
                    keep_text_encoder=keep_text_encoder, source=str(src), plan=plan)
-        pipe.dtype_name = str(mx_dtype).replace("mlx.core.", "")
+        pipe.dtype_name = dtype_name(mx_dtype)
         pipe.configs = configs
         saved = {n: manifest["components"][n].get("bits") for n in q.COMPONENTS} if manifest is not None else {}
         pipe.quantization = q.describe_bits({n: saved.get(n) or bits.get(n) for n in q.COMPONENTS})
