@@ -155,3 +155,23 @@ def test_nan_latents_are_an_error_not_a_black_image(tiny, monkeypatch):
                                           "transformer": lambda x, t, c: real(x, t, c) * mx.array(float("nan"))})
     with pytest.raises(GenerationError, match="NaN"):
         pipe(prompt="x", height=H, width=W, seed=0, num_inference_steps=1)
+
+
+def test_img2img_vae_noise_is_independent_of_start_noise(tiny, monkeypatch):
+    """With one seed, the VAE-sample ε and the start noise must be different draws (not the same key twice)."""
+    _, pipe, _, _ = tiny
+    seen = {}
+    real_encode = pipe.vae.encode
+
+    def encode(images, seed=None, key=None, noise=None):
+        seen["seed"], seen["key"] = seed, key
+        return real_encode(images, seed=seed, key=key, noise=noise)
+
+    monkeypatch.setattr(pipe.vae, "encode", encode)
+    init = Image.fromarray(np.random.default_rng(1).integers(0, 256, (H, W, 3), dtype=np.uint8))
+    pipe(prompt="x", image=init, strength=0.5, seed=11, num_inference_steps=2, output_type="latent")
+    shape = (1, 16, 2 * (H // 16), 2 * (W // 16))
+    key = seen["key"] if seen["key"] is not None else mx.random.key(seen["seed"])
+    vae_eps = np.array(mx.random.normal(shape, key=key))
+    start = np.array(ZImagePipeline.noise([11], shape))
+    assert abs(np.corrcoef(vae_eps.ravel(), start.ravel())[0, 1]) < 0.3

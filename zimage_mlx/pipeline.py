@@ -285,6 +285,11 @@ class ZImagePipeline:
         """Standard normal noise, one MLX key per image so each image is reproducible from its own seed."""
         return mx.concatenate([mx.random.normal((1, *shape[1:]), key=mx.random.key(int(s))) for s in seeds])
 
+    @staticmethod
+    def image_noise_key(seed: int) -> mx.array:
+        """The MLX key of img2img's VAE-sample noise: split from the seed, independent of the start noise."""
+        return mx.random.split(mx.random.key(int(seed)))[1]
+
     def decode_latents(self, latents: mx.array) -> np.ndarray:
         """(B,16,h,w) latents → (B,H,W,3) float32 images in [0,1]."""
         out = []
@@ -389,7 +394,9 @@ class ZImagePipeline:
             t0 = time.perf_counter()
             enc_noise = None if image_noise is None else mx.array(np.asarray(image_noise, dtype=np.float32))
             enc_dtype = prompt_embeds[0].dtype
-            z = self.vae.encode(mx.array(init_image).astype(enc_dtype), seed=seeds[0], noise=enc_noise)
+            # The VAE sample needs its own key: key(seed) itself draws image 0's start noise below.
+            z = self.vae.encode(mx.array(init_image).astype(enc_dtype), key=self.image_noise_key(seeds[0]),
+                                noise=enc_noise)
             z = mx.broadcast_to(z.astype(mx.float32), shape)
             eps = self.noise(seeds, shape) if noise is None else mx.array(np.asarray(noise, dtype=np.float32))
             s0 = mx.array(sigmas[first], dtype=mx.float32)
