@@ -248,7 +248,7 @@ def _generate(o: dict) -> None:
     pipe.transformer, pipe.vae  # noqa: B018 - load both before the first step
     clock("load", t0)
 
-    quant = _quant_label(pipe)
+    quant = pipe.quantization
     if not o["seed"]:
         _note(f"seed: {', '.join(map(str, o['seeds']))}")
     for i, seed in enumerate(o["seeds"]):
@@ -277,10 +277,6 @@ def _generate(o: dict) -> None:
     parts = [f"{k} {v:.1f} s" + (f" ({per_step:.2f} s/step)" if k == "denoise" else "") for k, v in stages.items()]
     _note(f"done: {n} image{'s' * (n > 1)} in {time.perf_counter() - t_all:.1f} s - {', '.join(parts)}; "
           f"peak memory {mx.get_peak_memory() / 1e9:.2f} GB")
-
-
-def _quant_label(pipe) -> str:
-    return pipe.quantization
 
 
 def run_guarded(fn, verbose: bool) -> None:
