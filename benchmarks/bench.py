@@ -33,12 +33,11 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from zimage_mlx.components import load_component
 from zimage_mlx.quantize import should_quantize
 from zimage_mlx.text_encoder import Qwen3Encoder, Qwen3EncoderConfig
 from zimage_mlx.transformer import ZImageTransformer, ZImageTransformerConfig
-from zimage_mlx.transformer import sanitize as transformer_sanitize
-from zimage_mlx.vae import AutoencoderKL, VAEConfig, load_vae
-from zimage_mlx.weights import fill_model, read_component, strip_prefix
+from zimage_mlx.vae import AutoencoderKL, VAEConfig
 
 GB = 1e9
 REDUCED = {  # the parity tier's reduced configs (tests/parity/conftest.py)
@@ -115,16 +114,6 @@ def write_random_weights(model: nn.Module, directory: Path, config: dict, dtype:
     return total
 
 
-def load_component(kind: str, directory: Path, cfg, dtype: mx.Dtype, bits: int | None, group_size: int):
-    """zimage_mlx's loading path (lazy safetensors -> fill_model); pre-quantized weights load into quantized shells."""
-    if kind == "vae":
-        return load_vae(directory, dtype)
-    model = ZImageTransformer(cfg) if kind == "transformer" else Qwen3Encoder(cfg)
-    weights = read_component(directory)
-    weights = transformer_sanitize(weights) if kind == "transformer" else strip_prefix(weights, ["model."])
-    return fill_model(model, weights, dtype, str(directory), bits=bits, group_size=group_size)
-
-
 def nbytes(model: nn.Module) -> int:
     return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 
@@ -162,7 +151,8 @@ def mlx_stage(kind: str, cfg, args, dtype: mx.Dtype, tmp: Path, results: dict):
 
     mx.reset_peak_memory()
     t0 = time.perf_counter()
-    model = load_component(kind, d, cfg, dtype, bits, args.group_size)
+    # the public loader: pre-quantized shells load as the MLX layout, float weights as the PyTorch layout
+    model = load_component(kind, d, dtype, saved={"bits": bits, "group_size": args.group_size} if bits else None)
     load_s = time.perf_counter() - t0
     weights = nbytes(model)
     stage = {"weights_gb": weights / GB, "file_gb": written / GB, "write_s": t_write, "load_s": load_s,

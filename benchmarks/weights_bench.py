@@ -29,9 +29,9 @@ from mlx.utils import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from zimage_mlx import ZImagePipeline, quantize as q  # noqa: E402
+from zimage_mlx import ZImagePipeline, memory  # noqa: E402
 from zimage_mlx.convert import convert  # noqa: E402
-from zimage_mlx.mlx_format import build_model  # noqa: E402
+from zimage_mlx.components import build_model  # noqa: E402
 from zimage_mlx.vae import VAEConfig  # noqa: E402
 
 GB = 1e9
@@ -158,7 +158,7 @@ def bench_variant(name: str, source: Path, source_bytes: int, work: Path, args) 
     gc.collect()
     mx.clear_cache()
     t0 = time.perf_counter()
-    convert(out, source, dtype=conv_dtype, bits=bits or None, log=lambda m: None, hash_sources=False)
+    convert(out, source, dtype=conv_dtype, quantize=bits or None, log=lambda m: None, hash_sources=False)
     conv_s = time.perf_counter() - t0
     row = {"variant": name, "dtype_on_disk": conv_dtype, "bits": bits,
            "disk_gb": sum(f.stat().st_size for f in out.rglob("*.safetensors")) / GB,
@@ -175,7 +175,7 @@ def bench_variant(name: str, source: Path, source_bytes: int, work: Path, args) 
     gc.collect()
     mx.clear_cache()
     configs = {n: json.loads((out / n / "config.json").read_text()) for n in ("transformer", "text_encoder", "vae")}
-    pred = q.predict_stages(configs, getattr(mx, compute_dtype), bits, 64, args.size, args.size)
+    pred = memory.predict_stages(configs, getattr(mx, compute_dtype), bits, 64, args.size, args.size)
     row["predicted_peak_gb"] = max(pred["encode"], pred["denoise"], pred["decode"]) / GB
     if name in args.generate and (conv_dtype == compute_dtype or mx.default_device() != mx.cpu):
         pipe = ZImagePipeline.from_pretrained(out)

@@ -32,7 +32,7 @@ def main(argv=None):
     for name in args.variants.split(","):
         if name not in VARIANTS:
             sys.exit(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
-        convert(args.out / f"{stem}-mlx-{name}", args.source, dtype="bfloat16", bits=VARIANTS[name],
+        convert(args.out / f"{stem}-mlx-{name}", args.source, dtype="bfloat16", quantize=VARIANTS[name],
                 group_size=args.group_size, overwrite=args.overwrite)
 
 

@@ -14,7 +14,8 @@ from PIL import Image
 from make_pipeline import save_tiny_pipeline
 
 from zimage_mlx import __version__
-from zimage_mlx.generate import cli, generate, read_png_params, save_png
+from zimage_mlx.cli import cli, generate
+from zimage_mlx.pngfile import read_png_params, save_png
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--quantize", "none", "--dtype", "float32", "--steps", "2", "-W", "64", "-H", "48"]
@@ -65,12 +66,13 @@ def test_info_on_a_foreign_png(tmp_path):
     assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1 and "no zimage-mlx parameters" in r.output
 
 
-@pytest.mark.parametrize("args", [["--width", "1000"], ["-H", "50"], ["--width", "0"], ["-W", "-16"]])
-def test_bad_size_is_one_line_and_exit_2(args, tmp_path):
-    r = run("a cat", *args, "-o", tmp_path / "x.png")
+@pytest.mark.parametrize("args, message", [(["--width", "1000"], "multiple of 16"), (["-H", "50"], "multiple of 16"),
+                                           (["--width", "0"], "x>=1"), (["-W", "-16"], "x>=1")])
+def test_bad_size_is_one_line_and_exit_2(model, args, message, tmp_path):
+    r = run("a cat", "-m", model, *args, "-o", tmp_path / "x.png")
     assert r.exit_code == 2
     lines = r.output.strip().splitlines()
-    assert len(lines) == 1 and "multiple of 16" in lines[0], r.output
+    assert len(lines) == 1 and message in lines[0], r.output
     assert not list(tmp_path.iterdir())
 
 
@@ -118,10 +120,10 @@ def test_existing_file_is_never_overwritten(model, tmp_path):
 
 
 def test_same_seed_reproduces_and_fixed_name_gets_numbered(model, tmp_path):
-    # -n 2 with one seed counts up from it; a name without {seed}/{index} gets free names, not overwritten
+    # -n 2 with one seed counts up from it; a name without {seed}/{index} gets the seed added, never one file
     r = ok(run("a cat", "-s", 1, "-n", 2, "-m", model, "-o", tmp_path / "cat.png", *FAST))
     paths = [Path(p) for p in r.stdout.split()]
-    assert paths == [tmp_path / "cat.png", tmp_path / "cat-1.png"]
+    assert paths == [tmp_path / "cat-1.png", tmp_path / "cat-2.png"]
     assert [read_png_params(p)["seed"] for p in paths] == ["1", "2"]
 
 

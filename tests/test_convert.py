@@ -20,9 +20,10 @@ from make_pipeline import save_tiny_pipeline
 from make_vae import save_tiny_vae_ldm
 
 from zimage_mlx import ZImagePipeline
-from zimage_mlx import mlx_format, quantize as q
-from zimage_mlx.convert import convert, convert_command
-from zimage_mlx.weights import WeightError, detect_file_kind, read_component
+from zimage_mlx import components, memory, quantize as q
+from zimage_mlx.cli import convert_command
+from zimage_mlx.convert import convert, detect_file_kind
+from zimage_mlx.weights import WeightError, read_component
 
 H, W = 64, 48
 PROMPT = "a small red boat on a calm lake"
@@ -71,7 +72,7 @@ def test_hf_tree_converted_matches_unconverted(tiny, tmp_path):
     _, root, _, latents, reference = tiny
     out = convert(tmp_path / "mlx", root, dtype="float32", log=lambda m: None)
     manifest = json.loads((out / "zimage_mlx.json").read_text())
-    assert manifest["format_version"] == mlx_format.FORMAT_VERSION and manifest["variant"] == "turbo"
+    assert manifest["format_version"] == components.FORMAT_VERSION and manifest["variant"] == "turbo"
     assert all(v.startswith("sha256:") for v in manifest["source"]["files"].values())
     assert manifest["components"]["transformer"] == {**manifest["components"]["transformer"], "dtype": "float32",
                                                      "bits": None}
@@ -103,7 +104,7 @@ def test_comfyui_single_files_match_hf_tree(tiny, tmp_path, qwen_tokenizer_dir):
 def test_saved_quantized_model_reloads_bit_identical(tiny, tmp_path):
     _, root, _, latents, _ = tiny
     on_load = _run(ZImagePipeline.from_pretrained(root, dtype="float32", quantize=4), latents)
-    out = convert(tmp_path / "q4", root, dtype="float32", bits=4, log=lambda m: None)
+    out = convert(tmp_path / "q4", root, dtype="float32", quantize=4, log=lambda m: None)
     pipe = ZImagePipeline.from_pretrained(out)
     np.testing.assert_array_equal(_run(pipe, latents), on_load)
     assert q.quantized_layers(pipe.transformer) and q.quantized_layers(pipe.text_encoder)
@@ -201,9 +202,15 @@ def test_non_empty_destination_needs_overwrite(tiny, tmp_path):
     (dst / "keep.txt").write_text("mine")
     with pytest.raises(WeightError, match="--overwrite"):
         convert(dst, root, dtype="float32", log=lambda m: None)
+    # --overwrite replaces only an earlier conversion: a folder of someone's files is never emptied
+    with pytest.raises(WeightError, match="not a zimage_mlx conversion"):
+        convert(dst, root, dtype="float32", overwrite=True, log=lambda m: None)
     assert (dst / "keep.txt").read_text() == "mine"
+    (dst / "keep.txt").unlink()
+    convert(dst, root, dtype="float32", log=lambda m: None, hash_sources=False)
+    (dst / "stale.txt").write_text("left by an old conversion")
     convert(dst, root, dtype="float32", overwrite=True, log=lambda m: None, hash_sources=False)
-    assert mlx_format.is_mlx_dir(dst) and not (dst / "keep.txt").exists()
+    assert components.is_mlx_dir(dst) and not (dst / "stale.txt").exists()
     assert not list(tmp_path.glob(".dst.*")), "temporary directories left behind"
 
 
@@ -243,7 +250,7 @@ def test_killed_conversion_leaves_nothing_loadable(tiny, tmp_path):
     assert proc.returncode == -9
     assert not (tmp_path / "dst").exists()
     leftovers = list(tmp_path.glob(".dst.partial-*"))
-    assert leftovers and not mlx_format.is_mlx_dir(leftovers[0])
+    assert leftovers and not components.is_mlx_dir(leftovers[0])
     with pytest.raises(WeightError):
         ZImagePipeline.from_pretrained(leftovers[0])
     convert(tmp_path / "dst", root, dtype="float32", log=lambda m: None, hash_sources=False)
@@ -295,7 +302,7 @@ def test_convert_cli(tiny, tmp_path):
     res = runner.invoke(convert_command, [str(root), "-o", str(tmp_path / "m"), "--dtype", "float32",
                                           "--transformer-bits", "4", "--text-encoder-bits", "8"])
     assert res.exit_code == 0, res.output
-    manifest = mlx_format.read_manifest(tmp_path / "m")
+    manifest = components.read_manifest(tmp_path / "m")
     assert manifest["components"]["transformer"]["bits"] == 4 and manifest["components"]["text_encoder"]["bits"] == 8
     assert manifest["components"]["vae"]["bits"] is None
     res = runner.invoke(convert_command, [str(root), "-o", str(tmp_path / "m")])
@@ -320,19 +327,19 @@ def _real_configs():
     (5.5, {"transformer": 4, "text_encoder": 8}, True),
 ])
 def test_auto_plan_follows_available_memory(gb, expect, free_first):
-    plan = q.plan_memory(_real_configs(), mx.bfloat16, "auto", 512, 512, available=int(gb * 1e9), source="test")
+    plan = memory.plan_memory(_real_configs(), mx.bfloat16, "auto", 512, 512, available=int(gb * 1e9), source="test")
     assert plan.bits == expect and plan.free_text_encoder_first == free_first, plan.summary()
-    assert plan.predicted_peak <= gb * 1e9 * q.HEADROOM
+    assert plan.predicted_peak <= gb * 1e9 * memory.HEADROOM
     assert "predicted peak" in plan.summary()
 
 
 def test_auto_plan_refuses_when_nothing_fits():
     with pytest.raises(MemoryError, match="even at 4-bit"):
-        q.plan_memory(_real_configs(), mx.bfloat16, "auto", 1024, 1024, available=int(3e9), source="test")
+        memory.plan_memory(_real_configs(), mx.bfloat16, "auto", 1024, 1024, available=int(3e9), source="test")
 
 
 def test_machine_memory_is_read():
-    n, source = q.machine_memory_bytes()
+    n, source = memory.machine_memory_bytes()
     assert n > 2**30 and source
 
 
@@ -355,11 +362,11 @@ def test_hub_download_then_cached_conversion(tiny, tmp_path):
     script = textwrap.dedent(f"""
         import time, numpy as np, mlx.core as mx
         mx.set_default_device(mx.cpu)
-        import zimage_mlx.convert as conv
+        import zimage_mlx.pipeline as pl
         from zimage_mlx import ZImagePipeline
         calls = []
-        real = conv.convert
-        conv.convert = lambda *a, **k: (calls.append(1), real(*a, **k))[1]
+        real = pl.convert
+        pl.convert = lambda *a, **k: (calls.append(1), real(*a, **k))[1]
         t = time.time()
         pipe = ZImagePipeline.from_pretrained("Tongyi-MAI/Z-Image-Turbo", dtype="float32")
         lat = np.load({str(tmp_path / 'lat.npy')!r})
@@ -396,6 +403,6 @@ def test_maintainer_variants_script(tiny, tmp_path):
     proc = subprocess.run([sys.executable, str(script), str(root), "--out", str(tmp_path), "--variants", "8bit,bf16"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    m8 = mlx_format.read_manifest(tmp_path / f"{root.name}-mlx-8bit")
+    m8 = components.read_manifest(tmp_path / f"{root.name}-mlx-8bit")
     assert m8["components"]["transformer"]["bits"] == 8 and m8["components"]["transformer"]["dtype"] == "bfloat16"
-    assert mlx_format.read_manifest(tmp_path / f"{root.name}-mlx-bf16")["components"]["text_encoder"]["bits"] is None
+    assert components.read_manifest(tmp_path / f"{root.name}-mlx-bf16")["components"]["text_encoder"]["bits"] is None

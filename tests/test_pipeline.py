@@ -175,3 +175,71 @@ def test_img2img_vae_noise_is_independent_of_start_noise(tiny, monkeypatch):
     vae_eps = np.array(mx.random.normal(shape, key=key))
     start = np.array(ZImagePipeline.noise([11], shape))
     assert abs(np.corrcoef(vae_eps.ravel(), start.ravel())[0, 1]) < 0.3
+
+
+# diffusers' own Z-Image pipeline test configuration (tests/pipelines/z_image/test_z_image.py): dim 32, 2 heads,
+# one refiner layer, a 2-block VAE (spatial factor 2, sizes in multiples of 4), Qwen3 with head_dim 128 larger than
+# hidden/heads, scheduler shift 1.0. Latents are (B, 16, 2·(H // 4), 2·(W // 4)).
+DIFFUSERS_TEST_CONFIG = dict(
+    transformer_overrides=dict(dim=32, n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2, axes_dims=[8, 4, 4],
+                               axes_lens=[256, 32, 32]),
+    text_encoder_overrides=dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                head_dim=128, intermediate_size=16),
+    vae_kwargs=dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=32),
+    scheduler_overrides=dict(shift=1.0),
+)
+
+
+@pytest.fixture(scope="module")
+def diffusers_test_config(tmp_path_factory, qwen_tokenizer_dir):
+    root, models = save_tiny_pipeline(tmp_path_factory.mktemp("dtc") / "tiny-2-block-vae", qwen_tokenizer_dir,
+                                      seed=5, **DIFFUSERS_TEST_CONFIG)
+    t2i, _ = diffusers_pipelines(models, qwen_tokenizer_dir, DIFFUSERS_TEST_CONFIG["scheduler_overrides"])
+    return ZImagePipeline.from_pretrained(root, dtype="float32", keep_text_encoder=True), t2i
+
+
+@pytest.mark.parametrize("height, width", [(32, 32), (32, 48)])
+def test_vae_factor_from_config_matches_diffusers(diffusers_test_config, height, width):
+    pipe, t2i = diffusers_test_config
+    assert pipe.vae_scale_factor == 2 and pipe.size_multiple == 4
+    shape = (1, 16, 2 * (height // 4), 2 * (width // 4))
+    assert pipe.latent_shape(1, height, width) == shape
+    lat = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    kw = dict(prompt="a dog", negative_prompt="cartoon", height=height, width=width, num_inference_steps=3,
+              guidance_scale=3.0)
+    ref_lat = t2i(latents=lat.clone(), output_type="latent", **kw).images
+    ref_img = t2i(latents=lat.clone(), output_type="np", **kw).images
+    ours_lat = pipe(latents=lat.numpy(), output_type="latent", **kw).images
+    ours_img = pipe(latents=lat.numpy(), output_type="np", **kw).images
+    err, db = rel_err(to_numpy(ours_lat), to_numpy(ref_lat)), psnr(ours_img, ref_img)
+    print(f"diffusers test config {width}x{height}, CFG: latent rel err {err:.2e}, image PSNR {db:.1f} dB")
+    assert ours_img.shape == (1, height, width, 3)
+    assert err <= 1e-3 and db >= 40
+    with pytest.raises(ValueError, match="multiple of 4"):
+        pipe(prompt="x", height=30, width=32)
+
+
+def test_converted_bfloat16_loads_as_the_dtype_asked_for(tiny, tmp_path):
+    from zimage_mlx.convert import convert
+
+    root, ref_pipe, _, _ = tiny
+    out = convert(tmp_path / "bf16", root, dtype="bfloat16", log=lambda m: None, hash_sources=False)
+    as_saved = ZImagePipeline.from_pretrained(out)
+    assert as_saved.dtype_name == "bfloat16" and as_saved.encode_prompt("a cat")[0].dtype == mx.bfloat16
+    pipe = ZImagePipeline.from_pretrained(out, dtype="float32")
+    assert pipe.dtype_name == "float32"
+    assert pipe.encode_prompt("a cat")[0].dtype == mx.float32
+    assert pipe.transformer.dtype == mx.float32 and pipe.vae.dtype == mx.float32
+    # the float32 copy of bf16 weights computes like the float32 model up to the bf16 rounding of the weights
+    lat = _noise(1).numpy()
+    a = pipe(prompt="a cat", height=H, width=W, latents=lat, num_inference_steps=2, output_type="latent").images
+    b = ref_pipe(prompt="a cat", height=H, width=W, latents=lat, num_inference_steps=2, output_type="latent").images
+    assert a.dtype == mx.float32 and rel_err(to_numpy(a), to_numpy(b)) < 0.05
+
+
+def test_public_names():
+    import zimage_mlx
+
+    for name in zimage_mlx.__all__:
+        assert getattr(zimage_mlx, name) is not None, name
+    assert zimage_mlx.GenerationError.__name__ == "GenerationError"

@@ -8,7 +8,8 @@ import torch
 
 from conftest import rel_err, to_numpy
 from make_text_encoder import make_tiny_qwen3, save_tiny_text_encoder, text_encoder_config_dict
-from zimage_mlx.text_encoder import Qwen3EncoderConfig, Qwen3Encoder, encode_prompts, load_text_encoder
+from zimage_mlx.components import load_component
+from zimage_mlx.text_encoder import Qwen3EncoderConfig, Qwen3Encoder, encode_prompts
 from zimage_mlx.tokenizer import ZImageTokenizer
 from zimage_mlx.weights import WeightError
 
@@ -65,7 +66,7 @@ def test_matches_diffusers(tmp_path, tiny, tokenizer, reference, with_model_pref
         tmp_path / "text_encoder", tiny, with_model_prefix=with_model_prefix, shard=shard, with_lm_head=with_lm_head
     )
     assert (d / "model.safetensors.index.json").is_file() == shard
-    encoder = load_text_encoder(d, dtype=mx.float32)
+    encoder = load_component("text_encoder", d, mx.float32)
     ours = encode_prompts(tokenizer, encoder, PROMPTS)
     assert len(ours) == len(reference)
     errs = []
@@ -81,7 +82,7 @@ def test_matches_diffusers(tmp_path, tiny, tokenizer, reference, with_model_pref
 def test_truncated_prompt_matches_diffusers(tmp_path, tiny, tokenizer, qwen_tokenizer_dir):
     prompts = ["a castle on a hill, " * 200, "short"]
     ref = diffusers_embeds(tiny, qwen_tokenizer_dir, prompts, max_sequence_length=96)
-    encoder = load_text_encoder(save_tiny_text_encoder(tmp_path / "te", tiny), dtype=mx.float32)
+    encoder = load_component("text_encoder", save_tiny_text_encoder(tmp_path / "te", tiny), mx.float32)
     with pytest.warns(UserWarning, match="were cut"):
         ours = encode_prompts(tokenizer, encoder, prompts, max_length=96)
     assert ours[0].shape == (96, 64)
@@ -89,9 +90,9 @@ def test_truncated_prompt_matches_diffusers(tmp_path, tiny, tokenizer, qwen_toke
         assert rel_err(to_numpy(o), r) <= TOL
 
 
-def test_pipeline_root_and_bfloat16(tmp_path, tiny, tokenizer, reference):
+def test_bfloat16(tmp_path, tiny, tokenizer, reference):
     save_tiny_text_encoder(tmp_path / "text_encoder", tiny, dtype=torch.bfloat16)
-    encoder = load_text_encoder(tmp_path, dtype=mx.bfloat16)  # the pipeline root is accepted too
+    encoder = load_component("text_encoder", tmp_path / "text_encoder", mx.bfloat16)
     assert encoder.dtype == mx.bfloat16
     ours = encode_prompts(tokenizer, encoder, PROMPTS[:3])
     for o, r in zip(ours, reference):
@@ -100,7 +101,7 @@ def test_pipeline_root_and_bfloat16(tmp_path, tiny, tokenizer, reference):
 
 
 def test_identical_prompts_encoded_once(tmp_path, tiny, tokenizer, reference):
-    encoder = load_text_encoder(save_tiny_text_encoder(tmp_path / "te", tiny), dtype=mx.float32)
+    encoder = load_component("text_encoder", save_tiny_text_encoder(tmp_path / "te", tiny), mx.float32)
     a, b, c = encode_prompts(tokenizer, encoder, ["Hi", "", "Hi"])
     assert a is c
     assert rel_err(to_numpy(b), reference[2]) <= TOL
@@ -122,7 +123,7 @@ def test_last_layer_and_norm_not_built(tmp_path, tiny, tokenizer, reference):
     sd = load_file(str(d / "model.safetensors"))
     sd = {k: v for k, v in sd.items() if not (k.startswith(f"model.layers.{n - 1}.") or k == "model.norm.weight")}
     save_file(sd, str(d / "model.safetensors"))
-    encoder = load_text_encoder(d, dtype=mx.float32)
+    encoder = load_component("text_encoder", d, mx.float32)
     (out,) = encode_prompts(tokenizer, encoder, [PROMPTS[0]])
     assert rel_err(to_numpy(out), reference[0]) <= TOL
 
@@ -138,7 +139,7 @@ def test_missing_tensor(tmp_path, tiny):
     d = save_tiny_text_encoder(tmp_path / "te", tiny, shard=False)
     _rewrite(d, lambda sd: {k: v for k, v in sd.items() if k != "model.layers.2.mlp.up_proj.weight"})
     with pytest.raises(WeightError, match=r"layers\.2\.mlp\.up_proj\.weight"):
-        load_text_encoder(d, dtype=mx.float32)
+        load_component("text_encoder", d, mx.float32)
 
 
 def test_wrong_shape(tmp_path, tiny):
@@ -146,7 +147,7 @@ def test_wrong_shape(tmp_path, tiny):
     key = "model.layers.1.self_attn.k_proj.weight"
     _rewrite(d, lambda sd: {**sd, key: sd[key].t().contiguous()})
     with pytest.raises(WeightError, match=r"layers\.1\.self_attn\.k_proj\.weight.*\(64, 32\).*\(32, 64\)"):
-        load_text_encoder(d, dtype=mx.float32)
+        load_component("text_encoder", d, mx.float32)
 
 
 def test_config_from_dict_forms(tiny):
@@ -164,4 +165,4 @@ def test_config_from_dict_forms(tiny):
 
 def test_config_missing(tmp_path):
     with pytest.raises(WeightError, match="config"):
-        load_text_encoder(tmp_path, dtype=mx.float32)
+        load_component("text_encoder", tmp_path, mx.float32)

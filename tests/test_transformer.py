@@ -10,13 +10,9 @@ from mlx.utils import tree_flatten
 
 from conftest import rel_err
 from make_transformer import TINY_CONFIG, make_tiny_transformer, save_tiny_transformer
-from zimage_mlx.transformer import (
-    ZImageTransformer,
-    ZImageTransformerConfig,
-    load_transformer,
-    sanitize,
-    transformer_from_weights,
-)
+from zimage_mlx.components import load_component
+from zimage_mlx.transformer import ZImageTransformer, ZImageTransformerConfig
+from zimage_mlx.weights import fill_model
 from zimage_mlx.weights import WeightError
 
 FP32_TOL = 1e-4
@@ -50,7 +46,8 @@ CONFIG_128 = dict(dim=128, n_heads=4, n_kv_heads=4, axes_dims=[8, 12, 12], n_ref
 
 def mlx_from_torch(tm, dtype=mx.float32):
     weights = {k: mx.array(v.detach().float().numpy()) for k, v in tm.state_dict().items()}
-    return transformer_from_weights(dict(tm.config), weights, dtype)
+    model = ZImageTransformer(ZImageTransformerConfig.from_dict(dict(tm.config)))
+    return fill_model(model, model.sanitize(weights), dtype, "torch state dict")
 
 
 def make_inputs(seed, batch, h, w, cap_lens, cap_dim):
@@ -186,10 +183,10 @@ def test_tiny_key_set_matches_diffusers(overrides):
 def test_sanitize_identity_and_comfyui_layout(torch_models):
     tm = torch_models(0, {})
     sd = {k: v.numpy() for k, v in tm.state_dict().items()}
-    ident = sanitize({k: mx.array(v) for k, v in sd.items()})
+    ident = ZImageTransformer(ZImageTransformerConfig.from_dict(dict(tm.config))).sanitize({k: mx.array(v) for k, v in sd.items()})
     assert set(ident) == set(sd)
 
-    # Build the ComfyUI single-file layout (SPEC §6.1) from the diffusers one, then map it back.
+    # Build the ComfyUI single-file layout from the diffusers one, then map it back.
     comfy = {"model.diffusion_model.norm_final.weight": mx.ones((96,))}
     for k, v in sd.items():
         if ".attention.to_k." in k or ".attention.to_v." in k:
@@ -201,7 +198,7 @@ def test_sanitize_identity_and_comfyui_layout(torch_models):
         k = k.replace("all_x_embedder.2-1.", "x_embedder.").replace("all_final_layer.2-1.", "final_layer.")
         comfy["model.diffusion_model." + k] = mx.array(v)
     assert any(k.endswith("attention.qkv.weight") for k in comfy)
-    mapped = sanitize(comfy)
+    mapped = ZImageTransformer(ZImageTransformerConfig.from_dict(dict(tm.config))).sanitize(comfy)
     assert set(mapped) == set(sd)
     for k, v in mapped.items():
         np.testing.assert_array_equal(np.array(v), sd[k], err_msg=k)
@@ -232,12 +229,12 @@ def test_load_fp32_shards(ckpt):
     lat, t, caps = _case_inputs(tm)
     ref = torch_ref(tm, lat, t, caps)
     for d in (fp32, single):
-        model = load_transformer(d, dtype=mx.float32)
+        model = load_component("transformer", d, mx.float32)
         assert all(v.dtype == mx.float32 for _, v in tree_flatten(model.parameters()))
         err = rel_err(mlx_out(model, lat, t, caps), ref)
         print(f"{d.name} -> float32: rel err {err:.2e}")
         assert err <= FP32_TOL
-    model = load_transformer(fp32, dtype=mx.bfloat16)
+    model = load_component("transformer", fp32, mx.bfloat16)
     assert all(v.dtype == mx.bfloat16 for _, v in tree_flatten(model.parameters()))
     err = rel_err(mlx_out(model, lat, t, caps), ref)
     print(f"fp32 shards -> bfloat16: rel err {err:.2e}")
@@ -252,11 +249,11 @@ def test_load_bf16_shards(ckpt):
     rounded.load_state_dict({k: v.to(torch.bfloat16).float() for k, v in tm.state_dict().items()})
     ref_rounded = torch_ref(rounded, lat, t, caps)
     assert rel_err(ref_rounded, torch_ref(tm, lat, t, caps)) > 0  # the rounding is visible
-    model = load_transformer(bf16, dtype=mx.float32)
+    model = load_component("transformer", bf16, mx.float32)
     err = rel_err(mlx_out(model, lat, t, caps), ref_rounded)
     print(f"bf16 shards -> float32: rel err {err:.2e}")
     assert err <= FP32_TOL
-    model = load_transformer(bf16, dtype=mx.bfloat16)
+    model = load_component("transformer", bf16, mx.bfloat16)
     err = rel_err(mlx_out(model, lat, t, caps), torch_ref(tm, lat, t, caps))
     print(f"bf16 shards -> bfloat16: rel err {err:.2e}")
     assert err <= BF16_TOL
@@ -281,7 +278,7 @@ def test_missing_tensor_raises_weight_error(ckpt, tmp_path):
     key = "layers.0.attention.to_q.weight"
     _rewrite_shard(fp32, tmp_path / "missing", lambda d: d.pop(key))
     with pytest.raises(WeightError) as e:
-        load_transformer(tmp_path / "missing", dtype=mx.float32)
+        load_component("transformer", tmp_path / "missing", mx.float32)
     msg = str(e.value)
     assert key in msg and "(128, 128)" in msg and "missing" in msg
 
@@ -291,7 +288,7 @@ def test_wrong_shape_raises_weight_error(ckpt, tmp_path):
     key = "layers.0.attention.to_q.weight"
     _rewrite_shard(fp32, tmp_path / "shape", lambda d: d.__setitem__(key, torch.zeros(128, 96)))
     with pytest.raises(WeightError) as e:
-        load_transformer(tmp_path / "shape", dtype=mx.float32)
+        load_component("transformer", tmp_path / "shape", mx.float32)
     msg = str(e.value)
     assert key in msg and "(128, 96)" in msg and "(128, 128)" in msg
 
@@ -308,7 +305,7 @@ def test_loading_is_lean(tmp_path):
     mx.clear_cache()
     mx.reset_peak_memory()
     base = mx.get_active_memory()
-    model = load_transformer(tmp_path, dtype=mx.bfloat16)
+    model = load_component("transformer", tmp_path, mx.bfloat16)
     peak = mx.get_peak_memory() - base
     print(f"load peak {peak / 1e6:.1f} MB; bf16 weights {bf16_bytes / 1e6:.1f} MB, largest fp32 {largest_fp32 / 1e6:.1f} MB")
     assert peak >= bf16_bytes  # the measurement sees the loaded weights

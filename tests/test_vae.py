@@ -9,7 +9,10 @@ from safetensors.torch import load_file, save_file
 
 from conftest import rel_err, to_numpy
 from make_vae import make_tiny_vae, save_tiny_vae, save_tiny_vae_ldm
-from zimage_mlx.vae import AutoencoderKL, VAEConfig, load_vae
+from zimage_mlx.components import load_component
+from zimage_mlx.convert import vae_config_from_shapes
+from zimage_mlx.vae import AutoencoderKL, VAEConfig
+from zimage_mlx.weights import safetensors_keys
 from zimage_mlx.weights import WeightError
 
 SCALE, SHIFT = 0.3611, 0.1159
@@ -32,9 +35,9 @@ def paths(oracle, tmp_path_factory):
 @pytest.fixture(scope="module", params=["diffusers", "ldm", "ldm_prefixed"])
 def vae(request, oracle, paths):
     if request.param == "diffusers":
-        return load_vae(paths / "diffusers")
+        return load_component("vae", paths / "diffusers")
     name = "ae.safetensors" if request.param == "ldm" else "aio.safetensors"
-    return load_vae(paths / name, config=dict(oracle.config))
+    return load_component("vae", paths / name, config=dict(oracle.config))
 
 
 def _latents(shape, seed=0):
@@ -75,7 +78,7 @@ def test_encode_seeded_sample(vae):
 
 @pytest.mark.parametrize("checkpoint_bytes", [None, 0, 20_000])
 def test_tiled_decode_matches_untiled(oracle, paths, checkpoint_bytes):
-    vae = load_vae(paths / "diffusers")
+    vae = load_component("vae", paths / "diffusers")
     lat = _latents((2, 16, 14, 9), seed=2).numpy()  # images 112 x 72: 8-row strips -> 14 strips at full size
     full = np.array(vae.decode(lat, tile=None))
     tiled = np.array(vae.decode(lat, tile=8, checkpoint_bytes=checkpoint_bytes))
@@ -87,7 +90,7 @@ def test_tiled_decode_matches_untiled(oracle, paths, checkpoint_bytes):
 
 
 def test_auto_tiling_is_used_for_large_images(paths):
-    vae = load_vae(paths / "diffusers")
+    vae = load_component("vae", paths / "diffusers")
     lat = _latents((1, 16, 40, 36), seed=4).numpy()  # 320 x 288 image > 256^2 -> tiled automatically
     full = np.array(vae.decode(lat, tile=None))
     auto = np.array(vae.decode(lat))
@@ -108,11 +111,11 @@ def test_missing_tensor_error(paths, tmp_path):
     sd = load_file(str(paths / "ae.safetensors"))
     del sd["decoder.up.0.block.1.norm2.weight"]
     save_file(sd, str(tmp_path / "ae.safetensors"))
-    cfg = dict(load_vae(paths / "diffusers").config.__dict__)
+    cfg = dict(load_component("vae", paths / "diffusers").config.__dict__)
     # reversed index: LDM up.0 is the last diffusers up block
     n = len(cfg["block_out_channels"])
     with pytest.raises(WeightError, match=rf"decoder\.up_blocks\.{n - 1}\.resnets\.1\.norm2\.weight"):
-        load_vae(tmp_path / "ae.safetensors", config=cfg)
+        load_component("vae", tmp_path / "ae.safetensors", config=cfg)
 
 
 def test_wrong_shape_error(paths, tmp_path):
@@ -123,20 +126,47 @@ def test_wrong_shape_error(paths, tmp_path):
     sd["encoder.conv_in.bias"] = torch.zeros(7)
     save_file(sd, str(d / "diffusion_pytorch_model.safetensors"))
     with pytest.raises(WeightError, match=r"encoder\.conv_in\.bias.*\(7,\)"):
-        load_vae(d)
+        load_component("vae", d)
 
 
-def test_single_file_defaults_to_flux_config(paths):
-    # the tiny file does not fit the real FLUX config: the error names a tensor and its expected shape
-    with pytest.raises(WeightError, match="shape"):
-        load_vae(paths / "ae.safetensors")
+@pytest.mark.parametrize("ldm", [True, False])
+def test_single_file_config_from_shapes(tmp_path, ldm):
+    """A single-file VAE that is not FLUX's (2 blocks of 32/64 channels, 1 layer each) gets its config from its
+    tensor shapes and decodes like the oracle."""
+    oracle = make_tiny_vae(seed=7, block_out_channels=(32, 64), norm_num_groups=32)
+    if ldm:
+        save_tiny_vae_ldm(tmp_path / "ae.safetensors", oracle)
+        path = tmp_path / "ae.safetensors"
+    else:
+        save_tiny_vae(tmp_path, oracle)
+        path = next(tmp_path.glob("*.safetensors"))
+    cfg = vae_config_from_shapes({k: s for k, (s, _) in safetensors_keys(path).items()})
+    for key in ("block_out_channels", "layers_per_block", "latent_channels", "in_channels", "out_channels",
+                "norm_num_groups", "mid_block_add_attention"):
+        assert np.array_equal(cfg[key], oracle.config[key]), key
+    model = load_component("vae", path, mx.float32, config=cfg)
+    z = _latents((1, 16, 8, 8))
+    with torch.no_grad():
+        ref = oracle.decode(z / SCALE + SHIFT).sample.permute(0, 2, 3, 1).numpy()
+    assert rel_err(to_numpy(model.decode(z.numpy(), tile=None)), ref) < 1e-4
+
+
+def test_single_file_config_that_cannot_be_inferred_names_the_option(paths):
+    """The tiny VAE uses 8 groups: not inferable from shapes, so the error says to pass --vae-config."""
+    with pytest.raises(WeightError, match="--vae-config"):
+        vae_config_from_shapes({k: s for k, (s, _) in safetensors_keys(paths / "ae.safetensors").items()})
+
+
+def test_single_file_without_config_is_refused(paths):
+    with pytest.raises(WeightError, match="config"):
+        load_component("vae", paths / "ae.safetensors")
 
 
 def test_tiled_decode_memory_grows_with_width_not_area(tmp_path):
     """Doubling the side quadruples an untiled decode's activations; a strip-tiled decode's grow ~2x (the strip
     is full-width), so large images (2048², 4096²) stay bounded by the strip, not the area."""
     save_tiny_vae(tmp_path, make_tiny_vae(seed=5, block_out_channels=(8, 8, 8, 8), norm_num_groups=4))
-    model = load_vae(tmp_path)
+    model = load_component("vae", tmp_path)
 
     def peak(px, tile):
         z = mx.random.normal((1, 16, px // 8, px // 8), key=mx.random.key(0))

@@ -7,12 +7,12 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["ZImagePipeline", "PipelineOutput", "GenerationCancelled", "WeightError", "__version__"]
+__all__ = ["ZImagePipeline", "PipelineOutput", "GenerationCancelled", "GenerationError", "WeightError", "__version__"]
 
 
 def __getattr__(name):
     # Lazy so that `import zimage_mlx` stays cheap and has no side effects.
-    if name in ("ZImagePipeline", "PipelineOutput", "GenerationCancelled"):
+    if name in ("ZImagePipeline", "PipelineOutput", "GenerationCancelled", "GenerationError"):
         from . import pipeline
 
         return getattr(pipeline, name)

@@ -1,15 +1,17 @@
 """ZImagePipeline: text-to-image and image-to-image with the three MLX models.
 
-Mirrors diffusers' `ZImagePipeline` / `ZImageImg2ImgPipeline` (argument names and meaning), with MLX's RNG
-for the noise. Components load lazily on first use, so the text encoder can run (and be freed) before the
-transformer ever occupies memory.
+Mirrors diffusers' `ZImagePipeline` / `ZImageImg2ImgPipeline` (pipelines/z_image/; argument names and meaning),
+with MLX's RNG for the noise. Components load lazily on first use, so the text encoder can run (and be freed)
+before the transformer ever occupies memory. Arguments are checked at this boundary: a bad value is a ValueError
+naming the argument and what is allowed, before anything loads or computes.
 """
 
 from __future__ import annotations
 
-import os
+import math
 import sys
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -19,15 +21,23 @@ import numpy as np
 from PIL import Image
 
 from . import sampler
-from .sampler import SchedulerConfig
+from .components import MODEL_COMPONENTS, QUANTIZABLE, is_mlx_dir, load_component, read_manifest
+from .convert import convert
+from .hub import DEFAULT_REPO, cache_dir, find_cached, looks_like_repo_id, resolve_source
+from .memory import MemoryPlan, check_fits, plan_memory
+from .quantize import describe_bits, parse_quantize
+from .sampler import VARIANT_DEFAULTS, SchedulerConfig, check_variant, detect_variant
+from .text_encoder import encode_prompts
+from .tokenizer import ZImageTokenizer
+from .weights import WeightError, component_files, default_dtype, dtype_name, parse_dtype, read_config, \
+    safetensors_keys
 
-# Defaults per model family (diffusers' class defaults are generic; these are the models' own).
-VARIANT_DEFAULTS = {
-    "turbo": {"num_inference_steps": 8, "guidance_scale": 0.0},
-    "base": {"num_inference_steps": 50, "guidance_scale": 4.0},
-}
 LATENT_CHANNELS = 16
-SIZE_MULTIPLE = 16  # VAE factor 8 × patch 2
+PATCH_SIZE = 2
+DEFAULT_SIZE = 1024
+DEFAULT_STRENGTH = 0.6          # img2img (diffusers' ZImageImg2ImgPipeline default)
+MAX_SEED = 2**64 - 1            # MLX keys are 64-bit
+PROMPT_CACHE_SIZE = 32          # caption features kept per pipeline (CLI seeds, server requests)
 
 
 class GenerationCancelled(RuntimeError):
@@ -46,40 +56,54 @@ class PipelineOutput:
     peak_memory_gb: float = 0.0
 
 
-def dtype_name(d: mx.Dtype) -> str:
-    """"bfloat16" / "float32" (what manifests, metadata and the converter's --dtype use)."""
-    return str(d).replace("mlx.core.", "")
+# --------------------------------------------------------------------------- argument checks
+def _int_arg(name: str, value, low: int = 1, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise ValueError(f"{name} must be {bound}, got {value}")
+    return int(value)
 
 
-def parse_dtype(d) -> mx.Dtype:
-    """bfloat16 or float32. float16 is refused: Z-Image's activations overflow its range (black images)."""
-    names = {"bfloat16": mx.bfloat16, "bf16": mx.bfloat16, "float32": mx.float32, "fp32": mx.float32}
-    if d in (mx.float16, "float16", "fp16", "half"):
-        raise ValueError("float16 is not supported: Z-Image's activations overflow it (black images); "
-                         "use bfloat16 (the default on a GPU) or float32")
-    if isinstance(d, mx.Dtype) and d in names.values():
-        return d
-    if d not in names:
-        raise ValueError(f"unknown dtype {d!r}; use bfloat16 or float32")
-    return names[d]
+def _float_arg(name: str, value, low: float | None = None, high: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) \
+            or not math.isfinite(float(value)):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ValueError(f"{name} must be between {low} and {high}, got {value}")
+    return float(value)
 
 
-def default_dtype() -> mx.Dtype:
-    """bfloat16 on a GPU (Metal, CUDA); float32 on the CPU backend, whose bfloat16 matmul is slow."""
-    return mx.bfloat16 if mx.default_device() == mx.gpu else mx.float32
+def _prompts_arg(name: str, value) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and value and all(isinstance(p, str) for p in value):
+        return list(value)
+    if isinstance(value, (list, tuple)) and not value:
+        raise ValueError(f"{name} is an empty list; give at least one prompt")
+    raise ValueError(f"{name} must be a string or a list of strings, got {type(value).__name__}")
 
 
-def check_size(height: int, width: int) -> None:
-    for name, v in (("height", height), ("width", width)):
-        if v <= 0 or v % SIZE_MULTIPLE:
-            raise ValueError(f"{name} must be a positive multiple of {SIZE_MULTIPLE} (got {v})")
+def expand_seeds(seed, batch: int) -> list[int]:
+    """One seed per image: an int counts up (seed + k), a list gives each image its own, None picks a random base."""
+    if seed is None:
+        base = int(np.random.default_rng().integers(0, 2**32))
+        return [base + k for k in range(batch)]
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != batch:
+            raise ValueError(f"{len(seed)} seeds for {batch} images")
+        return [_int_arg("seed", s, 0, MAX_SEED) for s in seed]
+    base = _int_arg("seed", seed, 0, MAX_SEED - (batch - 1))
+    return [base + k for k in range(batch)]
 
 
-def preprocess_image(image, height: int | None, width: int | None) -> np.ndarray:
+# --------------------------------------------------------------------------- images
+def preprocess_image(image, height: int | None, width: int | None, multiple: int) -> np.ndarray:
     """PIL image / path / HWC uint8 or [0,1] float array → (1,H,W,3) float32 in [−1,1].
 
-    Without height/width the image keeps its size floored to a multiple of 16 (as diffusers'
-    VaeImageProcessor does); resizing uses Lanczos.
+    Without height/width the image keeps its size floored to a multiple of `multiple` (diffusers'
+    VaeImageProcessor with vae_scale_factor·2); resizing uses Lanczos.
     """
     if isinstance(image, (str, Path)):
         image = Image.open(image)
@@ -88,10 +112,14 @@ def preprocess_image(image, height: int | None, width: int | None) -> np.ndarray
         if arr.dtype != np.uint8:
             arr = (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
         image = Image.fromarray(arr)
+    if not isinstance(image, Image.Image):
+        raise ValueError(f"image must be a PIL image, a path or an HxWx3 array, got {type(image).__name__}")
     image = image.convert("RGB")
-    w = width or image.width - image.width % SIZE_MULTIPLE
-    h = height or image.height - image.height % SIZE_MULTIPLE
-    check_size(h, w)
+    if (width is None and image.width < multiple) or (height is None and image.height < multiple):
+        raise ValueError(f"the input image is {image.width}x{image.height} pixels; it must be at least "
+                         f"{multiple}x{multiple} (or give height and width to resize it)")
+    w = width or image.width - image.width % multiple
+    h = height or image.height - image.height % multiple
     if (w, h) != image.size:
         image = image.resize((w, h), resample=Image.LANCZOS)
     arr = np.asarray(image).astype(np.float32) / 255.0
@@ -107,16 +135,6 @@ def to_pil(images: np.ndarray) -> list[Image.Image]:
     return [Image.fromarray((img * 255).round().astype(np.uint8)) for img in images]
 
 
-def detect_variant(src: Path, transformer_config: dict | None, scheduler: SchedulerConfig) -> str:
-    """'turbo' or 'base' (the non-distilled Z-Image), from the name, the config, then the schedule shift."""
-    name = str(src).lower()
-    if "turbo" in name:
-        return "turbo"
-    if transformer_config is not None and "siglip_feat_dim" in transformer_config:
-        return "base"
-    return "base" if scheduler.shift >= 5.0 else "turbo"
-
-
 class ZImagePipeline:
     """Text → image with Z-Image. Build it with `from_pretrained`; call it like diffusers' pipeline."""
 
@@ -129,108 +147,100 @@ class ZImagePipeline:
         text_encoder=None,
         vae=None,
         loaders: dict[str, Callable[[], Any]] | None = None,
+        configs: dict[str, dict] | None = None,
         variant: str = "turbo",
         keep_text_encoder: bool = False,
         source: str | None = None,
-        plan=None,
+        dtype: mx.Dtype | None = None,
+        quantization: str = "none",
+        plan: MemoryPlan | None = None,
     ):
         self.tokenizer = tokenizer
         self.scheduler_config = scheduler_config
         self._models = {"transformer": transformer, "text_encoder": text_encoder, "vae": vae}
         self._loaders = dict(loaders or {})
-        self.variant = variant
+        self.configs = dict(configs or {})     # component configs (sizes and memory checks without loading)
+        self.variant = check_variant(variant)
         self.keep_text_encoder = keep_text_encoder
         self.source = source
-        self.plan = plan
+        self.dtype = dtype if dtype is not None else getattr(transformer, "dtype", mx.float32)
+        self.quantization = quantization      # what the loaded weights are, e.g. "transformer 4-bit, text encoder 8-bit"
+        self.plan = plan                      # the memory plan sizes are checked against (None: no check)
         self.timings: dict[str, float] = {}
-        self.dtype_name = "float32"
-        self.quantization = "none"   # what the loaded weights are, e.g. "transformer 4-bit, text encoder 8-bit"
+        self._prompt_cache: OrderedDict[tuple[str, int], mx.array] = OrderedDict()
+
+    @property
+    def dtype_name(self) -> str:
+        return dtype_name(self.dtype)
 
     # ----------------------------------------------------------------- construction
     @classmethod
     def from_pretrained(
         cls,
-        src: str | Path,
+        src: str | Path = DEFAULT_REPO,
         dtype: str | mx.Dtype | None = None,
         quantize=None,
         *,
         revision: str | None = None,
         keep_text_encoder: bool = False,
         variant: str | None = None,
+        height: int = DEFAULT_SIZE,
+        width: int = DEFAULT_SIZE,
         verbose: bool = False,
     ) -> "ZImagePipeline":
         """Load from a hub id (e.g. "Tongyi-MAI/Z-Image-Turbo"), a Hugging Face-layout directory, or an MLX directory.
 
-        dtype: "bfloat16" | "float32" (default: bfloat16 on a GPU, float32 on the CPU backend).
-        quantize: None | 4 | 8 | "auto" | {"transformer": 4, "text_encoder": 8}. "auto" plans bits from this
-        machine's memory (zimage_mlx.quantize.plan_memory) and prints the plan when verbose.
-        A hub model is converted once to the MLX layout and cached (keyed by repo, revision, dtype and bits) in
-        $ZIMAGE_MLX_CACHE (default ~/.cache/zimage_mlx), so later starts skip the conversion.
-        Nothing heavy is read here: each model loads on first use (the text encoder before the transformer).
+        dtype: "bfloat16" | "float32" (default: as converted for an MLX directory, else bfloat16 on a GPU and
+        float32 on the CPU backend). A converted directory is cast to the dtype asked for; its quantized layers
+        keep their packed weights.
+        quantize: None | 4 | 8 | "auto" | {"transformer": 4, "text_encoder": 8} (quantize.parse_quantize). "auto"
+        plans bits from this machine's memory for a height x width image (memory.plan_memory); the plan is
+        re-checked when a call asks for a larger image, and a size that cannot fit is refused before any work.
+        A hub model is converted once to the MLX layout and cached (hub.py), so later starts skip the conversion.
+        Nothing heavy is read here (every file's header is checked): each model loads on first use.
+        verbose: report the one-time conversion of a hub model on stderr. `pipe.plan.summary()` describes the plan.
         """
-        from . import mlx_format, quantize as q, weights
-
-        mx_dtype = parse_dtype(dtype) if dtype is not None else default_dtype()
-        hub_id = str(src) if weights.looks_like_repo_id(str(src)) else None
+        mx_dtype = parse_dtype(dtype) if dtype is not None else None
+        requested = parse_quantize(quantize)
+        if variant is not None:
+            check_variant(variant)
+        hub_id = str(src) if looks_like_repo_id(str(src)) else None
         try:
-            root = weights.resolve_source(src, revision=revision)
-        except weights.WeightError:
+            root = resolve_source(src, revision=revision)
+        except WeightError:
             # Offline with the hub snapshot gone: a converted copy in our cache still serves.
-            root = _find_cached(hub_id, revision, mx_dtype if dtype is not None else None) if hub_id else None
+            root = find_cached(hub_id, revision, mx_dtype) if hub_id else None
             if root is None:
                 raise
-        manifest = mlx_format.read_manifest(root) if mlx_format.is_mlx_dir(root) else None
-        if manifest is None:
-            for part in ("transformer", "text_encoder", "vae", "tokenizer"):
-                if not (root / part).is_dir():
-                    raise weights.WeightError(
-                        f"{root}: not a Z-Image model directory (no {part}/ folder); expected the Hugging Face "
-                        f"layout of {weights.DEFAULT_REPO} or a directory made by `zimage-mlx convert`"
-                    )
-        else:
-            saved = manifest["components"]["transformer"]["dtype"]
-            if dtype is None:
-                mx_dtype = parse_dtype(saved)
-        configs = {n: weights.read_config(root / n) for n in mlx_format.MODEL_COMPONENTS}
+        manifest = _read_layout(root)
+        if mx_dtype is None:
+            mx_dtype = parse_dtype(manifest["components"]["transformer"]["dtype"]) if manifest else default_dtype()
+        configs = {n: read_config(root / n) for n in MODEL_COMPONENTS}
 
-        plan = None
-        if quantize is not None and quantize is not False:
-            if manifest is not None and any(manifest["components"][n].get("bits") for n in q.COMPONENTS):
-                plan = None   # already quantized on disk: load as saved
-            else:
-                plan = q.plan_memory(configs, mx_dtype, requested=quantize)
-                if verbose:
-                    print(plan.summary(), file=sys.stderr)
-        bits = plan.bits if plan is not None else {}
-        group = plan.group_size if plan is not None else 64
+        saved_bits = {n: manifest["components"][n].get("bits") for n in QUANTIZABLE} if manifest else {}
+        if any(saved_bits.values()):
+            requested = saved_bits          # already quantized on disk: load (and plan) as saved
+        plan = plan_memory(configs, mx_dtype, requested=requested, height=height, width=width)
+        bits, group = plan.bits, plan.group_size
 
         if hub_id is not None and manifest is None:
-            cached = _cache_dir(hub_id, root, mx_dtype, bits)
-            if not mlx_format.is_mlx_dir(cached):
-                from .convert import convert
-
+            cached = cache_dir(hub_id, root, mx_dtype, bits)
+            if not _usable_conversion(cached):
                 if verbose:
                     print(f"converting {hub_id} to MLX (once) into {cached} …", file=sys.stderr)
-                convert(cached, root, dtype=dtype_name(mx_dtype), bits=bits, group_size=group,
-                        overwrite=True, log=(lambda m: print(m, file=sys.stderr)) if verbose else (lambda m: None))
-            root, manifest = cached, mlx_format.read_manifest(cached)
+                convert(cached, root, dtype=dtype_name(mx_dtype), quantize=bits, group_size=group, overwrite=True,
+                        log=(lambda m: print(m, file=sys.stderr)) if verbose else (lambda m: None))
+            root, manifest = cached, read_manifest(cached)
 
         sched_file = root / "scheduler" / "scheduler_config.json"
         scheduler = SchedulerConfig.from_file(sched_file) if sched_file.is_file() else SchedulerConfig()
-        from .tokenizer import ZImageTokenizer
-
-        tokenizer = ZImageTokenizer.from_dir(root / "tokenizer")
-        loaders = _loaders(root, manifest, mx_dtype, bits, group)
-        if variant is None:
-            variant = manifest.get("variant") if manifest is not None else None
-            variant = variant or detect_variant(Path(str(src)), configs["transformer"], scheduler)
-        pipe = cls(tokenizer=tokenizer, scheduler_config=scheduler, loaders=loaders, variant=variant,
-                   keep_text_encoder=keep_text_encoder, source=str(src), plan=plan)
-        pipe.dtype_name = dtype_name(mx_dtype)
-        pipe.configs = configs
-        saved = {n: manifest["components"][n].get("bits") for n in q.COMPONENTS} if manifest is not None else {}
-        pipe.quantization = q.describe_bits({n: saved.get(n) or bits.get(n) for n in q.COMPONENTS})
-        return pipe
+        saved = manifest["components"] if manifest else {}
+        loaders = {n: (lambda n=n: load_component(n, root / n, mx_dtype, bits.get(n), group, saved=saved.get(n)))
+                   for n in MODEL_COMPONENTS}
+        variant = variant or (manifest or {}).get("variant") or detect_variant(src, scheduler)
+        return cls(tokenizer=ZImageTokenizer.from_dir(root / "tokenizer"), scheduler_config=scheduler,
+                   loaders=loaders, configs=configs, variant=variant, keep_text_encoder=keep_text_encoder,
+                   source=str(src), dtype=mx_dtype, quantization=describe_bits(bits), plan=plan)
 
     def _component(self, name: str):
         model = self._models.get(name)
@@ -256,30 +266,76 @@ class ZImagePipeline:
         return self._component("vae")
 
     def free_text_encoder(self) -> None:
-        """Drop the text encoder's weights (it reloads on the next encode if a loader is known)."""
+        """Drop the text encoder's weights (it reloads on the next encode if a loader is known).
+        Already encoded prompts stay cached."""
         if "text_encoder" in self._loaders or self._models.get("text_encoder") is None:
             self._models["text_encoder"] = None
             mx.clear_cache()
 
+    def _config(self, name: str):
+        """A component's config dict without loading it (an injected model's own config otherwise)."""
+        if name in self.configs:
+            return self.configs[name]
+        return vars(self._component(name).config)
+
+    # ----------------------------------------------------------------- sizes
+    @property
+    def vae_scale_factor(self) -> int:
+        """2 ** (len(block_out_channels) - 1), as diffusers' pipelines compute it (8 for the FLUX VAE)."""
+        return 2 ** (len(self._config("vae").get("block_out_channels", (128, 256, 512, 512))) - 1)
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sizes are multiples of the VAE factor × the patch size (16 for Z-Image)."""
+        return PATCH_SIZE * self.vae_scale_factor
+
+    def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
+        m = self.size_multiple
+        return (batch, LATENT_CHANNELS, PATCH_SIZE * (height // m), PATCH_SIZE * (width // m))
+
+    def check_size(self, height, width, batch: int = 1) -> tuple[int, int]:
+        """Refuse, before any work, a size that is not a positive multiple, exceeds the model's position range,
+        or cannot fit this machine's memory (saying the largest size that fits)."""
+        m = self.size_multiple
+        for name, v in (("height", height), ("width", width)):
+            _int_arg(name, v, 1)
+            if v % m:
+                raise ValueError(f"{name} must be a positive multiple of {m}, got {v} (try {max(m, round(v / m) * m)})")
+        axes = self._config("transformer").get("axes_lens", [1536, 512, 512])
+        for name, v, n in (("height", height, axes[1]), ("width", width, axes[2])):
+            if v // m > n:
+                raise ValueError(f"{name} {v} exceeds the model's position range: at most {n * m} pixels "
+                                 f"({n} latent patches of {m} pixels)")
+        if self.plan is not None:
+            check_fits(self.configs, self.dtype, self.plan, height, width, batch)
+        return int(height), int(width)
+
     # ----------------------------------------------------------------- text
     def encode_prompt(self, prompts: str | Sequence[str], max_sequence_length: int = 512) -> list[mx.array]:
-        """Prompt(s) → list of (L_i, D) caption features: only the real tokens (diffusers' encode_prompt)."""
-        from .text_encoder import encode_prompts
+        """Prompt(s) → list of (L_i, D) caption features: only the real tokens (diffusers' encode_prompt).
 
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        encoder = self.text_encoder   # (its load time is counted under load_text_encoder)
-        t0 = time.perf_counter()
-        feats = encode_prompts(self.tokenizer, encoder, list(prompts), max_length=max_sequence_length)
-        mx.eval(feats)
-        self.timings["encode"] = self.timings.get("encode", 0.0) + time.perf_counter() - t0
-        return feats
+        The last PROMPT_CACHE_SIZE prompts are cached: the same prompt is never encoded twice (and needs no text
+        encoder once cached).
+        """
+        prompts = _prompts_arg("prompt", prompts)
+        todo = list(dict.fromkeys(p for p in prompts if (p, max_sequence_length) not in self._prompt_cache))
+        if todo:
+            encoder = self.text_encoder   # (its load time is counted under load_text_encoder)
+            t0 = time.perf_counter()
+            feats = encode_prompts(self.tokenizer, encoder, todo, max_length=max_sequence_length)
+            mx.eval(feats)
+            self.timings["encode"] = self.timings.get("encode", 0.0) + time.perf_counter() - t0
+            for p, f in zip(todo, feats):
+                self._prompt_cache[(p, max_sequence_length)] = f
+        out = []
+        for p in prompts:
+            self._prompt_cache.move_to_end((p, max_sequence_length))
+            out.append(self._prompt_cache[(p, max_sequence_length)])
+        while len(self._prompt_cache) > PROMPT_CACHE_SIZE:
+            self._prompt_cache.popitem(last=False)
+        return out
 
     # ----------------------------------------------------------------- latents
-    @staticmethod
-    def latent_shape(batch: int, height: int, width: int) -> tuple[int, int, int, int]:
-        return (batch, LATENT_CHANNELS, 2 * (height // SIZE_MULTIPLE), 2 * (width // SIZE_MULTIPLE))
-
     @staticmethod
     def noise(seeds: Sequence[int], shape: tuple[int, ...]) -> mx.array:
         """Standard normal noise, one MLX key per image so each image is reproducible from its own seed."""
@@ -298,6 +354,19 @@ class ZImagePipeline:
             out.append(postprocess(decoded))
         return np.concatenate(out)
 
+    def defaults(self, num_inference_steps=None, guidance_scale=None) -> tuple[int, float]:
+        """(steps, guidance): the given values checked, or the model variant's defaults (Turbo 8/0, Base 50/4)."""
+        d = VARIANT_DEFAULTS[self.variant]
+        steps = d["num_inference_steps"] if num_inference_steps is None else \
+            _int_arg("num_inference_steps", num_inference_steps, 1, 1000)
+        g = d["guidance_scale"] if guidance_scale is None else _float_arg("guidance_scale", guidance_scale, 0.0)
+        return steps, g
+
+    @staticmethod
+    def steps_to_run(steps: int, strength: float | None) -> int:
+        """How many denoising steps a call runs: all of them, or img2img's share (diffusers' get_timesteps)."""
+        return steps - (sampler.img2img_start(steps, strength) if strength is not None else 0)
+
     # ----------------------------------------------------------------- generation
     def __call__(
         self,
@@ -315,7 +384,7 @@ class ZImagePipeline:
         prompt_embeds: Sequence[mx.array] | None = None,
         negative_prompt_embeds: Sequence[mx.array] | None = None,
         image=None,
-        strength: float = 0.6,
+        strength: float | None = None,
         output_type: str = "pil",
         callback: Callable[[int, float, mx.array], Any] | None = None,
         max_sequence_length: int = 512,
@@ -326,63 +395,64 @@ class ZImagePipeline:
 
         seed: an int (image k of the batch uses seed + k) or one seed per image; random when None.
         latents: (B,16,h,w) numpy/mx start latents (text-to-image noise; for img2img the already-noised start).
-        image, strength: img2img; the image is encoded with a VAE sample and noised to the first step's sigma.
-        noise / image_noise: explicit img2img start noise and VAE-sample noise (for reproducing other runs).
+        image, strength: img2img (strength default 0.6); the image is encoded with a VAE sample and noised to the
+        first step's sigma. noise / image_noise: explicit img2img start noise and VAE-sample noise.
         callback(step_index, sigma, latents): called after every step; return False to cancel.
         output_type: "pil" | "np" | "latent".
         """
         t_start = time.perf_counter()
         self.timings = {k: v for k, v in self.timings.items() if k.startswith("load_")}
         mx.reset_peak_memory()
-        defaults = VARIANT_DEFAULTS[self.variant]
-        steps = defaults["num_inference_steps"] if num_inference_steps is None else int(num_inference_steps)
-        g = defaults["guidance_scale"] if guidance_scale is None else float(guidance_scale)
+        steps, g = self.defaults(num_inference_steps, guidance_scale)
         if output_type not in ("pil", "np", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
-        if num_images_per_prompt < 1:
-            raise ValueError("num_images_per_prompt must be at least 1")
-
-        # 1. prompts → caption features
+        n_per = _int_arg("num_images_per_prompt", num_images_per_prompt, 1)
+        cfg_truncation = _float_arg("cfg_truncation", cfg_truncation)
+        cfg_normalization = _float_arg("cfg_normalization", float(cfg_normalization or 0.0), 0.0)
+        if image is not None:
+            strength = DEFAULT_STRENGTH if strength is None else _float_arg("strength", strength, 0.0, 1.0)
+            first = sampler.img2img_start(steps, strength)
+            if first >= steps:
+                raise ValueError(f"strength {strength} with {steps} steps leaves no step to run")
+        elif strength is not None:
+            raise ValueError("strength needs an image (image-to-image)")
+        else:
+            first = 0
+        do_cfg = g > 0
         if prompt_embeds is None:
             if prompt is None:
                 raise ValueError("give a prompt or prompt_embeds")
-            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            prompts = _prompts_arg("prompt", prompt)
         else:
             prompts = None
-        do_cfg = g > 0
-        if prompts is not None:
-            negs: list[str] = []
             if do_cfg and negative_prompt_embeds is None:
-                negs = _expand_negative(negative_prompt, len(prompts))
+                raise ValueError("with prompt_embeds and guidance_scale > 0, pass negative_prompt_embeds too")
+        batch = (len(prompts) if prompts is not None else len(prompt_embeds)) * n_per
+        seeds = expand_seeds(seed, batch)
+        init_image = None
+        if image is not None:
+            init_image = preprocess_image(image, height, width, self.size_multiple)
+            height, width = init_image.shape[1], init_image.shape[2]
+        height, width = self.check_size(height or DEFAULT_SIZE, width or DEFAULT_SIZE, batch)
+        shape = self.latent_shape(batch, height, width)
+
+        # 1. prompts → caption features
+        if prompts is not None:
+            negs = _expand_negative(negative_prompt, len(prompts)) if do_cfg and negative_prompt_embeds is None else []
             feats = self.encode_prompt(prompts + negs, max_sequence_length)
             prompt_embeds, neg_from_text = feats[: len(prompts)], feats[len(prompts):]
-            if do_cfg and negative_prompt_embeds is None:
+            if negs:
                 negative_prompt_embeds = neg_from_text
             if not self.keep_text_encoder:
                 self.free_text_encoder()
-        elif do_cfg and negative_prompt_embeds is None:
-            raise ValueError("with prompt_embeds and guidance_scale > 0, pass negative_prompt_embeds too")
-        pos = [e for e in prompt_embeds for _ in range(num_images_per_prompt)]
-        neg = [e for e in negative_prompt_embeds for _ in range(num_images_per_prompt)] if do_cfg else []
-        batch = len(pos)
+        pos = [e for e in prompt_embeds for _ in range(n_per)]
+        neg = [e for e in negative_prompt_embeds for _ in range(n_per)] if do_cfg else []
 
         # 2. schedule
-        init_image = None
-        if image is not None:
-            init_image = preprocess_image(image, height, width)
-            height, width = init_image.shape[1], init_image.shape[2]
-        height = height or 1024
-        width = width or 1024
-        check_size(height, width)
-        shape = self.latent_shape(batch, height, width)
         sigmas = sampler.sigmas_for(steps, self.scheduler_config, image_seq_len=(shape[2] // 2) * (shape[3] // 2))
         timesteps = sampler.timesteps_for(sigmas, self.scheduler_config)
-        first = sampler.img2img_start(steps, strength) if init_image is not None else 0
-        if first >= steps:
-            raise ValueError(f"strength {strength} with {steps} steps leaves no step to run")
 
         # 3. start latents
-        seeds = _seeds(seed, batch)
         if latents is not None:
             latents = mx.array(np.asarray(latents, dtype=np.float32)) if not isinstance(latents, mx.array) \
                 else latents.astype(mx.float32)
@@ -445,48 +515,31 @@ class ZImagePipeline:
                               peak_memory_gb=mx.get_peak_memory() / 1e9)
 
 
-def _loaders(root: Path, manifest: dict | None, dtype: mx.Dtype, bits: dict, group: int) -> dict:
-    """Callables that load each component on first use, from the MLX layout or the PyTorch (diffusers) layout."""
-    if manifest is not None:
-        from .mlx_format import load_component
-
-        return {n: (lambda n=n: load_component(root, n, manifest, bits.get(n), group))
-                for n in ("transformer", "text_encoder", "vae")}
-    from .text_encoder import load_text_encoder
-    from .transformer import load_transformer
-    from .vae import load_vae
-
-    return {
-        "transformer": lambda: load_transformer(root / "transformer", dtype, bits.get("transformer"), group),
-        "text_encoder": lambda: load_text_encoder(root / "text_encoder", dtype, bits.get("text_encoder"), group),
-        "vae": lambda: load_vae(root / "vae", dtype),
-    }
+def _read_layout(root: Path) -> dict | None:
+    """The manifest of an MLX-layout directory, or None for a Hugging Face-layout one; every weight file's header
+    is checked here, so a truncated or corrupt shard is reported before anything loads or computes."""
+    manifest = read_manifest(root) if is_mlx_dir(root) else None
+    for part in (*MODEL_COMPONENTS, "tokenizer"):
+        if not (root / part).is_dir():
+            raise WeightError(
+                f"{root}: not a Z-Image model directory (no {part}/ folder); expected the Hugging Face layout of "
+                f"{DEFAULT_REPO} or a directory made by `zimage-mlx convert`"
+            )
+    for part in MODEL_COMPONENTS:
+        for f in component_files(root / part):
+            safetensors_keys(f)
+    return manifest
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("ZIMAGE_MLX_CACHE", Path.home() / ".cache" / "zimage_mlx"))
-
-
-def _cache_dir(repo: str, snapshot: Path, dtype: mx.Dtype, bits: dict) -> Path:
-    """Where the converted MLX copy of a hub snapshot lives: keyed by repo, revision, dtype and bits."""
-    revision = snapshot.name if snapshot.parent.name == "snapshots" else "local"
-
-    def b(n):
-        return f"{bits[n]}bit" if bits.get(n) else "float"
-
-    name = (f"{repo.replace('/', '--')}--{revision[:12]}--{str(dtype).replace('mlx.core.', '')}"
-            f"--dit-{b('transformer')}--te-{b('text_encoder')}")
-    return cache_root() / name
-
-
-def _find_cached(repo: str, revision: str | None, dtype: mx.Dtype | None) -> Path | None:
-    """The newest converted copy of `repo` in the cache (matching revision and dtype when given)."""
-    from .mlx_format import is_mlx_dir
-
-    pattern = f"{repo.replace('/', '--')}--{(revision or '')[:12] or '*'}--"
-    pattern += f"{str(dtype).replace('mlx.core.', '')}--*" if dtype is not None else "*"
-    found = [p for p in cache_root().glob(pattern) if is_mlx_dir(p)]
-    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+def _usable_conversion(path: Path) -> bool:
+    """A cached conversion that reads as one (manifest and every header intact); a corrupt one is rebuilt."""
+    if not is_mlx_dir(path):
+        return False
+    try:
+        _read_layout(path)
+    except WeightError:
+        return False
+    return True
 
 
 def _model_dtype(model) -> mx.Dtype:
@@ -496,21 +549,9 @@ def _model_dtype(model) -> mx.Dtype:
 def _expand_negative(negative_prompt, n: int) -> list[str]:
     if negative_prompt is None:
         return [""] * n
-    if isinstance(negative_prompt, str):
-        return [negative_prompt] * n
-    negative_prompt = list(negative_prompt)
-    if len(negative_prompt) != n:
-        raise ValueError(f"{len(negative_prompt)} negative prompts for {n} prompts")
-    return negative_prompt
-
-
-def _seeds(seed, batch: int) -> list[int]:
-    if seed is None:
-        base = int(np.random.default_rng().integers(0, 2**31 - 1))
-        return [base + k for k in range(batch)]
-    if isinstance(seed, (int, np.integer)):
-        return [int(seed) + k for k in range(batch)]
-    seed = [int(s) for s in seed]
-    if len(seed) != batch:
-        raise ValueError(f"{len(seed)} seeds for {batch} images")
-    return seed
+    negs = _prompts_arg("negative_prompt", negative_prompt)
+    if len(negs) == 1:
+        return negs * n
+    if len(negs) != n:
+        raise ValueError(f"{len(negs)} negative prompts for {n} prompts")
+    return negs

@@ -132,3 +132,27 @@ def guidance_for_step(scale: float, t_norm: float, cfg_truncation: float | None)
     if scale > 0 and cfg_truncation is not None and float(cfg_truncation) <= 1 and t_norm > cfg_truncation:
         return 0.0
     return scale
+
+
+# --------------------------------------------------------------------------- model variants
+# Defaults per model family (diffusers' class defaults are generic; these are the models' own).
+VARIANT_DEFAULTS = {
+    "turbo": {"num_inference_steps": 8, "guidance_scale": 0.0},
+    "base": {"num_inference_steps": 50, "guidance_scale": 4.0},
+}
+
+
+def detect_variant(src: str | Path, scheduler: SchedulerConfig) -> str:
+    """'turbo' (8 steps, no CFG) or 'base' (the non-distilled Z-Image: 50 steps, CFG 4).
+
+    A name containing "turbo" says Turbo; otherwise the scheduler decides: Turbo ships shift 3.0, Base 6.0.
+    """
+    if "turbo" in str(src).lower():
+        return "turbo"
+    return "base" if scheduler.shift >= 5.0 else "turbo"
+
+
+def check_variant(variant: str) -> str:
+    if variant not in VARIANT_DEFAULTS:
+        raise ValueError(f"variant must be one of {', '.join(map(repr, VARIANT_DEFAULTS))}, got {variant!r}")
+    return variant

@@ -1,4 +1,4 @@
-"""The Qwen3-4B text encoder of Z-Image in MLX (SPEC §7, §12.12).
+"""The Qwen3-4B text encoder of Z-Image in MLX (diffusers `pipelines/z_image/pipeline_z_image.py`, `_encode_prompt`).
 
 Ports what diffusers' `ZImagePipeline._encode_prompt` takes from transformers' `Qwen3Model`:
 `hidden_states[-2]`, i.e. the raw output of decoder layer num_layers-2 (index 34 of 36), before the final
@@ -9,21 +9,20 @@ The decoder layers are mlx-lm's `qwen3.TransformerBlock` (same module names as t
 is only "strip a leading `model.`"). Its numerics match transformers within float32 round-off: `nn.RMSNorm`
 (`mx.fast.rms_norm`, statistics in float32), q/k RMSNorm per head before RoPE, `nn.RoPE` (half-split,
 `traditional=False`, base = rope_theta), causal SDPA with scale 1/sqrt(head_dim), GQA by `mx.fast` SDPA.
-In bfloat16 it rounds once per RMSNorm where transformers rounds twice (SPEC §12.4) — a sub-ulp difference.
+In bfloat16 it rounds once per RMSNorm where transformers rounds twice — a sub-ulp difference.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models import qwen3 as mlx_qwen3
 
-from .weights import WeightError, fill_model, read_component, read_config, strip_prefix
+from .weights import strip_prefix
 
 if TYPE_CHECKING:
     from .tokenizer import ZImageTokenizer
@@ -92,6 +91,9 @@ class Qwen3EncoderConfig:
         )
 
 
+_LAYER_KEY = re.compile(r"^layers\.(\d+)\.")
+
+
 class Qwen3Encoder(nn.Module):
     """Embedding + the first num_layers-1 Qwen3 decoder layers; returns the last one's raw output (causal)."""
 
@@ -115,74 +117,17 @@ class Qwen3Encoder(nn.Module):
             h = layer(h, mask)
         return h
 
-
-_LAYER_KEY = re.compile(r"^layers\.(\d+)\.")
-
-
-def _text_encoder_dir(directory: Path) -> Path:
-    """Accept the `text_encoder/` directory itself or a pipeline root that contains it."""
-    if not (directory / "config.json").is_file() and (directory / "text_encoder" / "config.json").is_file():
-        return directory / "text_encoder"
-    return directory
-
-
-def text_encoder_from_weights(
-    config: Qwen3EncoderConfig | dict,
-    weights: dict,
-    dtype: mx.Dtype = mx.bfloat16,
-    source: str = "weights",
-    bits: int | None = None,
-    group_size: int = 64,
-) -> Qwen3Encoder:
-    """Build the encoder from a config and a {checkpoint key: array} dict (consumed).
-
-    Keys may carry a leading `model.` (as saved from Qwen3ForCausalLM) or not. `lm_head.*`, `norm.weight` and the
-    last decoder layer are dropped unread. With `bits`, Linear layers are quantized tensor by tensor.
-    """
-    if isinstance(config, dict):
-        config = Qwen3EncoderConfig.from_dict(config)
-    model = Qwen3Encoder(config)
-    weights = strip_prefix(weights, ["model."])
-    n = config.num_encoder_layers
-    for key in list(weights):
-        m = _LAYER_KEY.match(key)
-        if (
-            key.startswith("lm_head.")
-            or key == "norm.weight"
-            or key.endswith("rotary_emb.inv_freq")
-            or (m is not None and int(m.group(1)) >= n)
-        ):
-            del weights[key]
-    return fill_model(model, weights, dtype, source, bits=bits, group_size=group_size)
-
-
-def config_from_weights(weights: dict) -> dict:
-    """A Qwen3 config for a single-file text encoder (e.g. ComfyUI's qwen_3_4b.safetensors), from tensor shapes."""
-    keys = {k.removeprefix("model."): tuple(v.shape) for k, v in weights.items()}
-    try:
-        vocab, hidden = keys["embed_tokens.weight"]
-        head_dim = keys["layers.0.self_attn.q_norm.weight"][0]
-        n_heads = keys["layers.0.self_attn.q_proj.weight"][0] // head_dim
-        n_kv = keys["layers.0.self_attn.k_proj.weight"][0] // head_dim
-        inter = keys["layers.0.mlp.gate_proj.weight"][0]
-    except KeyError as e:
-        raise WeightError(f"not a Qwen3 text encoder checkpoint (no {e.args[0]})") from None
-    layers = len({k.split(".")[1] for k in keys if k.startswith("layers.")})
-    return {"architectures": ["Qwen3ForCausalLM"], "hidden_size": hidden, "num_hidden_layers": layers,
-            "num_attention_heads": n_heads, "num_key_value_heads": n_kv, "head_dim": head_dim,
-            "intermediate_size": inter, "vocab_size": vocab, "rms_norm_eps": 1e-6, "rope_theta": 1_000_000.0,
-            "max_position_embeddings": 40960, "hidden_act": "silu", "attention_bias": False}
-
-
-def load_text_encoder(directory: str | Path, dtype: mx.Dtype = mx.bfloat16, bits: int | None = None,
-                      group_size: int = 64) -> Qwen3Encoder:
-    """Build the encoder from a Hugging Face `text_encoder/` directory (config.json + safetensors, sharded or not).
-
-    Missing or mis-shaped tensors raise WeightError naming the key.
-    """
-    directory = _text_encoder_dir(Path(directory))
-    config = Qwen3EncoderConfig.from_dict(read_config(directory))
-    return text_encoder_from_weights(config, read_component(directory), dtype, str(directory), bits, group_size)
+    def sanitize(self, weights: dict) -> dict:
+        """Checkpoint keys -> module keys: a leading `model.` (Qwen3ForCausalLM) stripped; `lm_head.*`,
+        `norm.weight` and the decoder layers past num_layers-2 dropped unread."""
+        weights = strip_prefix(weights, ["model."])
+        n = self.config.num_encoder_layers
+        for key in list(weights):
+            m = _LAYER_KEY.match(key)
+            if (key.startswith("lm_head.") or key == "norm.weight" or key.endswith("rotary_emb.inv_freq")
+                    or (m is not None and int(m.group(1)) >= n)):
+                del weights[key]
+        return weights
 
 
 def encode_prompts(

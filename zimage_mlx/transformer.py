@@ -2,21 +2,21 @@
 
 Ports diffusers 0.42.1 `ZImageTransformer2DModel` (text-to-image "basic" mode). Module names follow the
 checkpoint, so the diffusers keys load with no renames (`sanitize` is the one place key maps live).
-Numerics follow SPEC §12: float32 timestep sinusoid, RoPE tables built in float64, RoPE applied in float32,
-RMSNorm statistics in float32; everything else in the weight dtype. The output is float32.
+Numerics follow diffusers' `models/transformers/transformer_z_image.py`: float32 timestep sinusoid, RoPE tables
+built in float64, RoPE applied in float32, RMSNorm statistics in float32; everything else in the weight dtype.
+The output is float32.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .weights import WeightError, fill_model, read_component, read_config
+from .weights import WeightError
 
 ADALN_EMBED_DIM = 256
 SEQ_MULTI_OF = 32
@@ -225,6 +225,33 @@ class ZImageTransformer(nn.Module):
         """The activation dtype (pad tokens are never quantized)."""
         return self.x_pad_token.dtype
 
+    def sanitize(self, weights: dict) -> dict:
+        """Checkpoint keys -> module keys. Diffusers/official names pass through unchanged; ComfyUI single-file
+        names (ComfyUI's `comfy/ldm/lumina/model.py`) are mapped: prefix stripped, fused qkv split, out/q_norm/k_norm renamed,
+        x_embedder/final_layer moved under the "2-1" patch key, the unused norm_final dropped."""
+        out = {}
+        for k in list(weights):
+            v = weights.pop(k)
+            if k.startswith("model.diffusion_model."):
+                k = k[len("model.diffusion_model."):]
+            if k == "norm_final.weight":
+                continue
+            if k.startswith("x_embedder."):
+                k = "all_x_embedder.2-1." + k[len("x_embedder."):]
+            elif k.startswith("final_layer."):
+                k = "all_final_layer.2-1." + k[len("final_layer."):]
+            if k.endswith(".attention.qkv.weight"):
+                if v.shape[0] % 3:
+                    raise WeightError(f"tensor {k} has shape {tuple(v.shape)}; a fused qkv needs 3 equal row blocks")
+                prefix = k[: -len("qkv.weight")]
+                for name, part in zip(("to_q", "to_k", "to_v"), mx.split(v, 3, axis=0)):
+                    out[f"{prefix}{name}.weight"] = part
+                continue
+            k = k.replace(".attention.out.", ".attention.to_out.0.")
+            k = k.replace(".attention.q_norm.", ".attention.norm_q.").replace(".attention.k_norm.", ".attention.norm_k.")
+            out[k] = v
+        return out
+
     def _rope_cos_sin(self, pos: np.ndarray):
         """pos: (S, 3) int positions -> cos, sin (S, head_dim/2) float32."""
         for a, n in enumerate(self.config.axes_lens):
@@ -317,82 +344,3 @@ class ZImageTransformer(nn.Module):
 
         y = y.reshape(B, ht, wt, p, p, C).transpose(0, 5, 1, 3, 2, 4).reshape(B, C, h, w)
         return y.astype(mx.float32)
-
-
-def sanitize(weights: dict) -> dict:
-    """Checkpoint keys -> module keys. Diffusers/official names pass through unchanged; ComfyUI single-file
-    names (SPEC §6.1) are mapped: prefix stripped, fused qkv split, out/q_norm/k_norm renamed,
-    x_embedder/final_layer moved under the "2-1" patch key, the unused norm_final dropped."""
-    out = {}
-    for k in list(weights):
-        v = weights.pop(k)
-        if k.startswith("model.diffusion_model."):
-            k = k[len("model.diffusion_model."):]
-        if k == "norm_final.weight":
-            continue
-        if k.startswith("x_embedder."):
-            k = "all_x_embedder.2-1." + k[len("x_embedder."):]
-        elif k.startswith("final_layer."):
-            k = "all_final_layer.2-1." + k[len("final_layer."):]
-        if k.endswith(".attention.qkv.weight"):
-            if v.shape[0] % 3:
-                raise WeightError(f"tensor {k} has shape {tuple(v.shape)}; a fused qkv needs 3 equal row blocks")
-            prefix = k[: -len("qkv.weight")]
-            for name, part in zip(("to_q", "to_k", "to_v"), mx.split(v, 3, axis=0)):
-                out[f"{prefix}{name}.weight"] = part
-            continue
-        k = k.replace(".attention.out.", ".attention.to_out.0.")
-        k = k.replace(".attention.q_norm.", ".attention.norm_q.").replace(".attention.k_norm.", ".attention.norm_k.")
-        out[k] = v
-    return out
-
-
-def transformer_from_weights(
-    config: ZImageTransformerConfig | dict,
-    weights: dict,
-    dtype: mx.Dtype = mx.bfloat16,
-    source: str = "weights",
-    bits: int | None = None,
-    group_size: int = 64,
-) -> ZImageTransformer:
-    """Build the model from a config and a {checkpoint key: array} dict (consumed), cast to `dtype`
-    (and quantized to `bits` with the policy of quantize.py, tensor by tensor)."""
-    if isinstance(config, dict):
-        config = ZImageTransformerConfig.from_dict(config)
-    model = ZImageTransformer(config)  # parameters stay lazy (never evaluated) until replaced below
-    return fill_model(model, sanitize(weights), dtype, source, bits=bits, group_size=group_size)
-
-
-def config_from_weights(weights: dict) -> dict:
-    """A transformer config for a single-file checkpoint (ComfyUI layout or diffusers names), from tensor shapes.
-
-    Everything not visible in the shapes takes the real Z-Image value (rope, axes, eps).
-    """
-    keys = {k.removeprefix("model.diffusion_model."): tuple(v.shape) for k, v in weights.items()}
-    x_emb = keys.get("x_embedder.weight") or keys.get("all_x_embedder.2-1.weight")
-    norm_q = keys.get("layers.0.attention.q_norm.weight") or keys.get("layers.0.attention.norm_q.weight")
-    cap = keys.get("cap_embedder.1.weight")
-    if x_emb is None or cap is None:
-        raise WeightError("not a Z-Image transformer checkpoint (no x_embedder / cap_embedder tensors)")
-
-    def count(prefix):
-        return len({k.split(".")[1] for k in keys if k.startswith(prefix + ".")})
-
-    dim = x_emb[0]
-    head_dim = norm_q[0] if norm_q else 128
-    if head_dim != 128:
-        raise WeightError(f"head_dim {head_dim} is not Z-Image's 128: the RoPE axes cannot be inferred from the "
-                          "file; pass the model's config.json (--transformer-config)")
-    cfg = ZImageTransformerConfig(
-        dim=dim, in_channels=x_emb[1] // 4, n_layers=count("layers"), n_refiner_layers=count("noise_refiner"),
-        n_heads=dim // head_dim, n_kv_heads=dim // head_dim, cap_feat_dim=cap[1], qk_norm=norm_q is not None,
-    )
-    return {k: getattr(cfg, k) for k in ZImageTransformerConfig.__dataclass_fields__}
-
-
-def load_transformer(directory: str | Path, dtype: mx.Dtype = mx.bfloat16, bits: int | None = None,
-                     group_size: int = 64) -> ZImageTransformer:
-    """Load a diffusers `transformer/` directory (config.json + possibly sharded safetensors)."""
-    config = ZImageTransformerConfig.from_dict(read_config(directory))
-    return transformer_from_weights(config, read_component(directory), dtype, source=str(directory),
-                                    bits=bits, group_size=group_size)

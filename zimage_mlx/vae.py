@@ -14,13 +14,11 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .weights import WeightError, fill_model, read_component, read_config, read_safetensors
 
 GN_EPS = 1e-6
 
@@ -429,6 +427,22 @@ class _StripDecoder:
         return x.shape[0] * self.heights[k] * width * channels * x.itemsize
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# LDM (FLUX ae.safetensors) key names -> diffusers'
+
+
+_LDM_RULES = [
+    (r"^(encoder|decoder)\.norm_out\.", r"\1.conv_norm_out."),
+    (r"^encoder\.down\.(\d+)\.block\.(\d+)\.", r"encoder.down_blocks.\1.resnets.\2."),
+    (r"^encoder\.down\.(\d+)\.downsample\.conv\.", r"encoder.down_blocks.\1.downsamplers.0.conv."),
+    (r"^(encoder|decoder)\.mid\.block_(\d)\.", lambda m: f"{m[1]}.mid_block.resnets.{int(m[2]) - 1}."),
+    (r"^(encoder|decoder)\.mid\.attn_1\.norm\.", r"\1.mid_block.attentions.0.group_norm."),
+    (r"^(encoder|decoder)\.mid\.attn_1\.(q|k|v)\.", r"\1.mid_block.attentions.0.to_\2."),
+    (r"^(encoder|decoder)\.mid\.attn_1\.proj_out\.", r"\1.mid_block.attentions.0.to_out.0."),
+    (r"\.nin_shortcut\.", ".conv_shortcut."),
+]
+
+
 class AutoencoderKL(nn.Module):
     def __init__(self, config: VAEConfig | dict | None = None):
         super().__init__()
@@ -471,6 +485,38 @@ class AutoencoderKL(nn.Module):
         mx.eval(out)
         return out
 
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """diffusers or FLUX/LDM (`ae.safetensors`) VAE tensors -> this module's names and MLX layouts.
+
+        Consumes `weights`. LDM: optional `first_stage_model.`/`vae.` prefix (other keys dropped), `down.i.block.j`,
+        reversed `up.(n-1-k)` -> `up_blocks.k`, `mid.block_1/2`, `mid.attn_1.{norm,q,k,v,proj_out}` (1x1 convs
+        squeezed), `nin_shortcut`, `norm_out`. Then every 4-D conv weight [O,I,kh,kw] -> [O,kh,kw,I].
+        """
+        for prefix in ("first_stage_model.", "vae."):
+            if any(k.startswith(prefix) for k in weights):
+                weights = {k[len(prefix) :]: weights.pop(k) for k in list(weights) if k.startswith(prefix)}
+                break
+        ldm = any(k.startswith(("decoder.up.", "encoder.down.", "decoder.mid.block_", "encoder.mid.block_")) for k in weights)
+        if ldm:
+            ups = [int(m[1]) for k in weights if (m := re.match(r"decoder\.up\.(\d+)\.", k))]
+            n_up = max(ups) + 1 if ups else 0
+            rules = _LDM_RULES + [
+                (r"^decoder\.up\.(\d+)\.block\.", lambda m: f"decoder.up_blocks.{n_up - 1 - int(m[1])}.resnets."),
+                (r"^decoder\.up\.(\d+)\.upsample\.", lambda m: f"decoder.up_blocks.{n_up - 1 - int(m[1])}.upsamplers.0."),
+            ]
+        out = {}
+        for k in list(weights):
+            w = weights.pop(k)
+            if ldm:
+                for pattern, repl in rules:
+                    k = re.sub(pattern, repl, k)
+            if ".attentions." in k and w.ndim > 2:
+                w = w.reshape(w.shape[0], -1)  # 1x1 conv attention projections -> Linear
+            if w.ndim == 4:
+                w = w.transpose(0, 2, 3, 1)
+            out[k] = w
+        return out
+
     def encode(self, images, seed: int | None = None, key: mx.array | None = None, noise=None) -> mx.array:
         """Images (B, H, W, 3) in [-1, 1] -> DiT latents (B, C, h, w) = (z - shift) * scale.
 
@@ -494,86 +540,3 @@ class AutoencoderKL(nn.Module):
         z = (z - cfg.shift_factor) * cfg.scaling_factor
         mx.eval(z)
         return z
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Weights
-
-
-_LDM_RULES = [
-    (r"^(encoder|decoder)\.norm_out\.", r"\1.conv_norm_out."),
-    (r"^encoder\.down\.(\d+)\.block\.(\d+)\.", r"encoder.down_blocks.\1.resnets.\2."),
-    (r"^encoder\.down\.(\d+)\.downsample\.conv\.", r"encoder.down_blocks.\1.downsamplers.0.conv."),
-    (r"^(encoder|decoder)\.mid\.block_(\d)\.", lambda m: f"{m[1]}.mid_block.resnets.{int(m[2]) - 1}."),
-    (r"^(encoder|decoder)\.mid\.attn_1\.norm\.", r"\1.mid_block.attentions.0.group_norm."),
-    (r"^(encoder|decoder)\.mid\.attn_1\.(q|k|v)\.", r"\1.mid_block.attentions.0.to_\2."),
-    (r"^(encoder|decoder)\.mid\.attn_1\.proj_out\.", r"\1.mid_block.attentions.0.to_out.0."),
-    (r"\.nin_shortcut\.", ".conv_shortcut."),
-]
-
-
-def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
-    """diffusers or FLUX/LDM (`ae.safetensors`) VAE tensors -> this module's names and MLX layouts.
-
-    Consumes `weights`. LDM: optional `first_stage_model.`/`vae.` prefix (other keys dropped), `down.i.block.j`,
-    reversed `up.(n-1-k)` -> `up_blocks.k`, `mid.block_1/2`, `mid.attn_1.{norm,q,k,v,proj_out}` (1x1 convs
-    squeezed), `nin_shortcut`, `norm_out`. Then every 4-D conv weight [O,I,kh,kw] -> [O,kh,kw,I].
-    """
-    for prefix in ("first_stage_model.", "vae."):
-        if any(k.startswith(prefix) for k in weights):
-            weights = {k[len(prefix) :]: weights.pop(k) for k in list(weights) if k.startswith(prefix)}
-            break
-    ldm = any(k.startswith(("decoder.up.", "encoder.down.", "decoder.mid.block_", "encoder.mid.block_")) for k in weights)
-    if ldm:
-        ups = [int(m[1]) for k in weights if (m := re.match(r"decoder\.up\.(\d+)\.", k))]
-        n_up = max(ups) + 1 if ups else 0
-        rules = _LDM_RULES + [
-            (r"^decoder\.up\.(\d+)\.block\.", lambda m: f"decoder.up_blocks.{n_up - 1 - int(m[1])}.resnets."),
-            (r"^decoder\.up\.(\d+)\.upsample\.", lambda m: f"decoder.up_blocks.{n_up - 1 - int(m[1])}.upsamplers.0."),
-        ]
-    out = {}
-    for k in list(weights):
-        w = weights.pop(k)
-        if ldm:
-            for pattern, repl in rules:
-                k = re.sub(pattern, repl, k)
-        if ".attentions." in k and w.ndim > 2:
-            w = w.reshape(w.shape[0], -1)  # 1x1 conv attention projections -> Linear
-        if w.ndim == 4:
-            w = w.transpose(0, 2, 3, 1)
-        out[k] = w
-    return out
-
-
-def load_vae(path, dtype=mx.float32, config: VAEConfig | dict | str | Path | None = None) -> AutoencoderKL:
-    """Load a diffusers `vae/` directory or a FLUX/ComfyUI `ae.safetensors` single file.
-
-    A single file without `config` uses the real FLUX VAE config; `config` may be a VAEConfig, a dict or the path
-    of a config.json.
-    """
-    path = Path(path)
-    if isinstance(config, (str, Path)):
-        config = read_config(Path(config).parent, Path(config).name)
-    if path.is_dir():
-        cfg = config if config is not None else read_config(path)
-        weights = read_component(path)
-    elif path.is_file() or path.suffix:
-        cfg = config if config is not None else VAEConfig()
-        weights = read_safetensors(path)
-    else:
-        raise WeightError(f"{path}: not found")
-    return vae_from_weights(cfg, weights, dtype, source=str(path))
-
-
-def vae_from_weights(config: VAEConfig | dict, weights: dict, dtype=mx.float32, source: str = "weights",
-                     bits: int | None = None, group_size: int = 64) -> AutoencoderKL:
-    """Build the VAE from a config and a {checkpoint key: array} dict (consumed; diffusers or LDM names).
-
-    bits/group_size are accepted for a uniform loader signature and ignored: the VAE always stays in float.
-    """
-    if isinstance(config, dict):
-        try:
-            config = VAEConfig.from_dict(config)
-        except (TypeError, ValueError) as e:
-            raise WeightError(f"{source}: unusable VAE config ({e})") from None
-    return fill_model(AutoencoderKL(config), sanitize(weights), dtype, source)

@@ -1,6 +1,6 @@
 """Reading checkpoints: safetensors files and sharded Hugging Face trees, lazily.
 
-Every component loader goes through `read_component` (or `read_safetensors`) and then `check_and_cast`:
+Every component load goes through `read_component` (or `read_safetensors`) and then `check_and_cast`:
 arrays come back from `mx.load` lazily (nothing is read until evaluated), so casting them tensor by tensor
 keeps peak memory near one copy of the weights in the target dtype.
 Errors name the file, the key and the expected shape; they are `WeightError` (a ValueError).
@@ -17,9 +17,37 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from .quantize import prepare_for_quantized_load
+
 
 class WeightError(ValueError):
     """A checkpoint cannot be used: missing, corrupt, or not what the model expects."""
+
+
+# --------------------------------------------------------------------------- dtypes
+DTYPES = {"bfloat16": mx.bfloat16, "bf16": mx.bfloat16, "float32": mx.float32, "fp32": mx.float32}
+
+
+def dtype_name(d: mx.Dtype) -> str:
+    """"bfloat16" / "float32" (what manifests, metadata and the converter's --dtype use)."""
+    return str(d).replace("mlx.core.", "")
+
+
+def parse_dtype(d) -> mx.Dtype:
+    """bfloat16 or float32. float16 is refused: Z-Image's activations overflow its range (black images)."""
+    if d in (mx.float16, "float16", "fp16", "half"):
+        raise ValueError("float16 is not supported: Z-Image's activations overflow it (black images); "
+                         "use bfloat16 (the default on a GPU) or float32")
+    if isinstance(d, mx.Dtype) and d in DTYPES.values():
+        return d
+    if not isinstance(d, str) or d not in DTYPES:
+        raise ValueError(f"unknown dtype {d!r}; use 'bfloat16' or 'float32'")
+    return DTYPES[d]
+
+
+def default_dtype() -> mx.Dtype:
+    """bfloat16 on a GPU (Metal, CUDA); float32 on the CPU backend, whose bfloat16 matmul is slow."""
+    return mx.bfloat16 if mx.default_device() == mx.gpu else mx.float32
 
 
 def _safetensors_header(path: Path) -> dict:
@@ -38,6 +66,14 @@ def _safetensors_header(path: Path) -> dict:
         raise WeightError(f"{path}: cannot read safetensors header ({e})") from None
     if not isinstance(header, dict):
         raise WeightError(f"{path}: safetensors header is not a JSON object")
+    for k, v in header.items():
+        if k == "__metadata__":
+            continue
+        if not (isinstance(v, dict) and isinstance(v.get("dtype"), str) and isinstance(v.get("shape"), list)
+                and isinstance(v.get("data_offsets"), list) and len(v["data_offsets"]) == 2
+                and all(isinstance(o, int) for o in v["data_offsets"] + v["shape"])):
+            raise WeightError(f"{path}: corrupt safetensors header (entry {k!r} is not "
+                              "{dtype, shape, data_offsets})")
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + n + end > size:
         raise WeightError(
@@ -177,11 +213,6 @@ def check_and_cast(
     return out
 
 
-def load_into(model: nn.Module, params: Mapping[str, mx.array]) -> nn.Module:
-    model.update(tree_unflatten(list(params.items())))
-    return model
-
-
 def fill_model(
     model: nn.Module,
     weights: dict[str, mx.array],
@@ -195,10 +226,8 @@ def fill_model(
     `weights` must already be in the model's names and layouts; it is consumed (see check_and_cast).
     """
     if bits:
-        from .quantize import prepare_for_quantized_load
-
         prepare_for_quantized_load(model, bits, group_size)
-    load_into(model, check_and_cast(model, weights, dtype, source))
+    model.update(tree_unflatten(list(check_and_cast(model, weights, dtype, source).items())))
     model.eval()
     return model
 
@@ -214,118 +243,3 @@ def strip_prefix(weights: Mapping[str, mx.array], prefixes: Iterable[str]) -> di
                 break
         out[k] = v
     return out
-
-
-# --------------------------------------------------------------------------- sources
-DEFAULT_REPO = "Tongyi-MAI/Z-Image-Turbo"
-# What a pipeline needs from a diffusers-layout repo (no .bin/.pt duplicates, no README images).
-HUB_ALLOW_PATTERNS = [
-    "model_index.json",
-    "scheduler/*.json",
-    "tokenizer/*",
-    "text_encoder/*.json",
-    "text_encoder/*.safetensors",
-    "transformer/*.json",
-    "transformer/*.safetensors",
-    "vae/*.json",
-    "vae/*.safetensors",
-]
-
-
-def looks_like_repo_id(src: str) -> bool:
-    parts = str(src).split("/")
-    return len(parts) == 2 and all(parts) and not str(src).startswith((".", "~")) and not Path(src).exists()
-
-
-def resolve_source(src: str | Path, revision: str | None = None, offline: bool | None = None) -> Path:
-    """A local directory for `src`: the directory itself, or a hub snapshot (downloading only what is needed).
-
-    Offline (HF_HUB_OFFLINE=1 or offline=True) with nothing cached raises WeightError with the fix.
-    """
-    path = Path(src).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise WeightError(f"{path}: expected a model directory, got a file (single files go through convert)")
-    if not looks_like_repo_id(str(src)):
-        raise WeightError(f"{src}: no such directory, and not a hub id like {DEFAULT_REPO}")
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
-
-    local_only = constants.HF_HUB_OFFLINE if offline is None else offline
-    try:
-        return Path(snapshot_download(str(src), revision=revision, allow_patterns=HUB_ALLOW_PATTERNS,
-                                      local_files_only=local_only))
-    except LocalEntryNotFoundError:
-        raise WeightError(
-            f"{src} is not in the local Hugging Face cache and downloading is off (offline or no network): "
-            f"run once online, or `hf download {src}`, or pass a local directory"
-        ) from None
-    except GatedRepoError:
-        raise WeightError(f"{src}: gated repository; accept its licence on the hub and log in (`hf auth login`)") from None
-    except RepositoryNotFoundError:
-        raise WeightError(f"{src}: no such repository on the hub (or it is private)") from None
-    except RevisionNotFoundError:
-        raise WeightError(f"{src}: revision {revision!r} not found") from None
-    except OSError as e:
-        raise WeightError(f"{src}: download failed ({e}); check the network or pass a local directory") from None
-
-
-# --------------------------------------------------------------------------- single-file kinds
-KIND_NAMES = {
-    "transformer": "a Z-Image transformer (S3-DiT)",
-    "text_encoder": "a Qwen3 text encoder",
-    "vae": "a FLUX 16-channel VAE",
-}
-
-
-def _file_kind_from_keys(keys: dict[str, tuple]) -> str:
-    """'transformer' | 'text_encoder' | 'vae', or a WeightError saying what the file looks like."""
-    names = list(keys)
-
-    def has(*fragments):
-        return any(all(f in k for f in fragments) for k in names)
-
-    if has("lora_") or has(".lora.") or has("lokr_") or has("hada_w"):
-        raise WeightError("it looks like a LoRA (lora_A/lora_down keys); LoRAs are applied on top of a model, "
-                          "they are not a model")
-    if has("layers.0.adaLN_modulation.0.weight") and (has("cap_embedder") or has("x_pad_token")):
-        return "transformer"
-    if has("double_blocks.") or has("single_blocks."):
-        raise WeightError("it looks like a FLUX transformer (double_blocks/single_blocks), not Z-Image")
-    if has("input_blocks.") or has("conditioner.embedders") or has("down_blocks.0.attentions"):
-        raise WeightError("it looks like a Stable Diffusion / SDXL UNet checkpoint, not Z-Image")
-    if has("self_attn.q_norm.weight") and has("embed_tokens.weight"):
-        return "text_encoder"
-    if has("self_attn.q_proj") and has("embed_tokens.weight"):
-        raise WeightError("it looks like a language model without q/k norms (Qwen2/Llama?), not the Qwen3 encoder")
-    conv_in = next((v for k, v in keys.items() if k.endswith("decoder.conv_in.weight")), None)
-    if conv_in is not None:
-        if len(conv_in[0]) == 4 and conv_in[0][1] != 16:
-            raise WeightError(f"it looks like a {conv_in[0][1]}-channel VAE (SD/SDXL); Z-Image needs the 16-channel "
-                              "FLUX VAE (ae.safetensors)")
-        return "vae"
-    raise WeightError("it is not a Z-Image transformer, Qwen3 text encoder or FLUX VAE checkpoint "
-                      f"(first keys: {', '.join(names[:3])})")
-
-
-def detect_file_kind(path: str | Path) -> str:
-    """Which Z-Image component a single checkpoint file holds, from its keys (never unpickles anything)."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightError(f"{path}: file not found")
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic == b"GGUF" or path.suffix.lower() == ".gguf":
-        raise WeightError(f"{path}: a GGUF file; zimage_mlx reads .safetensors checkpoints (convert it or use the "
-                          "bf16 safetensors release)")
-    if magic[:2] == b"PK" or magic[:1] == b"\x80" or path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin", ".pkl"):
-        raise WeightError(f"{path}: a pickle checkpoint (.ckpt/.pt/.bin); these can run code when loaded and are "
-                          "never opened: use the .safetensors release")
-    try:
-        return _file_kind_from_keys(safetensors_keys(path))
-    except WeightError as e:
-        if str(e).startswith(str(path)):
-            raise
-        raise WeightError(f"{path}: {e}") from None

@@ -321,9 +321,7 @@ def parity_case(parity_report, tmp_path_factory):
     s = parity_report.settings
     if s.skip:
         pytest.skip(s.skip)
-    from zimage_mlx.text_encoder import load_text_encoder
-    from zimage_mlx.transformer import load_transformer
-    from zimage_mlx.vae import load_vae
+    from zimage_mlx.components import load_component
 
     torch_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[s.dtype]
     mlx_dtype = {"bfloat16": mx.bfloat16, "float32": mx.float32}[s.dtype]
@@ -356,11 +354,7 @@ def parity_case(parity_report, tmp_path_factory):
         root = save_hf_layout(tmp_root / "Z-Image-Turbo-random", torch_models, tokenizer_dir)
     t_ref = time.perf_counter() - t0
     t0 = time.perf_counter()
-    mlx_models = {
-        "transformer": load_transformer(root / "transformer", mlx_dtype),
-        "text_encoder": load_text_encoder(root / "text_encoder", mlx_dtype),
-        "vae": load_vae(root / "vae", mlx_dtype),
-    }
+    mlx_models = {n: load_component(n, root / n, mlx_dtype) for n in ("transformer", "text_encoder", "vae")}
     mx.eval([m.parameters() for m in mlx_models.values()])
     parity_report.info.update(torch_setup_s=round(t_ref, 1), mlx_load_s=round(time.perf_counter() - t0, 1))
     case = ParityCase(settings=s, root=root, torch_models=torch_models, mlx_models=mlx_models,

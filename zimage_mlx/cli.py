@@ -1,0 +1,434 @@
+"""The command line: `zimage-mlx generate|convert|info` (also `python -m zimage_mlx`, `python -m zimage_mlx.generate`).
+
+All click code lives here; the commands call the pipeline and the converter and do not redo their work. Bad
+arguments print one line and exit 2 (checked before any model loads); runtime failures print one line and exit 1
+(`--verbose` adds the traceback); Ctrl-C exits 130. Images are checked writable before the model loads, written
+atomically, never over an existing file unless `--overwrite` is given, and saved to a fallback path (and said so)
+if their destination fails at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .convert import convert
+from .hub import DEFAULT_REPO
+from .pipeline import DEFAULT_SIZE, DEFAULT_STRENGTH, MAX_SEED, ZImagePipeline, expand_seeds
+from .pngfile import png_params, read_png_params, save_png
+from .quantize import GROUP_SIZES, VOCABULARY, parse_quantize
+
+DEFAULT_OUTPUT = "zimage-{seed}.png"
+
+EPILOG = """\b
+Examples:
+  zimage-mlx generate "a red fox in the snow, golden hour"
+  zimage-mlx generate --prompt-file prompt.txt -W 1280 -H 720 --seed 1 --seed 2 -o "fox-{seed}.png"
+  zimage-mlx generate "the same scene at night" --image fox-1.png --strength 0.5
+  zimage-mlx info fox-1.png
+
+\b
+Output files: {seed} and {index} (0-based, formats such as {index:03d} work) are filled in; a
+directory means DIR/zimage-{seed}.png; several images with a plain file name get -{seed} added.
+An existing file is never replaced: the next free name (NAME-1.png, NAME-2.png, ...) is used and
+printed, unless --overwrite is given. Paths of the saved images go to stdout; progress and the
+summary go to stderr.
+
+\b
+Exit codes: 0 done; 1 failed at run time (one line; --verbose adds the traceback);
+2 bad arguments; 130 interrupted.
+"""
+
+
+# ---------------------------------------------------------------------------------------------- arguments
+class _Command(click.Command):
+    """A click command whose usage errors are one line ("Error: ...") without the usage block."""
+
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.UsageError as e:
+            e.ctx = None
+            raise
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as e:
+            e.ctx = None
+            raise
+
+
+def _quantize_option(ctx, param, value):
+    """The CLI spelling of quantize.parse_quantize's vocabulary (one parser for generate, convert and the API)."""
+    if value is None:
+        return None
+    try:
+        return parse_quantize(value)
+    except ValueError as e:
+        raise click.BadParameter(f"{e}") from None
+
+
+def _finite(ctx, param, value):
+    if value is not None and value != value:   # NaN passes click's range checks
+        raise click.BadParameter("must be a number, got nan")
+    return value
+
+
+def _check_template(ctx, param, value: str) -> str:
+    if value.endswith(("/", os.sep)) or Path(value).is_dir():
+        value = str(Path(value) / DEFAULT_OUTPUT)
+    try:
+        filled = value.format(seed=0, index=0)
+    except (KeyError, IndexError, ValueError) as e:
+        raise click.BadParameter(f"{value!r}: only {{seed}} and {{index}} can be filled in ({e})") from None
+    suffix = Path(filled).suffix.lower()
+    if suffix not in ("", ".png"):
+        raise click.BadParameter(f"{value!r}: images are written as PNG (their parameters live in PNG text chunks)")
+    return value if suffix else value + ".png"
+
+
+def _utf8(text: str, what: str) -> str:
+    """Refuse text that is not valid UTF-8 (click hands undecodable bytes over as surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise click.UsageError(f"{what} is not valid UTF-8 (byte offset {len(text[:e.start].encode('utf-8', 'surrogateescape'))})") from None
+    return text
+
+
+def _read_prompt_file(path: str) -> str:
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8").strip()
+    except UnicodeDecodeError as e:
+        raise click.UsageError(f"--prompt-file {path}: not valid UTF-8 (byte offset {e.start}); save it as UTF-8") \
+            from None
+
+
+def output_paths(template: str, seeds: list[int]) -> list[Path]:
+    """One path per image; several images with a template that names none of them get -{seed} added."""
+    if len(seeds) > 1 and not re.search(r"\{(seed|index)[^}]*\}", template):
+        stem, suffix = os.path.splitext(template)
+        template = f"{stem}-{{seed}}{suffix}"
+    return [Path(template.format(seed=s, index=i)) for i, s in enumerate(seeds)]
+
+
+def check_writable(paths: list[Path]) -> None:
+    """Fail before any model loads when an image could not be written (read-only place, parent is a file, ...)."""
+    for parent in dict.fromkeys(p.parent for p in paths):
+        probe_dir = parent
+        while not probe_dir.exists() and probe_dir != probe_dir.parent:
+            probe_dir = probe_dir.parent
+        if not probe_dir.is_dir():
+            raise click.UsageError(f"cannot write images into {parent}: {probe_dir} is not a folder")
+        try:
+            with tempfile.TemporaryFile(dir=probe_dir):
+                pass
+        except OSError as e:
+            raise click.UsageError(f"cannot write images into {parent} ({e.strerror or e})") from None
+
+
+def _save_with_fallback(image, path: Path, params: dict, overwrite: bool) -> Path:
+    """Save; if the destination fails now (disk full, removed folder), save into the current or temp folder."""
+    try:
+        return save_png(image, path, params, overwrite=overwrite)
+    except OSError as e:
+        for folder in (Path.cwd(), Path(tempfile.gettempdir())):
+            try:
+                saved = save_png(image, folder / path.name, params)
+            except OSError:
+                continue
+            _note(f"warning: could not write {path} ({e.strerror or e}); saved the image as {saved} instead")
+            return saved
+        raise
+
+
+# ---------------------------------------------------------------------------------------------- progress
+class _Progress:
+    """The per-step callback: a one-line bar with seconds per step and ETA on a terminal's stderr,
+    a single line per image otherwise."""
+
+    def __init__(self, total: int, label: str, enabled: bool = True):
+        self.total, self.label, self.enabled = total, label, enabled
+        self.live = enabled and sys.stderr.isatty()
+        self.t0 = time.perf_counter()
+        self.done = 0
+
+    def __call__(self, step, sigma, latents):
+        self.done += 1
+        elapsed = time.perf_counter() - self.t0
+        per = elapsed / self.done
+        if self.live:
+            fill = 24 * self.done // self.total
+            click.echo(f"\r{self.label} [{'#' * fill}{'.' * (24 - fill)}] {self.done}/{self.total}  "
+                       f"{per:.2f} s/step  ETA {per * (self.total - self.done):.0f} s ",
+                       nl=self.done == self.total, err=True)
+        elif self.enabled and self.done == self.total:
+            click.echo(f"{self.label}: {self.total} steps in {elapsed:.1f} s ({per:.2f} s/step)", err=True)
+        return True
+
+
+def _note(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+def run_guarded(fn, verbose: bool) -> None:
+    """Run fn; a runtime failure prints one line and exits 1 (the traceback first with --verbose)."""
+    try:
+        fn()
+    except (click.ClickException, click.exceptions.Exit, click.Abort):
+        raise
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted", err=True)
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - the CLI's one-line error contract
+        if verbose:
+            traceback.print_exc()
+        msg = " ".join(str(e).split()) or type(e).__name__
+        hint = "" if verbose else " (--verbose for the traceback)"
+        click.echo(f"error: {msg}{hint}", err=True)
+        sys.exit(1)
+
+
+# ---------------------------------------------------------------------------------------------- generate
+def _image_size(path: str) -> tuple[int, int]:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except OSError as e:
+        raise click.UsageError(f"--image {path}: not an image ({e})") from None
+
+
+def _generate(o: dict) -> None:
+    import mlx.core as mx
+
+    stages: dict[str, float] = {}
+    t_all = time.perf_counter()
+    mx.reset_peak_memory()
+    image_size = _image_size(o["image"]) if o["image"] else None
+    width = o["width"] or (image_size[0] if image_size else DEFAULT_SIZE)
+    height = o["height"] or (image_size[1] if image_size else DEFAULT_SIZE)
+    t0 = time.perf_counter()
+    pipe = ZImagePipeline.from_pretrained(o["model"], dtype=o["dtype"], quantize=o["quantize"], height=height,
+                                          width=width, verbose=True)
+    # Everything the pipeline would refuse is checked now, before a weight is read.
+    try:
+        steps, guidance = pipe.defaults(o["steps"], o["guidance"])
+        if image_size:   # an input image's own size is floored to the size multiple, as diffusers does
+            m = pipe.size_multiple
+            if min(image_size) < m and not (o["width"] and o["height"]):
+                raise ValueError(f"--image {o['image']} is {image_size[0]}x{image_size[1]} pixels; it must be at "
+                                 f"least {m}x{m} (or give -W and -H to resize it)")
+            width, height = o["width"] or width - width % m, o["height"] or height - height % m
+        pipe.check_size(height, width)
+        run_steps = pipe.steps_to_run(steps, o["strength"] if o["image"] else None)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    stages["load"] = time.perf_counter() - t0
+    negative = o["negative_prompt"] if guidance > 0 else None
+    if o["negative_prompt"] and guidance <= 0:
+        _note("note: the negative prompt is ignored without guidance (--guidance > 0)")
+    _note(f"Z-Image {pipe.variant.capitalize()} ({steps} steps, guidance {guidance:g}), {pipe.dtype_name}, "
+          f"{width}x{height}; {pipe.plan.summary()}")
+    if not o["seed"]:
+        _note(f"seed: {', '.join(map(str, o['seeds']))}")
+
+    for i, (seed, path) in enumerate(zip(o["seeds"], o["paths"])):
+        label = f"image {i + 1}/{len(o['seeds'])}" if len(o["seeds"]) > 1 else "denoising"
+        out = pipe(prompt=o["prompt"], negative_prompt=negative, height=height, width=width,
+                   num_inference_steps=steps, guidance_scale=guidance, cfg_truncation=o["cfg_truncation"],
+                   cfg_normalization=o["cfg_normalization"], seed=seed, image=o["image"],
+                   strength=o["strength"] if o["image"] else None,
+                   callback=_Progress(run_steps, label, enabled=not o["quiet"]))
+        for k, v in out.timings.items():
+            if k != "total":
+                key = "load" if k.startswith("load_") else k
+                stages[key] = stages.get(key, 0.0) + v
+        img = out.images[0]
+        t0 = time.perf_counter()
+        params = png_params(o["prompt"], negative, seed, steps, guidance, f"{img.width}x{img.height}", o["model"],
+                            pipe.quantization, pipe.dtype_name, image=o["image"],
+                            strength=o["strength"] if o["image"] else None)
+        saved = _save_with_fallback(img, path, params, o["overwrite"])
+        stages["save"] = stages.get("save", 0.0) + time.perf_counter() - t0
+        if saved != path and saved.parent == path.parent:
+            _note(f"note: {path} exists; saving as {saved.name}")
+        click.echo(str(saved))
+
+    n = len(o["seeds"])
+    per_step = stages.get("denoise", 0.0) / (n * run_steps)
+    parts = [f"{k} {v:.1f} s" + (f" ({per_step:.2f} s/step)" if k == "denoise" else "") for k, v in stages.items()]
+    _note(f"done: {n} image{'s' * (n > 1)} in {time.perf_counter() - t_all:.1f} s - {', '.join(parts)}; "
+          f"peak memory {mx.get_peak_memory() / 1e9:.2f} GB")
+
+
+@click.command("generate", cls=_Command, epilog=EPILOG)
+@click.argument("prompt", required=False)
+@click.option("--prompt-file", type=click.Path(exists=True, dir_okay=False),
+              help="Read the prompt from a UTF-8 text file (instead of PROMPT).")
+@click.option("--negative-prompt", default="", help="What to steer away from (used only when --guidance > 0).")
+@click.option("--steps", type=click.IntRange(1, 1000), default=None,
+              help="Denoising steps  [default: 8 for Turbo, 50 for Base]")
+@click.option("--guidance", type=click.FloatRange(0.0), default=None, callback=_finite,
+              help="Classifier-free guidance scale, 0 = off  [default: 0 for Turbo, 4 for Base]")
+@click.option("--width", "-W", type=click.IntRange(1), default=None,
+              help="Width in pixels, a multiple of 16  [default: 1024, or the input image's]")
+@click.option("--height", "-H", type=click.IntRange(1), default=None,
+              help="Height in pixels, a multiple of 16  [default: 1024, or the input image's]")
+@click.option("--seed", "-s", type=click.IntRange(0, MAX_SEED), multiple=True,
+              help="Seed; repeat it for one image per seed. Random (and printed) when absent.")
+@click.option("--num-images", "-n", type=click.IntRange(1, 1000), default=1, show_default=True,
+              help="Images to make; with a single --seed S they use seeds S, S+1, ...")
+@click.option("--model", "-m", default=DEFAULT_REPO, show_default=True,
+              help="Hub id, Hugging Face-layout directory, or a directory made by `zimage-mlx convert`.")
+@click.option("--quantize", "-q", default="auto", show_default=True, callback=_quantize_option,
+              help=f"auto (fit the machine's memory) | {VOCABULARY.replace('auto, ', '')}")
+@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float32"]), default="auto", show_default=True,
+              callback=lambda ctx, p, v: None if v == "auto" else v,
+              help="Compute dtype; auto = bfloat16 on a GPU, float32 on the CPU.")
+@click.option("--image", "-i", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Input image: image-to-image instead of text-to-image.")
+@click.option("--strength", type=click.FloatRange(0.0, 1.0, min_open=True), default=None, callback=_finite,
+              help=f"How much of --image to repaint, 0-1 (1 ignores the image)  [default: {DEFAULT_STRENGTH}]")
+@click.option("--cfg-truncation", type=float, default=1.0, show_default=True, callback=_finite,
+              help="Turn guidance off once the normalized time passes this (1 = never).")
+@click.option("--cfg-normalization", type=click.FloatRange(0.0), default=0.0, show_default=True, callback=_finite,
+              help="Cap the guided prediction's norm at this multiple of the positive one (0 = off).")
+@click.option("--output", "-o", default=DEFAULT_OUTPUT, show_default=True, callback=_check_template,
+              help="Output file, or a template with {seed} and {index}, or a directory. See below.")
+@click.option("--overwrite", is_flag=True, help="Replace existing files instead of choosing a free name.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--verbose", "-v", is_flag=True, help="Show the traceback when something fails.")
+@click.version_option(__version__, prog_name="zimage-mlx")
+def generate(**o):
+    """Generate images from PROMPT with Z-Image (Turbo by default) on MLX."""
+    if o["prompt_file"]:
+        if o["prompt"] is not None:
+            raise click.UsageError("give PROMPT or --prompt-file, not both")
+        o["prompt"] = _read_prompt_file(o["prompt_file"])
+    if not o["prompt"]:
+        raise click.UsageError("give a PROMPT (or --prompt-file FILE); see --help")
+    o["prompt"] = _utf8(o["prompt"], "PROMPT")
+    o["negative_prompt"] = _utf8(o["negative_prompt"], "--negative-prompt")
+    if o["strength"] is not None and o["image"] is None:
+        raise click.UsageError("--strength needs --image")
+    if o["image"] and o["strength"] is None:
+        o["strength"] = DEFAULT_STRENGTH
+    if len(o["seed"]) > 1 and o["num_images"] not in (1, len(o["seed"])):
+        raise click.UsageError(f"{len(o['seed'])} seeds but --num-images {o['num_images']}: give one seed or "
+                               f"{o['num_images']}")
+    try:
+        seeds = list(o["seed"]) if len(o["seed"]) > 1 else o["seed"][0] if o["seed"] else None
+        o["seeds"] = expand_seeds(seeds, max(o["num_images"], len(o["seed"])))
+    except ValueError as e:
+        raise click.UsageError(f"--seed: {e} (with --num-images {o['num_images']})") from None
+    o["paths"] = output_paths(o["output"], o["seeds"])
+    if o["overwrite"] and len(set(o["paths"])) < len(o["paths"]):
+        raise click.UsageError(f"{o['output']!r} gives the same file name to several images")
+    check_writable(o["paths"])
+    run_guarded(lambda: _generate(o), o["verbose"])
+
+
+# ---------------------------------------------------------------------------------------------- info
+@click.command("info", cls=_Command)
+@click.argument("png", type=click.Path(exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the parameters as a JSON object.")
+def info(png, as_json):
+    """Print the generation parameters stored in a PNG made by zimage-mlx."""
+    try:
+        params = read_png_params(png)
+    except Exception as e:  # noqa: BLE001 - not an image, truncated, ...
+        click.echo(f"error: {png}: cannot read it as an image ({' '.join(str(e).split())})", err=True)
+        sys.exit(1)
+    if not params:
+        click.echo(f"error: {png}: no zimage-mlx parameters in it", err=True)
+        sys.exit(1)
+    if as_json:
+        click.echo(json.dumps(params, ensure_ascii=False, indent=2))
+    else:
+        for k, v in params.items():
+            click.echo(f"{k}: {v}")
+
+
+# ---------------------------------------------------------------------------------------------- convert
+@click.command("convert", cls=_Command)
+@click.argument("source", required=False)
+@click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Destination directory.")
+@click.option("--transformer", type=click.Path(exists=True, dir_okay=False), help="ComfyUI/single-file transformer.")
+@click.option("--text-encoder", type=click.Path(exists=True, dir_okay=False), help="Single-file Qwen3 text encoder.")
+@click.option("--vae", type=click.Path(exists=True, dir_okay=False), help="Single-file FLUX VAE (ae.safetensors).")
+@click.option("--tokenizer", type=click.Path(exists=True, file_okay=False), help="Directory with tokenizer.json.")
+@click.option("--transformer-config", type=click.Path(exists=True, dir_okay=False),
+              help="config.json for a single-file transformer (default: inferred from its shapes).")
+@click.option("--vae-config", type=click.Path(exists=True, dir_okay=False),
+              help="config.json for a single-file VAE (default: inferred from its shapes).")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True)
+@click.option("--quantize", "-q", default=None, callback=_quantize_option,
+              help="4, 8, none, or per model: transformer=4,text_encoder=8 (the VAE stays float).")
+@click.option("--transformer-bits", default=None, help="Bits for the transformer only (4, 8, none).")
+@click.option("--text-encoder-bits", default=None, help="Bits for the text encoder only (4, 8, none).")
+@click.option("--group-size", type=click.Choice([str(g) for g in GROUP_SIZES]), default="64", show_default=True)
+@click.option("--revision", default=None, help="Hub revision (with a hub id).")
+@click.option("--variant", type=click.Choice(["turbo", "base"]), default=None,
+              help="Model family (sets default steps/guidance) [default: detected; turbo for single files].")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier conversion at the destination.")
+@click.option("--verbose", "-v", is_flag=True, help="Show tracebacks on errors.")
+def convert_command(source, output, transformer, text_encoder, vae, tokenizer, transformer_config, vae_config, dtype,
+                    quantize, transformer_bits, text_encoder_bits, group_size, revision, variant, overwrite, verbose):
+    """Convert SOURCE (hub id or Hugging Face-layout directory), or --transformer/--text-encoder/--vae single
+    files, into a zimage_mlx (MLX) directory that loads with no key mapping."""
+    if quantize == "auto":
+        raise click.UsageError("--quantize auto is decided at load time; give 4, 8, none or transformer=4,...")
+    bits = dict(quantize or {"transformer": None, "text_encoder": None})
+    for name, value in (("transformer", transformer_bits), ("text_encoder", text_encoder_bits)):
+        if value is not None:
+            bits[name] = _quantize_option(None, None, {name: value})[name]
+    singles = [f for f in (transformer, text_encoder, vae) if f]
+    if source is None and not singles:
+        raise click.UsageError("give SOURCE or --transformer/--text-encoder/--vae files")
+    if source is not None and singles:
+        raise click.UsageError("give either SOURCE or single files (--transformer/--text-encoder/--vae), not both")
+    if source is None and len(singles) < 3:
+        missing = [f"--{k}" for k, v in (("transformer", transformer), ("text-encoder", text_encoder), ("vae", vae))
+                   if not v]
+        raise click.UsageError(f"single-file conversion needs {', '.join(missing)} too")
+    if source is not None and (transformer_config or vae_config):
+        raise click.UsageError("--transformer-config/--vae-config are for single files; SOURCE has its configs")
+    run_guarded(lambda: convert(output, source, transformer=transformer, text_encoder=text_encoder, vae=vae,
+                                tokenizer=tokenizer, transformer_config=transformer_config, vae_config=vae_config,
+                                dtype=dtype, quantize=bits, group_size=int(group_size), overwrite=overwrite,
+                                revision=revision, variant=variant), verbose)
+
+
+# ---------------------------------------------------------------------------------------------- the group
+@click.group()
+@click.version_option(__version__, prog_name="zimage-mlx")
+def cli():
+    """Z-Image text-to-image on Apple Silicon with MLX."""
+
+
+cli.add_command(generate)
+cli.add_command(info)
+cli.add_command(convert_command)
+
+
+def generate_main() -> None:
+    """`python -m zimage_mlx.generate`."""
+    generate(prog_name="python -m zimage_mlx.generate")
+
+
+def convert_main() -> None:
+    """`python -m zimage_mlx.convert`."""
+    convert_command(prog_name="python -m zimage_mlx.convert")

@@ -1,0 +1,110 @@
+"""The Hugging Face hub: repo ids, snapshot downloads of what a pipeline needs, and the converted-copy cache.
+
+A hub model is converted once to the MLX layout and cached under $ZIMAGE_MLX_CACHE (default ~/.cache/zimage_mlx),
+keyed by repo, revision, dtype and bits, so later starts skip the conversion; offline, with the snapshot gone,
+that copy still serves. Downloads use `huggingface_hub.snapshot_download` with `allow_patterns` (only the files a
+pipeline needs) and honour HF_HUB_OFFLINE.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import mlx.core as mx
+
+from .components import is_mlx_dir
+from .weights import WeightError, dtype_name
+
+DEFAULT_REPO = "Tongyi-MAI/Z-Image-Turbo"
+# What a pipeline needs from a diffusers-layout repo (no .bin/.pt duplicates, no README images).
+HUB_ALLOW_PATTERNS = [
+    "model_index.json",
+    "scheduler/*.json",
+    "tokenizer/*",
+    "text_encoder/*.json",
+    "text_encoder/*.safetensors",
+    "transformer/*.json",
+    "transformer/*.safetensors",
+    "vae/*.json",
+    "vae/*.safetensors",
+]
+
+
+def looks_like_repo_id(src: str) -> bool:
+    parts = str(src).split("/")
+    return len(parts) == 2 and all(parts) and not str(src).startswith((".", "~")) and not Path(src).exists()
+
+
+def resolve_source(src: str | Path, revision: str | None = None, offline: bool | None = None) -> Path:
+    """A local directory for `src`: the directory itself, or a hub snapshot (downloading only what is needed).
+
+    Offline (HF_HUB_OFFLINE=1 or offline=True) with nothing cached raises WeightError with the fix.
+    """
+    path = Path(src).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise WeightError(f"{path}: expected a model directory, got a file (single files go through convert)")
+    if not looks_like_repo_id(str(src)):
+        raise WeightError(f"{src}: no such directory, and not a hub id like {DEFAULT_REPO}")
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+
+    local_only = constants.HF_HUB_OFFLINE if offline is None else offline
+    try:
+        return Path(snapshot_download(str(src), revision=revision, allow_patterns=HUB_ALLOW_PATTERNS,
+                                      local_files_only=local_only))
+    except LocalEntryNotFoundError:
+        raise WeightError(
+            f"{src} is not in the local Hugging Face cache and downloading is off (offline or no network): "
+            f"run once online, or `hf download {src}`, or pass a local directory"
+        ) from None
+    except GatedRepoError:
+        raise WeightError(f"{src}: gated repository; accept its licence on the hub and log in (`hf auth login`)") from None
+    except RepositoryNotFoundError:
+        raise WeightError(f"{src}: no such repository on the hub (or it is private)") from None
+    except RevisionNotFoundError:
+        raise WeightError(f"{src}: revision {revision!r} not found") from None
+    except OSError as e:
+        raise WeightError(f"{src}: download failed ({e}); check the network or pass a local directory") from None
+
+
+def download_tokenizer(repo: str = DEFAULT_REPO) -> Path:
+    """The Qwen3 tokenizer files of the Z-Image hub repo (a small download; cached by huggingface_hub)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo, allow_patterns=["tokenizer/*"])) / "tokenizer"
+    except (LocalEntryNotFoundError, OSError):
+        raise WeightError("single files carry no tokenizer and it could not be downloaded; pass --tokenizer DIR "
+                          f"(the tokenizer/ folder of {repo})") from None
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("ZIMAGE_MLX_CACHE", Path.home() / ".cache" / "zimage_mlx"))
+
+
+def _cache_prefix(repo: str) -> str:
+    return repo.replace("/", "--") + "--"
+
+
+def cache_dir(repo: str, snapshot: Path, dtype: mx.Dtype, bits: dict) -> Path:
+    """Where the converted MLX copy of a hub snapshot lives: keyed by repo, revision, dtype and bits."""
+    revision = snapshot.name if snapshot.parent.name == "snapshots" else "local"
+
+    def b(n):
+        return f"{bits[n]}bit" if bits.get(n) else "float"
+
+    return cache_root() / (f"{_cache_prefix(repo)}{revision[:12]}--{dtype_name(dtype)}"
+                           f"--dit-{b('transformer')}--te-{b('text_encoder')}")
+
+
+def find_cached(repo: str, revision: str | None, dtype: mx.Dtype | None) -> Path | None:
+    """The newest converted copy of `repo` in the cache (matching revision and dtype when given)."""
+    pattern = _cache_prefix(repo) + ((revision or "")[:12] or "*") + "--"
+    pattern += f"{dtype_name(dtype)}--*" if dtype is not None else "*"
+    found = [p for p in cache_root().glob(pattern) if is_mlx_dir(p)]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None

@@ -1,0 +1,226 @@
+"""Unified-memory planning: bits per component and stage order from the machine's memory and the image size.
+
+`plan_memory` reads the machine's memory (Metal's recommended working set on macOS, /proc/meminfo elsewhere),
+predicts the peak of each stage (encode, denoise, decode) for each candidate precision, and picks the best that
+fits. Weight sizes come from the real module shapes (`components.build_model`, nothing evaluated); activation
+sizes are calibrated formulas (benchmarks/vae_bench.py, benchmarks/weights_bench.py).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .components import build_model
+from .quantize import COMPONENTS, describe_bits, parse_quantize, should_quantize
+
+
+# --------------------------------------------------------------------------- sizes
+def weight_bytes(model: nn.Module, bits: int | None, group_size: int, dtype: mx.Dtype) -> int:
+    """Bytes of `model`'s parameters once loaded in `dtype` and (optionally) quantized with the policy.
+
+    Works on an un-evaluated model (only shapes are read), so the real 6B config costs nothing to size.
+    """
+    total = 0
+    quantizable = set()
+    if bits:
+        for path, m in model.named_modules():
+            if should_quantize(path, m, group_size):
+                quantizable.add(path + ".weight")
+    for key, p in tree_flatten(model.parameters()):
+        n = math.prod(p.shape)
+        if key in quantizable:
+            total += n * bits // 8 + 2 * (n // group_size) * dtype.size
+        else:
+            total += n * dtype.size
+    return total
+
+
+# --------------------------------------------------------------------------- machine memory
+def machine_memory_bytes() -> tuple[int, str]:
+    """(bytes usable by MLX, where the number came from)."""
+    if sys.platform == "darwin":
+        try:
+            info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
+            ws = int(info.get("max_recommended_working_set_size", 0))
+            if ws:
+                return ws, "Metal recommended working set"
+        except Exception:  # noqa: BLE001 - fall back to the total memory
+            pass
+        try:
+            return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.75), "75% of physical memory"
+        except (ValueError, OSError):
+            pass
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if ":" in line}
+        if "MemAvailable" in info:
+            return info["MemAvailable"], "MemAvailable in /proc/meminfo"
+        return info["MemTotal"], "MemTotal in /proc/meminfo"
+    except (OSError, KeyError, ValueError):
+        return 16 * 2**30, "unknown (assumed 16 GiB)"
+
+
+@dataclass
+class MemoryPlan:
+    bits: dict[str, int | None]
+    group_size: int
+    free_text_encoder_first: bool
+    predicted_peak: int
+    available: int
+    source: str
+    stages: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        gb = 1e9
+        enc = "encode, free the text encoder, then load the transformer" if self.free_text_encoder_first \
+            else "keep both models loaded"
+        return (f"memory plan: {describe_bits(self.bits)} (group {self.group_size}); {enc}; predicted peak "
+                f"{self.predicted_peak / gb:.1f} GB of {self.available / gb:.1f} GB available ({self.source})")
+
+
+# --------------------------------------------------------------------------- planning
+# Candidate precisions, best quality first: (transformer bits, text-encoder bits).
+CANDIDATES = ((None, None), (None, 8), (8, 8), (4, 8), (4, 4))
+HEADROOM = 0.95          # plan to use at most this share of the available memory
+OVERHEAD = 0.15e9        # tokenizer, latents, RoPE tables, allocator slack
+ENCODE_TOKENS = 512      # plan for the longest prompt
+
+
+def component_weight_bytes(name: str, config: dict, dtype: mx.Dtype, bits: int | None, group_size: int) -> int:
+    return weight_bytes(build_model(name, config), bits if name in COMPONENTS else None, group_size, dtype)
+
+
+def image_tokens(configs: dict, height: int, width: int) -> int:
+    """DiT image tokens: one per patch of (VAE factor × patch size) pixels."""
+    m = 2 * 2 ** (len(configs["vae"].get("block_out_channels", (128, 256, 512, 512))) - 1)
+    return (height // m) * (width // m)
+
+
+def dit_activation_bytes(config: dict, dtype: mx.Dtype, tokens: int, caption_tokens: int = 128,
+                         cpu: bool | None = None) -> int:
+    """Live activations of one DiT block for `tokens` image tokens (hidden states, q/k/v, float32 RoPE, SwiGLU),
+    plus the attention score matrix where SDPA materializes it (MLX's CPU backend)."""
+    dim = config.get("dim", 3840)
+    heads = config.get("n_heads", 30)
+    hidden = int(dim / 3 * 8)
+    s = tokens + caption_tokens
+    s += -s % 32
+    b = dtype.size
+    act = s * (dim * 12 * b + hidden * 4 * b)
+    if cpu if cpu is not None else mx.default_device() == mx.cpu:
+        act += heads * s * s * 4 * 2
+    return act
+
+
+def text_encoder_activation_bytes(config: dict, dtype: mx.Dtype, tokens: int = ENCODE_TOKENS) -> int:
+    h = config.get("hidden_size", 2560)
+    inter = config.get("intermediate_size", 9728)
+    heads = config.get("num_attention_heads", 32)
+    return tokens * (h * 8 + inter * 4) * dtype.size + heads * tokens * tokens * 4 * 2
+
+
+def vae_decode_activation_bytes(config: dict, height: int, width: int, dtype: mx.Dtype = mx.float32) -> int:
+    """VAE decode activations, calibrated on the real config (float32, MLX CPU backend, vae_bench.py):
+    untiled (≤ 256², vae.decode's "auto" rule) ≈ 39.4 kB per output pixel; strip-tiled ≈ 0.8 GB + 966 B/pixel.
+    Scaled by the dtype size and by the width of the first decoder stage relative to FLUX's 512."""
+    ch = config.get("block_out_channels", [128, 256, 512, 512])
+    scale = dtype.size / 4 * ch[-1] / 512
+    pixels = height * width
+    if pixels > 256 * 256:
+        return int((0.8e9 + 966 * pixels) * scale)
+    return int(39.4e3 * pixels * scale)
+
+
+def _stages(configs: dict, dtype: mx.Dtype, w: dict, height: int, width: int, free_text_encoder: bool,
+            batch: int = 1) -> dict[str, int]:
+    te_resident = 0 if free_text_encoder else w["text_encoder"]
+    dit = dit_activation_bytes(configs["transformer"], dtype, image_tokens(configs, height, width)) * batch
+    return {
+        "encode": int(w["text_encoder"] + text_encoder_activation_bytes(configs["text_encoder"], dtype) + OVERHEAD),
+        "denoise": int(te_resident + w["transformer"] + dit + OVERHEAD),
+        "decode": int(te_resident + w["transformer"] + w["vae"]
+                      + vae_decode_activation_bytes(configs["vae"], height, width, dtype) + OVERHEAD),
+        **{f"weights_{n}": v for n, v in w.items()},
+    }
+
+
+def predict_stages(configs: dict, dtype: mx.Dtype, bits: dict, group_size: int, height: int, width: int,
+                   free_text_encoder: bool = True, batch: int = 1) -> dict[str, int]:
+    """Predicted peak bytes of each stage (encode, denoise, decode) and the weights of each component."""
+    w = {n: component_weight_bytes(n, configs[n], dtype, bits.get(n), group_size) for n in configs}
+    return _stages(configs, dtype, w, height, width, free_text_encoder, batch)
+
+
+def _peak(stages: dict) -> int:
+    return max(stages["encode"], stages["denoise"], stages["decode"])
+
+
+def check_fits(configs: dict, dtype: mx.Dtype, plan: MemoryPlan, height: int, width: int, batch: int = 1) -> None:
+    """Re-check `plan` for a height × width generation of `batch` images; MemoryError (naming the largest square
+    size that fits) when it cannot fit the memory the plan was made for."""
+    w = {n[len("weights_"):]: v for n, v in plan.stages.items() if n.startswith("weights_")}
+
+    def peak(h, wd, b=batch):
+        return _peak(_stages(configs, dtype, w, h, wd, plan.free_text_encoder_first, b))
+
+    budget = plan.available * HEADROOM
+    need = peak(height, width)
+    if need <= budget:
+        return
+    m = 2 * 2 ** (len(configs["vae"].get("block_out_channels", (128, 256, 512, 512))) - 1)
+    lo, hi = 0, 16384 // m          # the largest square side (in units of m) that fits one image
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if peak(mid * m, mid * m, 1) <= budget else (lo, mid - 1)
+    fits = f"the largest square image that fits is about {lo * m}x{lo * m}" if lo else "not even the smallest size fits"
+    raise MemoryError(
+        f"{width}x{height}{f' x {batch} images' if batch > 1 else ''} needs about {need / 1e9:.1f} GB, but "
+        f"{plan.available / 1e9:.1f} GB are available ({plan.source}) with {describe_bits(plan.bits)}; {fits}"
+        f"{' (or make fewer images at once)' if batch > 1 else ''}"
+    )
+
+
+def plan_memory(configs: dict, dtype: mx.Dtype, requested="auto", height: int = 1024, width: int = 1024,
+                group_size: int = 64, available: int | None = None, source: str | None = None) -> MemoryPlan:
+    """Choose bits per component (for "auto") and whether the text encoder must be freed before the transformer.
+
+    requested: anything `quantize.parse_quantize` reads ("auto", None, 4, 8, per-model dict). Raises MemoryError with a
+    clear message when even 4-bit cannot fit an "auto" plan.
+    """
+    if available is None:
+        available, source = machine_memory_bytes()
+    budget = available * HEADROOM
+    requested = parse_quantize(requested)
+    if requested == "auto":
+        candidates = [dict(zip(COMPONENTS, c)) for c in CANDIDATES]
+    else:
+        candidates = [requested]
+
+    def stages(bits, free):
+        st = predict_stages(configs, dtype, bits, group_size, height, width, free)
+        return st, _peak(st)
+
+    best = None
+    for bits in candidates:
+        st, peak = stages(bits, free=False)
+        if peak <= budget:
+            return MemoryPlan(bits, group_size, False, peak, available, source or "", st)
+        st, peak = stages(bits, free=True)
+        if peak <= budget or best is None or peak < best.predicted_peak:
+            best = MemoryPlan(bits, group_size, True, peak, available, source or "", st)
+        if peak <= budget:
+            return best
+    if requested == "auto":
+        raise MemoryError(
+            f"Z-Image does not fit in this machine's memory even at 4-bit: it needs about "
+            f"{best.predicted_peak / 1e9:.1f} GB at {width}x{height}, {available / 1e9:.1f} GB are available "
+            f"({source}). Close other apps, or try a smaller size."
+        )
+    return best
