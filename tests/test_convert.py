@@ -306,7 +306,7 @@ def test_convert_cli(tiny, tmp_path):
     assert manifest["components"]["transformer"]["bits"] == 4 and manifest["components"]["text_encoder"]["bits"] == 8
     assert manifest["components"]["vae"]["bits"] is None
     res = runner.invoke(convert_command, [str(root), "-o", str(tmp_path / "m")])
-    assert res.exit_code == 1 and "--overwrite" in res.output and "Traceback" not in res.output
+    assert res.exit_code == 2 and "--overwrite" in res.output and "Traceback" not in res.output
     res = runner.invoke(convert_command, [str(tmp_path / "nope"), "-o", str(tmp_path / "n")])
     assert res.exit_code == 1 and "no such directory" in res.output
 
@@ -331,6 +331,30 @@ def test_auto_plan_follows_available_memory(gb, expect, free_first):
     assert plan.bits == expect and plan.free_text_encoder_first == free_first, plan.summary()
     assert plan.predicted_peak <= gb * 1e9 * memory.HEADROOM
     assert "predicted peak" in plan.summary()
+
+
+def test_four_bit_1024_fits_under_4_5_gb_on_a_gpu():
+    """A 4-bit 1024² plan frees the transformer before the decode only when that is what makes it fit, and then
+    predicts ≤ 4.5 GB (the text encoder's embedding table is quantized with the encoder)."""
+    roomy = memory.plan_memory(_real_configs(), mx.bfloat16, 4, 1024, 1024, available=int(16e9), source="t", cpu=False)
+    assert not roomy.free_transformer_before_decode
+    tight = memory.plan_memory(_real_configs(), mx.bfloat16, 4, 1024, 1024, available=int(4.7e9), source="t", cpu=False)
+    assert tight.free_transformer_before_decode and tight.predicted_peak <= 4.5e9, tight.summary()
+    assert "free the transformer before decoding" in tight.summary()
+    float_te = memory.predict_stages(_real_configs(), mx.bfloat16, {"transformer": 4}, 64, 1024, 1024)
+    assert tight.stages["weights_text_encoder"] < float_te["weights_text_encoder"] / 3
+
+
+def test_pipeline_frees_the_transformer_before_decoding_when_planned(tiny):
+    _, root, _, _, _ = tiny
+    pipe = ZImagePipeline.from_pretrained(root, dtype="float32")
+    pipe.plan.free_transformer_before_decode = True
+    freed = {}
+    real_decode = pipe.decode_latents
+    pipe.decode_latents = lambda lat: (freed.setdefault("dit", pipe._models["transformer"]), real_decode(lat))[1]
+    pipe(prompt="x", height=H, width=W, seed=0, num_inference_steps=1)
+    assert freed["dit"] is None
+    pipe(prompt="x", height=H, width=W, seed=0, num_inference_steps=1)     # reloads it for the next image
 
 
 def test_auto_plan_refuses_when_nothing_fits():
@@ -374,6 +398,11 @@ def test_hub_download_then_cached_conversion(tiny, tmp_path):
         np.save({str(tmp_path / 'img.npy')!r}, img)
         ZImagePipeline.from_pretrained("Tongyi-MAI/Z-Image-Turbo", dtype="float32")
         print("conversions", len(calls))
+        import glob, os
+        shard = sorted(glob.glob(os.path.join({str(tmp_path / 'c')!r}, "*", "transformer", "*.safetensors")))[0]
+        open(shard, "r+b").truncate(os.path.getsize(shard) // 2)    # a corrupt cached conversion is rebuilt
+        ZImagePipeline.from_pretrained("Tongyi-MAI/Z-Image-Turbo", dtype="float32").transformer
+        print("after corruption", len(calls))
         import shutil
         shutil.rmtree({str(tmp_path / 'hf' / 'hub')!r})    # offline, hub snapshot gone: the MLX copy serves
         pipe = ZImagePipeline.from_pretrained("Tongyi-MAI/Z-Image-Turbo", dtype="float32")
@@ -382,7 +411,8 @@ def test_hub_download_then_cached_conversion(tiny, tmp_path):
     np.save(tmp_path / "lat.npy", latents)
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert "conversions 1" in proc.stdout and "offline from cache Tongyi-MAI/Z-Image-Turbo 1" in proc.stdout
+    assert "conversions 1" in proc.stdout and "after corruption 2" in proc.stdout
+    assert "offline from cache Tongyi-MAI/Z-Image-Turbo 2" in proc.stdout
     cached = list((tmp_path / "c").iterdir())
     assert len(cached) == 1 and "Tongyi-MAI--Z-Image-Turbo--0123456789ab--float32" in cached[0].name
     assert psnr(np.load(tmp_path / "img.npy"), reference) >= 60

@@ -21,7 +21,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .convert import convert
+from .convert import check_output, convert
 from .hub import DEFAULT_REPO
 from .pipeline import DEFAULT_SIZE, DEFAULT_STRENGTH, MAX_SEED, ZImagePipeline, expand_seeds
 from .pngfile import png_params, read_png_params, save_png
@@ -222,7 +222,7 @@ def _generate(o: dict) -> None:
     height = o["height"] or (image_size[1] if image_size else DEFAULT_SIZE)
     t0 = time.perf_counter()
     pipe = ZImagePipeline.from_pretrained(o["model"], dtype=o["dtype"], quantize=o["quantize"], height=height,
-                                          width=width, verbose=True)
+                                          width=width, compile=o["compile"], verbose=True)
     # Everything the pipeline would refuse is checked now, before a weight is read.
     try:
         steps, guidance = pipe.defaults(o["steps"], o["guidance"])
@@ -298,6 +298,8 @@ def _generate(o: dict) -> None:
 @click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float32"]), default="auto", show_default=True,
               callback=lambda ctx, p, v: None if v == "auto" else v,
               help="Compute dtype; auto = bfloat16 on a GPU, float32 on the CPU.")
+@click.option("--compile/--no-compile", default=None,
+              help="mx.compile the transformer's elementwise chains  [default: on a GPU yes, on the CPU no]")
 @click.option("--image", "-i", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Input image: image-to-image instead of text-to-image.")
 @click.option("--strength", type=click.FloatRange(0.0, 1.0, min_open=True), default=None, callback=_finite,
@@ -406,6 +408,10 @@ def convert_command(source, output, transformer, text_encoder, vae, tokenizer, t
         raise click.UsageError(f"single-file conversion needs {', '.join(missing)} too")
     if source is not None and (transformer_config or vae_config):
         raise click.UsageError("--transformer-config/--vae-config are for single files; SOURCE has its configs")
+    try:
+        check_output(output, overwrite)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
     run_guarded(lambda: convert(output, source, transformer=transformer, text_encoder=text_encoder, vae=vae,
                                 tokenizer=tokenizer, transformer_config=transformer_config, vae_config=vae_config,
                                 dtype=dtype, quantize=bits, group_size=int(group_size), overwrite=overwrite,

@@ -17,7 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .components import build_model
+from .components import MODEL_COMPONENTS, build_model
 from .quantize import COMPONENTS, describe_bits, parse_quantize, should_quantize
 
 
@@ -76,13 +76,21 @@ class MemoryPlan:
     available: int
     source: str
     stages: dict[str, int] = field(default_factory=dict)
+    free_transformer_before_decode: bool = False
+    cpu: bool = False          # planned for MLX's CPU backend (SDPA materializes the attention scores there)
+
+    @property
+    def order(self) -> tuple[bool, bool]:
+        return self.free_text_encoder_first, self.free_transformer_before_decode
 
     def summary(self) -> str:
         gb = 1e9
-        enc = "encode, free the text encoder, then load the transformer" if self.free_text_encoder_first \
-            else "keep both models loaded"
-        return (f"memory plan: {describe_bits(self.bits)} (group {self.group_size}); {enc}; predicted peak "
-                f"{self.predicted_peak / gb:.1f} GB of {self.available / gb:.1f} GB available ({self.source})")
+        steps = ["encode, free the text encoder, then load the transformer" if self.free_text_encoder_first
+                 else "keep both models loaded"]
+        if self.free_transformer_before_decode:
+            steps.append("free the transformer before decoding (it reloads for the next image)")
+        return (f"memory plan: {describe_bits(self.bits)} (group {self.group_size}); {'; '.join(steps)}; predicted "
+                f"peak {self.predicted_peak / gb:.1f} GB of {self.available / gb:.1f} GB available ({self.source})")
 
 
 # --------------------------------------------------------------------------- planning
@@ -97,9 +105,14 @@ def component_weight_bytes(name: str, config: dict, dtype: mx.Dtype, bits: int |
     return weight_bytes(build_model(name, config), bits if name in COMPONENTS else None, group_size, dtype)
 
 
+def size_multiple(configs: dict) -> int:
+    """Pixels per DiT patch side: the VAE factor 2 ** (len(block_out_channels) - 1) × the patch size 2."""
+    return 2 * 2 ** (len(configs["vae"].get("block_out_channels", (128, 256, 512, 512))) - 1)
+
+
 def image_tokens(configs: dict, height: int, width: int) -> int:
-    """DiT image tokens: one per patch of (VAE factor × patch size) pixels."""
-    m = 2 * 2 ** (len(configs["vae"].get("block_out_channels", (128, 256, 512, 512))) - 1)
+    """DiT image tokens: one per patch."""
+    m = size_multiple(configs)
     return (height // m) * (width // m)
 
 
@@ -138,24 +151,32 @@ def vae_decode_activation_bytes(config: dict, height: int, width: int, dtype: mx
     return int(39.4e3 * pixels * scale)
 
 
-def _stages(configs: dict, dtype: mx.Dtype, w: dict, height: int, width: int, free_text_encoder: bool,
-            batch: int = 1) -> dict[str, int]:
-    te_resident = 0 if free_text_encoder else w["text_encoder"]
-    dit = dit_activation_bytes(configs["transformer"], dtype, image_tokens(configs, height, width)) * batch
+def _stages(configs: dict, dtype: mx.Dtype, w: dict, height: int, width: int, order: tuple[bool, bool],
+            batch: int = 1, cpu: bool | None = None) -> dict[str, int]:
+    """Peak bytes per stage. order = (free the text encoder before the transformer loads, free the transformer
+    before the VAE decode)."""
+    free_te, free_dit = order
+    te_resident = 0 if free_te else w["text_encoder"]
+    dit = dit_activation_bytes(configs["transformer"], dtype, image_tokens(configs, height, width), cpu=cpu) * batch
     return {
         "encode": int(w["text_encoder"] + text_encoder_activation_bytes(configs["text_encoder"], dtype) + OVERHEAD),
         "denoise": int(te_resident + w["transformer"] + dit + OVERHEAD),
-        "decode": int(te_resident + w["transformer"] + w["vae"]
+        "decode": int(te_resident + (0 if free_dit else w["transformer"]) + w["vae"]
                       + vae_decode_activation_bytes(configs["vae"], height, width, dtype) + OVERHEAD),
         **{f"weights_{n}": v for n, v in w.items()},
     }
 
 
 def predict_stages(configs: dict, dtype: mx.Dtype, bits: dict, group_size: int, height: int, width: int,
-                   free_text_encoder: bool = True, batch: int = 1) -> dict[str, int]:
+                   free_text_encoder: bool = True, batch: int = 1, free_transformer: bool = False,
+                   cpu: bool | None = None) -> dict[str, int]:
     """Predicted peak bytes of each stage (encode, denoise, decode) and the weights of each component."""
-    w = {n: component_weight_bytes(n, configs[n], dtype, bits.get(n), group_size) for n in configs}
-    return _stages(configs, dtype, w, height, width, free_text_encoder, batch)
+    w = {n: component_weight_bytes(n, configs[n], dtype, bits.get(n), group_size) for n in MODEL_COMPONENTS}
+    return _stages(configs, dtype, w, height, width, (free_text_encoder, free_transformer), batch, cpu)
+
+
+def _weights(stages: dict) -> dict[str, int]:
+    return {n[len("weights_"):]: v for n, v in stages.items() if n.startswith("weights_")}
 
 
 def _peak(stages: dict) -> int:
@@ -165,21 +186,17 @@ def _peak(stages: dict) -> int:
 def check_fits(configs: dict, dtype: mx.Dtype, plan: MemoryPlan, height: int, width: int, batch: int = 1) -> None:
     """Re-check `plan` for a height × width generation of `batch` images; MemoryError (naming the largest square
     size that fits) when it cannot fit the memory the plan was made for."""
-    w = {n[len("weights_"):]: v for n, v in plan.stages.items() if n.startswith("weights_")}
+    w = _weights(plan.stages)
 
     def peak(h, wd, b=batch):
-        return _peak(_stages(configs, dtype, w, h, wd, plan.free_text_encoder_first, b))
+        return _peak(_stages(configs, dtype, w, h, wd, plan.order, b, plan.cpu))
 
     budget = plan.available * HEADROOM
     need = peak(height, width)
     if need <= budget:
         return
-    m = 2 * 2 ** (len(configs["vae"].get("block_out_channels", (128, 256, 512, 512))) - 1)
-    lo, hi = 0, 16384 // m          # the largest square side (in units of m) that fits one image
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if peak(mid * m, mid * m, 1) <= budget else (lo, mid - 1)
-    fits = f"the largest square image that fits is about {lo * m}x{lo * m}" if lo else "not even the smallest size fits"
+    side = _largest_square(configs, lambda h, wd: peak(h, wd, 1), budget)
+    fits = f"the largest square image that fits is about {side}x{side}" if side else "not even the smallest size fits"
     raise MemoryError(
         f"{width}x{height}{f' x {batch} images' if batch > 1 else ''} needs about {need / 1e9:.1f} GB, but "
         f"{plan.available / 1e9:.1f} GB are available ({plan.source}) with {describe_bits(plan.bits)}; {fits}"
@@ -187,40 +204,58 @@ def check_fits(configs: dict, dtype: mx.Dtype, plan: MemoryPlan, height: int, wi
     )
 
 
+def _largest_square(configs: dict, peak, budget: float) -> int:
+    """The largest square side (a multiple of the size multiple, up to 16384) whose predicted peak fits."""
+    m = size_multiple(configs)
+    lo, hi = 0, 16384 // m
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if peak(mid * m, mid * m) <= budget else (lo, mid - 1)
+    return lo * m
+
+
+# Stage orders (free the text encoder before the transformer loads, free the transformer before the VAE decode).
+ORDERS = ((False, False), (True, False), (True, True))
+
+
 def plan_memory(configs: dict, dtype: mx.Dtype, requested="auto", height: int = 1024, width: int = 1024,
-                group_size: int = 64, available: int | None = None, source: str | None = None) -> MemoryPlan:
-    """Choose bits per component (for "auto") and whether the text encoder must be freed before the transformer.
+                group_size: int = 64, available: int | None = None, source: str | None = None,
+                cpu: bool | None = None) -> MemoryPlan:
+    """Choose bits per component (for "auto") and the stage order (ORDERS) that fit the memory.
 
     requested: anything `quantize.parse_quantize` reads ("auto", None, 4, 8, per-model dict). Raises MemoryError with a
-    clear message when even 4-bit cannot fit an "auto" plan.
+    clear message when even 4-bit cannot fit an "auto" plan. cpu: plan for MLX's CPU backend (default: whether it
+    is the default device).
     """
     if available is None:
         available, source = machine_memory_bytes()
+    cpu = (mx.default_device() == mx.cpu) if cpu is None else cpu
     budget = available * HEADROOM
     requested = parse_quantize(requested)
-    if requested == "auto":
-        candidates = [dict(zip(COMPONENTS, c)) for c in CANDIDATES]
-    else:
-        candidates = [requested]
-
-    def stages(bits, free):
-        st = predict_stages(configs, dtype, bits, group_size, height, width, free)
-        return st, _peak(st)
-
+    candidates = [dict(zip(COMPONENTS, c)) for c in CANDIDATES] if requested == "auto" else [requested]
+    weights = [{n: component_weight_bytes(n, configs[n], dtype, bits.get(n), group_size) for n in MODEL_COMPONENTS}
+               for bits in candidates]
     best = None
-    for bits in candidates:
-        st, peak = stages(bits, free=False)
-        if peak <= budget:
-            return MemoryPlan(bits, group_size, False, peak, available, source or "", st)
-        st, peak = stages(bits, free=True)
-        if peak <= budget or best is None or peak < best.predicted_peak:
-            best = MemoryPlan(bits, group_size, True, peak, available, source or "", st)
-        if peak <= budget:
-            return best
+    # Quality first: every precision with the models kept through the decode; freeing the transformer before the
+    # decode (a reload per image) only when nothing fits otherwise.
+    for orders in (ORDERS[:2], ORDERS[2:]):
+        for bits, w in zip(candidates, weights):
+            for order in orders:
+                st = _stages(configs, dtype, w, height, width, order, 1, cpu)
+                plan = MemoryPlan(bits, group_size, order[0], _peak(st), available, source or "", st, order[1], cpu)
+                if plan.predicted_peak <= budget:
+                    return plan
+                if best is None or plan.predicted_peak < best.predicted_peak:
+                    best = plan
     if requested == "auto":
+        w = _weights(best.stages)
+        side = _largest_square(configs, lambda h, wd: _peak(_stages(configs, dtype, w, h, wd, best.order, 1, cpu)),
+                               budget)
+        smaller = f"the largest square image that fits at 4-bit is about {side}x{side}" if side else \
+            "close other apps"
         raise MemoryError(
             f"Z-Image does not fit in this machine's memory even at 4-bit: it needs about "
             f"{best.predicted_peak / 1e9:.1f} GB at {width}x{height}, {available / 1e9:.1f} GB are available "
-            f"({source}). Close other apps, or try a smaller size."
+            f"({source}); {smaller}."
         )
     return best

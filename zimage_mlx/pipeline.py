@@ -24,7 +24,7 @@ from . import sampler
 from .components import MODEL_COMPONENTS, QUANTIZABLE, is_mlx_dir, load_component, read_manifest
 from .convert import convert
 from .hub import DEFAULT_REPO, cache_dir, find_cached, looks_like_repo_id, resolve_source
-from .memory import MemoryPlan, check_fits, plan_memory
+from .memory import MemoryPlan, check_fits, plan_memory, size_multiple
 from .quantize import describe_bits, parse_quantize
 from .sampler import VARIANT_DEFAULTS, SchedulerConfig, check_variant, detect_variant
 from .text_encoder import encode_prompts
@@ -118,8 +118,8 @@ def preprocess_image(image, height: int | None, width: int | None, multiple: int
     if (width is None and image.width < multiple) or (height is None and image.height < multiple):
         raise ValueError(f"the input image is {image.width}x{image.height} pixels; it must be at least "
                          f"{multiple}x{multiple} (or give height and width to resize it)")
-    w = width or image.width - image.width % multiple
-    h = height or image.height - image.height % multiple
+    w = image.width - image.width % multiple if width is None else width
+    h = image.height - image.height % multiple if height is None else height
     if (w, h) != image.size:
         image = image.resize((w, h), resample=Image.LANCZOS)
     arr = np.asarray(image).astype(np.float32) / 255.0
@@ -154,6 +154,7 @@ class ZImagePipeline:
         dtype: mx.Dtype | None = None,
         quantization: str = "none",
         plan: MemoryPlan | None = None,
+        compile: bool | None = None,
     ):
         self.tokenizer = tokenizer
         self.scheduler_config = scheduler_config
@@ -166,6 +167,10 @@ class ZImagePipeline:
         self.dtype = dtype if dtype is not None else getattr(transformer, "dtype", mx.float32)
         self.quantization = quantization      # what the loaded weights are, e.g. "transformer 4-bit, text encoder 8-bit"
         self.plan = plan                      # the memory plan sizes are checked against (None: no check)
+        # mx.compile the DiT's elementwise chains: on a GPU by default; on MLX's CPU backend it measured slower
+        self.compile = (mx.default_device() == mx.gpu) if compile is None else bool(compile)
+        if transformer is not None and hasattr(transformer, "set_compile"):
+            transformer.set_compile(self.compile)
         self.timings: dict[str, float] = {}
         self._prompt_cache: OrderedDict[tuple[str, int], mx.array] = OrderedDict()
 
@@ -186,6 +191,7 @@ class ZImagePipeline:
         variant: str | None = None,
         height: int = DEFAULT_SIZE,
         width: int = DEFAULT_SIZE,
+        compile: bool | None = None,
         verbose: bool = False,
     ) -> "ZImagePipeline":
         """Load from a hub id (e.g. "Tongyi-MAI/Z-Image-Turbo"), a Hugging Face-layout directory, or an MLX directory.
@@ -198,6 +204,7 @@ class ZImagePipeline:
         re-checked when a call asks for a larger image, and a size that cannot fit is refused before any work.
         A hub model is converted once to the MLX layout and cached (hub.py), so later starts skip the conversion.
         Nothing heavy is read here (every file's header is checked): each model loads on first use.
+        compile: mx.compile the transformer's elementwise chains (default: on a GPU yes, on the CPU backend no).
         verbose: report the one-time conversion of a hub model on stderr. `pipe.plan.summary()` describes the plan.
         """
         mx_dtype = parse_dtype(dtype) if dtype is not None else None
@@ -240,7 +247,7 @@ class ZImagePipeline:
         variant = variant or (manifest or {}).get("variant") or detect_variant(src, scheduler)
         return cls(tokenizer=ZImageTokenizer.from_dir(root / "tokenizer"), scheduler_config=scheduler,
                    loaders=loaders, configs=configs, variant=variant, keep_text_encoder=keep_text_encoder,
-                   source=str(src), dtype=mx_dtype, quantization=describe_bits(bits), plan=plan)
+                   source=str(src), dtype=mx_dtype, quantization=describe_bits(bits), plan=plan, compile=compile)
 
     def _component(self, name: str):
         model = self._models.get(name)
@@ -249,6 +256,8 @@ class ZImagePipeline:
                 raise RuntimeError(f"this pipeline has no {name}")
             t0 = time.perf_counter()
             model = self._loaders[name]()
+            if hasattr(model, "set_compile"):
+                model.set_compile(self.compile)
             self.timings[f"load_{name}"] = self.timings.get(f"load_{name}", 0.0) + time.perf_counter() - t0
             self._models[name] = model
         return model
@@ -266,10 +275,12 @@ class ZImagePipeline:
         return self._component("vae")
 
     def free_text_encoder(self) -> None:
-        """Drop the text encoder's weights (it reloads on the next encode if a loader is known).
-        Already encoded prompts stay cached."""
-        if "text_encoder" in self._loaders or self._models.get("text_encoder") is None:
-            self._models["text_encoder"] = None
+        """Drop the text encoder's weights (it reloads on the next encode). Already encoded prompts stay cached."""
+        self._free("text_encoder")
+
+    def _free(self, name: str) -> None:
+        if name in self._loaders:     # injected models (no loader) stay
+            self._models[name] = None
             mx.clear_cache()
 
     def _config(self, name: str):
@@ -280,14 +291,14 @@ class ZImagePipeline:
 
     # ----------------------------------------------------------------- sizes
     @property
-    def vae_scale_factor(self) -> int:
-        """2 ** (len(block_out_channels) - 1), as diffusers' pipelines compute it (8 for the FLUX VAE)."""
-        return 2 ** (len(self._config("vae").get("block_out_channels", (128, 256, 512, 512))) - 1)
-
-    @property
     def size_multiple(self) -> int:
         """Image sizes are multiples of the VAE factor × the patch size (16 for Z-Image)."""
-        return PATCH_SIZE * self.vae_scale_factor
+        return size_multiple({"vae": self._config("vae")})
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """2 ** (len(block_out_channels) - 1), as diffusers' pipelines compute it (8 for the FLUX VAE)."""
+        return self.size_multiple // PATCH_SIZE
 
     def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
         m = self.size_multiple
@@ -433,7 +444,8 @@ class ZImagePipeline:
         if image is not None:
             init_image = preprocess_image(image, height, width, self.size_multiple)
             height, width = init_image.shape[1], init_image.shape[2]
-        height, width = self.check_size(height or DEFAULT_SIZE, width or DEFAULT_SIZE, batch)
+        height, width = self.check_size(DEFAULT_SIZE if height is None else height,
+                                        DEFAULT_SIZE if width is None else width, batch)
         shape = self.latent_shape(batch, height, width)
 
         # 1. prompts → caption features
@@ -476,19 +488,25 @@ class ZImagePipeline:
             latents = self.noise(seeds, shape)
         mx.eval(latents)
 
-        # 4. denoise
+        # 4. denoise (the caption path and RoPE tables are prepared once, for both CFG branches)
         transformer = self.transformer
         t0 = time.perf_counter()
+        both = list(pos) + list(neg)
+        if hasattr(transformer, "prepare"):
+            both = transformer.prepare(both, shape[2], shape[3])
+            cond = both.select(range(batch)) if neg else both
+        else:
+            cond = list(pos)
         for i in range(first, steps):
             t_model = float(sampler.model_time(timesteps[i], self.scheduler_config))
             g_i = sampler.guidance_for_step(g, t_model, cfg_truncation) if do_cfg else 0.0
             x_in = latents.astype(_model_dtype(transformer))
             if g_i > 0:
                 t = mx.full((2 * batch,), t_model, dtype=mx.float32)
-                v = transformer(mx.concatenate([x_in, x_in]), t, list(pos) + list(neg))
+                v = transformer(mx.concatenate([x_in, x_in]), t, both)
                 v = sampler.guidance(v[:batch], v[batch:], g_i, cfg_normalization)
             else:
-                v = transformer(x_in, mx.full((batch,), t_model, dtype=mx.float32), list(pos))
+                v = transformer(x_in, mx.full((batch,), t_model, dtype=mx.float32), cond)
             latents = sampler.euler_step(latents, v, sigmas[i], sigmas[i + 1])
             mx.eval(latents)
             if callback is not None and callback(i, float(sigmas[i + 1]), latents) is False:
@@ -504,6 +522,8 @@ class ZImagePipeline:
         if output_type == "latent":
             images = latents
         else:
+            if self.plan is not None and self.plan.free_transformer_before_decode:
+                self._free("transformer")      # what makes this size fit (memory plan); it reloads next call
             self.vae  # noqa: B018 - load first so decode times the decode alone
             t0 = time.perf_counter()
             images = self.decode_latents(latents)

@@ -1,9 +1,10 @@
 """Quantization policy: which layers, how many bits, which group size (a leaf: imports nothing of the package).
 
 One predicate, applied with `nn.quantize`: every `nn.Linear` of the transformer and the text encoder is quantized,
-except the embedders and the final layer of the transformer (`t_embedder`, `all_x_embedder`, `cap_embedder`,
-`all_final_layer`: small and precision-sensitive) and any layer whose input dim does not divide by the group size.
-Norms, pad tokens, the token embedding table and the whole VAE stay in float.
+and the text encoder's token-embedding table (`nn.Embedding`, 0.8 GB in bf16: a quantized encoder keeps it
+quantized too, as mlx-lm does), except the embedders and the final layer of the transformer (`t_embedder`,
+`all_x_embedder`, `cap_embedder`, `all_final_layer`: small and precision-sensitive) and any layer whose input dim
+does not divide by the group size. Norms, pad tokens and the whole VAE stay in float.
 
 `parse_quantize` is the one reader of the quantization vocabulary, shared by the Python API and the CLI.
 """
@@ -22,16 +23,19 @@ VOCABULARY = "auto, none, 4, 8, or per model: transformer=4,text_encoder=8"
 
 
 def should_quantize(path: str, module: nn.Module, group_size: int) -> bool:
-    """The policy: Linear layers only, not the DiT's embedders/final layer, input dim divisible by the group."""
-    if not isinstance(module, nn.Linear) or isinstance(module, nn.QuantizedLinear):
+    """The policy: Linear and Embedding layers, not the DiT's embedders/final layer, last dim divisible by the group."""
+    if not isinstance(module, (nn.Linear, nn.Embedding)):
         return False
     if any(part in KEEP_FLOAT for part in path.split(".")):
         return False
     return module.weight.shape[-1] % group_size == 0
 
 
+QUANTIZED = (nn.QuantizedLinear, nn.QuantizedEmbedding)
+
+
 def quantized_layers(model: nn.Module) -> list[str]:
-    return [p for p, m in model.named_modules() if isinstance(m, nn.QuantizedLinear)]
+    return [p for p, m in model.named_modules() if isinstance(m, QUANTIZED)]
 
 
 def prepare_for_quantized_load(model: nn.Module, bits: int, group_size: int) -> nn.Module:

@@ -17,7 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .quantize import prepare_for_quantized_load
+from .quantize import QUANTIZED, prepare_for_quantized_load
 
 
 class WeightError(ValueError):
@@ -163,7 +163,7 @@ def check_and_cast(
     expected = dict(tree_flatten(model.parameters()))
     to_quantize = {}
     for path, m in model.named_modules():
-        if isinstance(m, nn.QuantizedLinear) and f"{path}.weight" in weights and f"{path}.scales" not in weights:
+        if isinstance(m, QUANTIZED) and f"{path}.weight" in weights and f"{path}.scales" not in weights:
             to_quantize[f"{path}.weight"] = m
     provided = set(weights)
     for key in to_quantize:
