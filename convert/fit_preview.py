@@ -20,7 +20,18 @@ import numpy as np
 from PIL import Image
 
 from zimage_mlx.preview import FLUX_RGB_BIAS, FLUX_RGB_FACTORS, LatentRGB, fit_latent_rgb
-from zimage_mlx.vae import load_vae
+from zimage_mlx.components import load_component
+from zimage_mlx.convert import vae_config_from_shapes
+from zimage_mlx.weights import safetensors_keys
+
+
+def load_vae(path: Path):
+    """A diffusers vae/ directory, or a single FLUX ae.safetensors (config read from its shapes)."""
+    path = Path(path)
+    if path.is_dir():
+        return load_component("vae", path, mx.float32)
+    keys = {k: shape for k, (shape, _) in safetensors_keys(path).items()}
+    return load_component("vae", path, mx.float32, config=vae_config_from_shapes(keys))
 
 
 def synthetic_images(n: int, size: int, seed: int = 0) -> np.ndarray:
@@ -77,7 +88,7 @@ def main(argv=None):
     ap.add_argument("--size", type=int, default=256, help="image side in pixels")
     ap.add_argument("--output", type=Path, help="write the fitted numbers as JSON here")
     args = ap.parse_args(argv)
-    vae = load_vae(args.vae, dtype=mx.float32)
+    vae = load_vae(args.vae)
     images = load_images(args.images, args.size) if args.images else synthetic_images(args.num, args.size)
     result = fit(vae, images)
     print("FACTORS = (")

@@ -3,12 +3,14 @@ TAEF1 against diffusers' AutoencoderTiny, and the callback helper on a tiny pipe
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from conftest import perturb_, rel_err, to_numpy
 from make_pipeline import save_tiny_pipeline
@@ -183,3 +185,29 @@ def test_previewer_without_start_and_with_tiny_decoder(pipe, taef1_oracle, tmp_p
     pipe(prompt="a red fox", height=32, width=32, num_inference_steps=2, seed=0, output_type="latent",
          callback=lambda i, s, lat: sizes.append(prev(i, s, lat).size))
     assert sizes == [(32, 32), (32, 32)]
+
+
+# ---------------------------------------------------------------------------------------------- CLI --preview
+def test_cli_preview_file_is_replaced_every_step(pipe, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    import zimage_mlx.cli as cli
+
+    replaced = []
+    real_replace = os.replace
+
+    def counting_replace(src, dst):
+        if str(dst).endswith("live.png"):
+            replaced.append(dst)
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(cli.os, "replace", counting_replace)
+    out, live = tmp_path / "out.png", tmp_path / "previews" / "live.png"
+    r = CliRunner().invoke(cli.generate, ["a fox", "-m", pipe.source, "--quantize", "none", "--dtype", "float32",
+                                          "--steps", "3", "-W", "64", "-H", "48", "--seed", "1", "-o", str(out),
+                                          "--preview", str(live)])
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    assert len(replaced) == 3                                 # one atomic refresh per step
+    with Image.open(live) as im:
+        assert im.format == "PNG" and im.size == (64 // 8, 48 // 8)
+    assert sorted(p.name for p in live.parent.iterdir()) == ["live.png"]   # no temporary files left

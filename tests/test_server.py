@@ -20,7 +20,7 @@ from live_server import LiveServer, wait_for
 from make_pipeline import save_tiny_pipeline
 
 from zimage_mlx import ZImagePipeline, sampler
-from zimage_mlx.generate import png_params, read_png_params
+from zimage_mlx.pngfile import png_params, read_png_params
 from zimage_mlx.server import ServerConfig, _partial_steps, create_app
 
 H = W = 64
@@ -34,7 +34,7 @@ def pipe(tmp_path_factory, qwen_tokenizer_dir):
 
 
 def _config(**kw):
-    return ServerConfig(**{"metadata": png_params, "default_size": H, "model": "tiny", **kw})
+    return ServerConfig(**{"default_size": H, "model": "tiny", **kw})
 
 
 @pytest.fixture(scope="module")
@@ -388,3 +388,41 @@ def test_memory_stays_flat_over_30_requests(client):
     print(f"MLX active {mlx0:.1f} -> {mlx1:.1f} MB, RSS {rss0:.1f} -> {rss1:.1f} MB")
     assert abs(mlx1 - mlx0) < 0.5
     assert rss1 - rss0 < 20
+
+
+# ---------------------------------------------------------------------------------------------- the CLI command
+def test_serve_command_builds_a_working_app(pipe, monkeypatch, tmp_path):
+    import uvicorn
+    from click.testing import CliRunner
+
+    from zimage_mlx.cli import cli
+
+    started = {}
+
+    def fake_run(app, host, port, **kw):   # no socket: drive the app the command built in-process
+        started.update(host=host, port=port)
+        with TestClient(app) as c:
+            started["health"] = c.get("/health").json()
+            started["denied"] = c.post("/v1/images/generations", json={"prompt": "x"}).status_code
+            r = c.post("/v1/images/generations", headers={"Authorization": "Bearer k1"},
+                       json={"prompt": "a fox", "size": "32x32", "num_inference_steps": 2, "seed": 9})
+            started["image"] = _png(r.json()["data"][0]["b64_json"])
+
+    monkeypatch.setattr(uvicorn, "run", fake_run)
+    r = CliRunner().invoke(cli, ["serve", "--model", pipe.source, "--quantize", "none", "--dtype", "float32",
+                                 "--port", "8123", "--api-key", "k1", "--max-queue", "3"])
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    assert started["host"] == "127.0.0.1" and started["port"] == 8123          # localhost unless told otherwise
+    assert started["health"]["max_queue"] == 3 and started["health"]["auth"] is True
+    assert started["health"]["model"] == "Z-Image-Turbo-tiny" and started["denied"] == 401
+    assert started["image"].size == (32, 32)
+    meta = started["image"].text
+    assert meta["seed"] == "9" and meta["model"] == "Z-Image-Turbo-tiny" and meta["prompt"] == "a fox"
+    assert "serving on http://127.0.0.1:8123/" in r.output
+
+    lora = tmp_path / "style.safetensors"
+    lora.write_bytes(b"")
+    r = CliRunner().invoke(cli, ["serve", "--model", pipe.source, "--lora", f"{lora}:0.5"])
+    assert r.exit_code == 2 and "LoRA" in r.output
+    r = CliRunner().invoke(cli, ["serve", "--model", pipe.source, "--lora", str(tmp_path / "missing.safetensors")])
+    assert r.exit_code == 2 and "no such file" in r.output

@@ -15,7 +15,6 @@ from live_server import LiveServer
 from make_pipeline import save_tiny_pipeline
 
 from zimage_mlx import ZImagePipeline, sampler
-from zimage_mlx.generate import png_params
 from zimage_mlx.server import ServerConfig, create_app
 
 CHROMIUM = "/usr/bin/chromium"
@@ -26,7 +25,7 @@ TIMEOUT_MS = 30_000
 def server(tmp_path_factory, qwen_tokenizer_dir):
     root, _ = save_tiny_pipeline(tmp_path_factory.mktemp("zimage") / "Z-Image-Turbo-tiny", qwen_tokenizer_dir)
     pipe = ZImagePipeline.from_pretrained(root, dtype="float32", quantize=None, keep_text_encoder=True)
-    with LiveServer(create_app(pipe, ServerConfig(metadata=png_params, model="tiny"))) as srv:
+    with LiveServer(create_app(pipe, ServerConfig(model="tiny"))) as srv:
         yield srv
 
 

@@ -25,7 +25,9 @@ from .convert import check_output, convert
 from .hub import DEFAULT_REPO
 from .pipeline import DEFAULT_SIZE, DEFAULT_STRENGTH, MAX_SEED, ZImagePipeline, expand_seeds
 from .pngfile import png_params, read_png_params, save_png
+from .preview import Previewer, load_tiny_decoder
 from .quantize import GROUP_SIZES, VOCABULARY, parse_quantize
+from .sampler import sigmas_for
 
 DEFAULT_OUTPUT = "zimage-{seed}.png"
 
@@ -178,6 +180,32 @@ class _Progress:
         return True
 
 
+class _PreviewFile:
+    """Wraps the progress callback: after every step, the predicted final image (preview.Previewer) replaces
+    `path` atomically (written beside it, then renamed), so an image viewer never shows a half-written file."""
+
+    def __init__(self, path: Path, inner, pipe, seed, steps, height, width, decoder=None, img2img=False):
+        self.path, self.inner = path, inner
+        if img2img:   # the img2img start latents are made inside the pipeline: x̂0 from the second step on
+            self.previewer = Previewer(decoder)
+        else:
+            shape = pipe.latent_shape(1, height, width)
+            sigmas = sigmas_for(steps, pipe.scheduler_config, image_seq_len=shape[2] * shape[3] // 4)
+            self.previewer = Previewer(decoder, start=pipe.noise([seed], shape), start_sigma=float(sigmas[0]))
+
+    def __call__(self, step, sigma, latents):
+        image = self.previewer(step, sigma, latents)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=".png.part", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                image.save(f, format="PNG", compress_level=1)
+            os.replace(tmp, self.path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        return self.inner(step, sigma, latents)
+
+
 def _note(msg: str) -> None:
     click.echo(msg, err=True)
 
@@ -244,14 +272,18 @@ def _generate(o: dict) -> None:
           f"{width}x{height}; {pipe.plan.summary()}")
     if not o["seed"]:
         _note(f"seed: {', '.join(map(str, o['seeds']))}")
+    decoder = load_tiny_decoder(o["taef1"]) if o["taef1"] else None
 
     for i, (seed, path) in enumerate(zip(o["seeds"], o["paths"])):
         label = f"image {i + 1}/{len(o['seeds'])}" if len(o["seeds"]) > 1 else "denoising"
+        callback = _Progress(run_steps, label, enabled=not o["quiet"])
+        if o["preview"]:
+            callback = _PreviewFile(Path(o["preview"]), callback, pipe, seed, steps, height, width,
+                                    decoder, img2img=bool(o["image"]))
         out = pipe(prompt=o["prompt"], negative_prompt=negative, height=height, width=width,
                    num_inference_steps=steps, guidance_scale=guidance, cfg_truncation=o["cfg_truncation"],
                    cfg_normalization=o["cfg_normalization"], seed=seed, image=o["image"],
-                   strength=o["strength"] if o["image"] else None,
-                   callback=_Progress(run_steps, label, enabled=not o["quiet"]))
+                   strength=o["strength"] if o["image"] else None, callback=callback)
         for k, v in out.timings.items():
             if k != "total":
                 key = "load" if k.startswith("load_") else k
@@ -311,6 +343,10 @@ def _generate(o: dict) -> None:
 @click.option("--output", "-o", default=DEFAULT_OUTPUT, show_default=True, callback=_check_template,
               help="Output file, or a template with {seed} and {index}, or a directory. See below.")
 @click.option("--overwrite", is_flag=True, help="Replace existing files instead of choosing a free name.")
+@click.option("--preview", type=click.Path(dir_okay=False), default=None,
+              help="Refresh this PNG with a cheap preview of the image forming after every step.")
+@click.option("--taef1", type=click.Path(exists=True), default=None,
+              help="TAEF1 weights (taef1_decoder.safetensors) for full-size previews instead of the 1/8-size map.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--verbose", "-v", is_flag=True, help="Show the traceback when something fails.")
 @click.version_option(__version__, prog_name="zimage-mlx")
@@ -418,6 +454,76 @@ def convert_command(source, output, transformer, text_encoder, vae, tokenizer, t
                                 revision=revision, variant=variant), verbose)
 
 
+# ---------------------------------------------------------------------------------------------- serve
+def _lora_option(ctx, param, values):
+    out = []
+    for v in values:
+        path, _, weight = v.rpartition(":") if re.search(r":-?[0-9.]+$", v) else (v, "", "1.0")
+        if not Path(path).exists():
+            raise click.BadParameter(f"{path}: no such file")
+        out.append((path, float(weight)))
+    return out
+
+
+@click.command("serve", cls=_Command)
+@click.option("--model", "-m", default=DEFAULT_REPO, show_default=True,
+              help="Hub id, Hugging Face-layout directory, or a directory made by `zimage-mlx convert`.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Interface to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--api-key", envvar="ZIMAGE_MLX_API_KEY", default=None,
+              help="Require `Authorization: Bearer KEY` on /v1/* (also read from $ZIMAGE_MLX_API_KEY).")
+@click.option("--max-queue", type=click.IntRange(1), default=16, show_default=True,
+              help="Requests accepted at once (running and waiting); more are answered 429.")
+@click.option("--quantize", "-q", default="auto", show_default=True, callback=_quantize_option,
+              help="auto (fit the machine's memory) | none | 4 | 8 | per model: transformer=4,text_encoder=8")
+@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float32"]), default="auto", show_default=True,
+              callback=lambda ctx, p, v: None if v == "auto" else v,
+              help="Compute dtype; auto = bfloat16 on a GPU, float32 on the CPU.")
+@click.option("--lora", multiple=True, callback=_lora_option,
+              help="LoRA file to load at start, PATH or PATH:WEIGHT; repeat for several. Requests pick them by "
+                   "name (the file's stem) with {\"loras\": {\"NAME\": WEIGHT}}.")
+@click.option("--url-ttl", type=click.FloatRange(1), default=3600, show_default=True,
+              help="Seconds a response_format=url image stays downloadable.")
+@click.option("--taef1", type=click.Path(exists=True), default=None,
+              help="TAEF1 weights (taef1_decoder.safetensors) for full-size streamed previews.")
+@click.option("--verbose", "-v", is_flag=True, help="Show the traceback when something fails.")
+def serve(model, host, port, api_key, max_queue, quantize, dtype, lora, url_ttl, taef1, verbose):
+    """Serve OpenAI's images API (/v1/images/generations, /v1/images/edits) and a web page at http://HOST:PORT/."""
+    try:
+        import uvicorn
+
+        from . import server
+    except ImportError as e:
+        raise click.UsageError(f"the server needs the serve extra: pip install 'zimage-mlx[serve]' ({e})") from None
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        _note(f"warning: listening on {host} without --api-key: anyone who can reach this port can use it")
+
+    def start():
+        pipe = ZImagePipeline.from_pretrained(model, dtype=dtype, quantize=quantize, verbose=True)
+        pipe.keep_text_encoder = not pipe.plan.free_text_encoder_first   # warm between requests when it fits
+        _note(f"Z-Image {pipe.variant.capitalize()}, {pipe.dtype_name}; {pipe.plan.summary()}")
+        names = {}
+        if lora:
+            if not hasattr(pipe, "load_lora_weights"):
+                raise click.UsageError("--lora: this build of zimage-mlx has no LoRA support yet")
+            for path, weight in lora:
+                name = Path(path).stem
+                pipe.load_lora_weights(path, adapter_name=name)
+                names[name] = weight
+            pipe.set_adapters(list(names), list(names.values()))
+        config = server.ServerConfig(model=Path(model).name if Path(model).exists() else model, api_key=api_key,
+                                     max_queue=max_queue, url_ttl=url_ttl, loras=names,
+                                     preview_decoder=load_tiny_decoder(taef1) if taef1 else None)
+        app = server.create_app(pipe, config)
+        _note("loading the models …")
+        app.state.worker.call(lambda p: (p.transformer, p.vae, p.text_encoder if p.keep_text_encoder else None))
+        _note(f"serving on http://{host}:{port}/ (OpenAI base_url http://{host}:{port}/v1)")
+        uvicorn.run(app, host=host, port=port, log_level="warning" if not verbose else "info")
+
+    run_guarded(start, verbose)
+
+
 # ---------------------------------------------------------------------------------------------- the group
 @click.group()
 @click.version_option(__version__, prog_name="zimage-mlx")
@@ -428,6 +534,7 @@ def cli():
 cli.add_command(generate)
 cli.add_command(info)
 cli.add_command(convert_command)
+cli.add_command(serve)
 
 
 def generate_main() -> None:

@@ -44,7 +44,8 @@ from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Respon
 from starlette.routing import Route
 
 from . import sampler
-from .pipeline import VARIANT_DEFAULTS, GenerationCancelled, GenerationError, ZImagePipeline
+from .pipeline import DEFAULT_STRENGTH, MAX_SEED, GenerationCancelled, GenerationError, ZImagePipeline
+from .pngfile import png_params
 from .preview import Previewer, to_pil
 from .weights import WeightError
 
@@ -65,7 +66,6 @@ class ServerConfig:
     max_body: int = 25 * 1024 * 1024           # bytes (edits upload images)
     default_size: int = 1024
     loras: dict[str, float] = field(default_factory=dict)   # adapters loaded at start: name -> default weight
-    metadata: Callable[..., dict] | None = None             # the CLI's PNG text chunks (png_params)
     preview_decoder: Any = None                # preview.LatentRGB (default) or a TinyDecoder (TAEF1)
 
 
@@ -182,7 +182,7 @@ def parse_request(body: Any, cfg: ServerConfig, edit: bool = False) -> ImageRequ
         output_compression=_typed(body, "output_compression", int, 90, 0, 100),
         stream=_typed(body, "stream", bool, False),
         partial_images=_typed(body, "partial_images", int, 0, 0, MAX_PARTIALS),
-        seed=_typed(body, "seed", int, None, 0, 2**63 - 1),
+        seed=_typed(body, "seed", int, None, 0, MAX_SEED - MAX_N),
         num_inference_steps=_typed(body, "num_inference_steps", int, None, 1, MAX_STEPS),
         guidance_scale=_typed(body, "guidance_scale", float, None, 0.0, 100.0),
         negative_prompt=_typed(body, "negative_prompt", str, None),
@@ -299,69 +299,68 @@ class Worker:
                 job.done.set()
 
     def _generate(self, job: Job) -> None:
+        """Image k = pipe(prompt, seed=seed + k, ...): the very call a Python API user makes (prompts are cached by
+        the pipeline, so the text encoder runs once per prompt)."""
         pipe, req, cfg = self.pipe, job.req, self.cfg
-        defaults = VARIANT_DEFAULTS[pipe.variant]
-        steps = req.num_inference_steps or defaults["num_inference_steps"]
-        g = defaults["guidance_scale"] if req.guidance_scale is None else req.guidance_scale
-        negative = (req.negative_prompt or "") if g > 0 else None
+        steps, g = pipe.defaults(req.num_inference_steps, req.guidance_scale)
+        negative = req.negative_prompt if g > 0 else None
         seed = secrets.randbelow(2**31) if req.seed is None else req.seed
-        strength = (0.6 if req.strength is None else req.strength) if req.image is not None else None
-        first = sampler.img2img_start(steps, strength) if req.image is not None else 0
-        run_steps = steps - first
+        strength = (DEFAULT_STRENGTH if req.strength is None else req.strength) if req.image is not None else None
+        run_steps = pipe.steps_to_run(steps, strength)
         if run_steps <= 0:
             raise APIError(400, f"strength {strength} with {steps} steps leaves no step to run", param="strength")
         partial_at = _partial_steps(run_steps, req.partial_images) if req.stream else set()
-
+        extra = {}
+        if req.image is not None:
+            extra = {"image": req.image, "strength": strength}
+            if req.mask is not None:
+                extra["mask_image"] = req.mask
         if req.loras is not None:
             pipe.set_adapters(list(cfg.loras), [req.loras.get(k, 0.0) for k in cfg.loras])
         try:
-            feats = pipe.encode_prompt([req.prompt] + ([negative] if g > 0 else []))
-            if not pipe.keep_text_encoder:
-                pipe.free_text_encoder()
-            extra = {}
-            if req.image is not None:
-                extra = {"image": req.image, "strength": strength}
-                if req.mask is not None:
-                    extra["mask_image"] = req.mask
             for k in range(req.n):
                 if job.cancelled.is_set():
-                    raise GenerationCancelled("client gone")
+                    raise GenerationCancelled("the client has gone")
                 s = seed + k
-                previewer = None
-                if partial_at and req.image is None:   # text-to-image: the start noise is known, x̂0 from step 1
-                    shape = pipe.latent_shape(1, req.height, req.width)
-                    sigmas = sampler.sigmas_for(steps, pipe.scheduler_config, image_seq_len=shape[2] * shape[3] // 4)
-                    previewer = Previewer(cfg.preview_decoder, start=pipe.noise([s], shape), start_sigma=float(sigmas[0]))
-                elif partial_at:
-                    previewer = Previewer(cfg.preview_decoder)
-                counter = {"step": 0, "partial": 0}
-
-                def callback(i, sigma, latents, k=k, previewer=previewer, counter=counter):
-                    if job.cancelled.is_set():
-                        return False
-                    if previewer is not None:
-                        x0 = previewer.x0(sigma, latents)
-                        if counter["step"] in partial_at:
-                            img = to_pil(previewer.decoder(x0[:1])[0])
-                            job.emit(("partial", k, counter["partial"], _encode(img, req, None)))
-                            counter["partial"] += 1
-                    counter["step"] += 1
-                    return True
-
-                out = pipe(prompt_embeds=feats[:1], negative_prompt_embeds=feats[1:] or None, height=req.height,
-                           width=req.width, num_inference_steps=steps, guidance_scale=g, seed=s, callback=callback,
-                           **extra)
+                callback = _StepCallback(job, k, partial_at, self._previewer(s, steps, req) if partial_at else None)
+                out = pipe(prompt=req.prompt, negative_prompt=negative, height=req.height, width=req.width,
+                           num_inference_steps=steps, guidance_scale=g, seed=s, callback=callback, **extra)
                 img = out.images[0]
-                meta = None
-                if cfg.metadata is not None:
-                    meta = cfg.metadata(req.prompt, negative, s, steps, g, f"{img.width}x{img.height}", cfg.model,
-                                        pipe.quantization, pipe.dtype_name,
-                                        image="upload" if req.image is not None else None, strength=strength)
+                meta = png_params(req.prompt, negative, s, steps, g, f"{img.width}x{img.height}", cfg.model,
+                                  pipe.quantization, pipe.dtype_name,
+                                  image="upload" if req.image is not None else None, strength=strength)
                 job.emit(("image", k, s, img.size, _encode(img, req, meta)))
                 self.stats["images"] += 1
         finally:
             if req.loras is not None:
                 pipe.set_adapters(list(cfg.loras), list(cfg.loras.values()))
+
+    def _previewer(self, seed: int, steps: int, req: ImageRequest) -> Previewer:
+        if req.image is not None:          # img2img: the start latents are not known here; x̂0 from the 2nd step
+            return Previewer(self.cfg.preview_decoder)
+        shape = self.pipe.latent_shape(1, req.height, req.width)
+        sigmas = sampler.sigmas_for(steps, self.pipe.scheduler_config, image_seq_len=shape[2] * shape[3] // 4)
+        return Previewer(self.cfg.preview_decoder, start=self.pipe.noise([seed], shape), start_sigma=float(sigmas[0]))
+
+
+class _StepCallback:
+    """The pipeline callback of one image: False once the client has gone; a partial image at the chosen steps."""
+
+    def __init__(self, job: Job, index: int, partial_at: set[int], previewer: Previewer | None):
+        self.job, self.index, self.partial_at, self.previewer = job, index, partial_at, previewer
+        self.step = self.partials = 0
+
+    def __call__(self, i, sigma, latents) -> bool:
+        if self.job.cancelled.is_set():
+            return False
+        if self.previewer is not None:
+            x0 = self.previewer.x0(sigma, latents)
+            if self.step in self.partial_at:
+                img = to_pil(self.previewer.decoder(x0[:1])[0])
+                self.job.emit(("partial", self.index, self.partials, _encode(img, self.job.req, None)))
+                self.partials += 1
+        self.step += 1
+        return True
 
 
 def _partial_steps(run_steps: int, partial_images: int) -> set[int]:
@@ -515,7 +514,20 @@ def create_app(pipe: ZImagePipeline, config: ServerConfig | None = None) -> Star
             req.width, req.height = w, h
         return await run(request, req)
 
+    def check_size(req: ImageRequest) -> None:
+        """The pipeline's own size check (multiple, position range, memory plan): pure arithmetic on the configs,
+        so it is safe off the worker thread; skipped for injected models whose configs would need loading."""
+        if not all(n in getattr(pipe, "configs", {}) for n in ("transformer", "vae")):
+            return
+        try:
+            pipe.check_size(req.height, req.width)
+        except (ValueError, MemoryError) as e:
+            raise APIError(400, f"'size' {req.width}x{req.height}: {e}", param="size", code="invalid_value") from None
+
     async def run(request: Request, req: ImageRequest):
+        check_size(req)
+        if req.seed is not None and req.seed + req.n - 1 > MAX_SEED:
+            raise APIError(400, f"'seed' + n - 1 must be at most {MAX_SEED}", param="seed", code="invalid_value")
         job = Job(req, asyncio.get_running_loop())
         worker.submit(job)
         created = int(time.time())
