@@ -25,13 +25,16 @@ from zimage_mlx.convert import vae_config_from_shapes
 from zimage_mlx.weights import safetensors_keys
 
 
-def load_vae(path: Path):
-    """A diffusers vae/ directory, or a single FLUX ae.safetensors (config read from its shapes)."""
+def load_vae(path: Path, config: Path | None = None):
+    """A diffusers vae/ directory, or a single FLUX ae.safetensors (config from `config` or from its shapes)."""
     path = Path(path)
     if path.is_dir():
         return load_component("vae", path, mx.float32)
-    keys = {k: shape for k, (shape, _) in safetensors_keys(path).items()}
-    return load_component("vae", path, mx.float32, config=vae_config_from_shapes(keys))
+    if config is not None:
+        cfg = json.loads(Path(config).read_text())
+    else:
+        cfg = vae_config_from_shapes({k: shape for k, (shape, _) in safetensors_keys(path).items()})
+    return load_component("vae", path, mx.float32, config=cfg)
 
 
 def synthetic_images(n: int, size: int, seed: int = 0) -> np.ndarray:
@@ -83,12 +86,13 @@ def fit(vae, images: np.ndarray) -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("vae", type=Path, help="diffusers vae/ directory or a FLUX ae.safetensors file")
+    ap.add_argument("--vae-config", type=Path, help="config.json for a single-file VAE (default: from its shapes)")
     ap.add_argument("--images", type=Path, help="folder of images (default: synthetic colour fields)")
     ap.add_argument("--num", type=int, default=16, help="synthetic images to use")
     ap.add_argument("--size", type=int, default=256, help="image side in pixels")
     ap.add_argument("--output", type=Path, help="write the fitted numbers as JSON here")
     args = ap.parse_args(argv)
-    vae = load_vae(args.vae)
+    vae = load_vae(args.vae, args.vae_config)
     images = load_images(args.images, args.size) if args.images else synthetic_images(args.num, args.size)
     result = fit(vae, images)
     print("FACTORS = (")

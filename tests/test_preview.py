@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import perturb_, rel_err, to_numpy
 from make_pipeline import save_tiny_pipeline
-from make_vae import make_tiny_vae, save_tiny_vae
+from make_vae import make_tiny_vae, save_tiny_vae, save_tiny_vae_ldm
 
 from zimage_mlx import ZImagePipeline, sampler
 from zimage_mlx.preview import (FLUX_RGB_BIAS, FLUX_RGB_FACTORS, LatentRGB, Previewer, TinyDecoder, fit_latent_rgb,
@@ -70,7 +70,9 @@ def test_fit_preview_script_on_tiny_vae(tmp_path):
     spec = importlib.util.spec_from_file_location("fit_preview", ROOT / "convert" / "fit_preview.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    save_tiny_vae(tmp_path / "vae", make_tiny_vae(seed=7))   # spatial factor 8 like the real VAE
+    oracle = make_tiny_vae(seed=7)                           # spatial factor 8 like the real VAE
+    save_tiny_vae(tmp_path / "vae", oracle)
+    save_tiny_vae_ldm(tmp_path / "ae.safetensors", oracle)   # FLUX single file: config from the shapes
     out = tmp_path / "rgb.json"
     result = script.main([str(tmp_path / "vae"), "--num", "3", "--size", "32", "--output", str(out)])
     saved = json.loads(out.read_text())
@@ -79,6 +81,9 @@ def test_fit_preview_script_on_tiny_vae(tmp_path):
     # Least squares beats the FLUX numbers on this (random) VAE, and is exact on its own training pairs' fit.
     assert result["rms_fitted"] < result["rms_default"]
     lat, tgt = script.latent_pairs(script.load_vae(tmp_path / "vae"), script.synthetic_images(3, 32))
+    single = script.main([str(tmp_path / "ae.safetensors"), "--vae-config", str(tmp_path / "vae" / "config.json"),
+                          "--num", "3", "--size", "32"])
+    assert single["factors"] == result["factors"] and single["bias"] == result["bias"]
     f, b = fit_latent_rgb(lat, tgt)
     resid = np.einsum("nchw,ck->nhwk", lat, f) + b - tgt
     assert np.abs(np.einsum("nhwk,nchw->ck", resid, lat)).max() < 1e-3   # normal equations hold

@@ -53,6 +53,7 @@ FORMATS = {"png": ("PNG", "image/png"), "jpeg": ("JPEG", "image/jpeg"), "webp": 
 MAX_N = 10
 MAX_PARTIALS = 50        # OpenAI allows 0-3; the web page asks for one per step
 MAX_STEPS = 200
+TEXT_FIELDS = ("prompt", "negative_prompt", "size", "response_format", "output_format", "model", "user")
 
 
 @dataclass
@@ -493,11 +494,9 @@ def create_app(pipe: ZImagePipeline, config: ServerConfig | None = None) -> Star
             if hasattr(value, "read"):
                 uploads.setdefault(key, value)
             else:
-                body[key] = _form_value(value)
+                body[key] = value if key in TEXT_FIELDS else _form_value(value)
         if "image" not in uploads:
             raise APIError(400, "'image' (a file) is required", param="image", code="missing_required_parameter")
-        if "prompt" in body:
-            body["prompt"] = str(body["prompt"])
         req = parse_request(body, cfg, edit=True)
         req.image = await _read_image(uploads["image"], "image")
         if "mask" in uploads:
@@ -532,42 +531,44 @@ def create_app(pipe: ZImagePipeline, config: ServerConfig | None = None) -> Star
         worker.submit(job)
         created = int(time.time())
         if req.stream:
-            return StreamingResponse(stream(request, job, created), media_type="text/event-stream",
+            return StreamingResponse(stream(request, job), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         data = []
-        async for ev in events(request, job):
-            if ev[0] == "image":
-                _, k, seed, size, blob = ev
-                item = {"seed": seed}
-                if req.response_format == "url":
-                    name = files.put(blob, req.output_format)
-                    item["url"] = f"{str(request.base_url).rstrip('/')}/files/{name}"
-                else:
-                    item["b64_json"] = base64.b64encode(blob).decode()
-                data.append(item)
-            elif ev[0] == "error":
-                return ev[1].response()
+        async with contextlib.aclosing(events(request, job)) as evs:
+            async for ev in evs:
+                if ev[0] == "image":
+                    _, k, seed, size, blob = ev
+                    item = {"seed": seed}
+                    if req.response_format == "url":
+                        name = files.put(blob, req.output_format)
+                        item["url"] = f"{str(request.base_url).rstrip('/')}/files/{name}"
+                    else:
+                        item["b64_json"] = base64.b64encode(blob).decode()
+                    data.append(item)
+                elif ev[0] == "error":
+                    return ev[1].response()
         return JSONResponse({"created": created, "data": data, "size": f"{req.width}x{req.height}",
                              "output_format": req.output_format, "quality": "auto", "background": "opaque"})
 
-    async def stream(request: Request, job: Job, created: int):
+    async def stream(request: Request, job: Job):
         req = job.req
         common = {"size": f"{req.width}x{req.height}", "output_format": req.output_format, "quality": "auto",
                   "background": "opaque"}
-        async for ev in events(request, job):
-            if ev[0] == "partial":
-                _, k, index, blob = ev
-                payload = {"type": "image_generation.partial_image", "b64_json": base64.b64encode(blob).decode(),
-                           "partial_image_index": index, "image_index": k, "created_at": int(time.time()), **common}
-            elif ev[0] == "image":
-                _, k, seed, size, blob = ev
-                payload = {"type": "image_generation.completed", "b64_json": base64.b64encode(blob).decode(),
-                           "image_index": k, "seed": seed, "created_at": int(time.time()), **common}
-            elif ev[0] == "error":
-                payload = {"type": "error", **ev[1].body()}
-            else:
-                continue
-            yield f"event: {payload['type']}\ndata: {json.dumps(payload)}\n\n"
+        async with contextlib.aclosing(events(request, job)) as evs:
+            async for ev in evs:
+                if ev[0] == "partial":
+                    _, k, index, blob = ev
+                    payload = {"type": "image_generation.partial_image", "b64_json": base64.b64encode(blob).decode(),
+                               "partial_image_index": index, "image_index": k, "created_at": int(time.time()), **common}
+                elif ev[0] == "image":
+                    _, k, seed, size, blob = ev
+                    payload = {"type": "image_generation.completed", "b64_json": base64.b64encode(blob).decode(),
+                               "image_index": k, "seed": seed, "created_at": int(time.time()), **common}
+                elif ev[0] == "error":
+                    payload = {"type": "error", **ev[1].body()}
+                else:
+                    continue
+                yield f"event: {payload['type']}\ndata: {json.dumps(payload)}\n\n"
 
     async def events(request: Request, job: Job):
         """The job's events until it ends; a client disconnect cancels the job (at its next step)."""
