@@ -375,7 +375,7 @@ def generate(**o):
     o["paths"] = output_paths(o["output"], o["seeds"])
     if o["overwrite"] and len(set(o["paths"])) < len(o["paths"]):
         raise click.UsageError(f"{o['output']!r} gives the same file name to several images")
-    check_writable(o["paths"])
+    check_writable(o["paths"] + ([Path(o["preview"])] if o["preview"] else []))
     run_guarded(lambda: _generate(o), o["verbose"])
 
 
