@@ -426,3 +426,41 @@ def test_serve_command_builds_a_working_app(pipe, monkeypatch, tmp_path):
     assert r.exit_code == 2 and "LoRA" in r.output
     r = CliRunner().invoke(cli, ["serve", "--model", pipe.source, "--lora", str(tmp_path / "missing.safetensors")])
     assert r.exit_code == 2 and "no such file" in r.output
+
+
+# ---------------------------------------------------------------------------------------------- the official SDK
+def test_openai_sdk_client(pipe):
+    import openai
+
+    app = create_app(pipe, _config(api_key="k", max_queue=1))
+    worker, gate = app.state.worker, threading.Event()
+    with LiveServer(app) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="k", max_retries=0, timeout=60)
+        r = client.images.generate(model="tiny", prompt="a fox", size="32x32", n=2,
+                                   extra_body={"seed": 3, "num_inference_steps": 2})
+        assert r.size == "32x32" and len(r.data) == 2
+        ref = worker.call(lambda p: p(prompt="a fox", height=32, width=32, num_inference_steps=2, seed=4).images[0], 60)
+        assert np.array_equal(np.asarray(_png(r.data[1].b64_json).convert("RGB")), np.asarray(ref))
+
+        events = list(client.images.generate(model="tiny", prompt="a fox", size="32x32", stream=True,
+                                             partial_images=2, extra_body={"num_inference_steps": 4}))
+        assert [e.type for e in events] == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
+
+        edit = client.images.edit(image=("in.png", _upload(Image.new("RGB", (48, 32), "teal")), "image/png"),
+                                  prompt="at night", extra_body={"num_inference_steps": 2, "strength": 0.5})
+        assert _png(edit.data[0].b64_json).size == (48, 32)
+        assert [m.id for m in client.models.list()] == ["tiny"]
+
+        with pytest.raises(openai.BadRequestError, match="multiples of 16"):
+            client.images.generate(model="tiny", prompt="a fox", size="33x32")
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=srv.url + "/v1", api_key="wrong", max_retries=0).images.generate(prompt="x")
+        blocker = threading.Thread(target=worker.call, args=(lambda p: gate.wait(30), 60))
+        blocker.start()
+        wait_for(lambda: worker.running)
+        try:
+            with pytest.raises(openai.RateLimitError, match="queue is full"):
+                client.images.generate(model="tiny", prompt="a fox", size="32x32")
+        finally:
+            gate.set()
+            blocker.join(30)

@@ -104,6 +104,8 @@ def test_generate_shows_the_preview_forming_then_the_final_image(page, server, s
 def test_live_mode_only_the_last_prompt_finishes(page, server, step_delay):
     step_delay(0.3)
     page.eval_on_selector("#steps", "el => { el.value = 4; el.dispatchEvent(new Event('input')); }")
+    page.select_option("#width", "512")
+    page.select_option("#height", "256")
     before = _health(page, server)
     page.check("#live")
     page.fill("#prompt", "a cat")
@@ -120,6 +122,15 @@ def test_live_mode_only_the_last_prompt_finishes(page, server, step_delay):
     assert after["completed"] - before["completed"] == 1     # only the second prompt's image finished
     assert after["cancelled"] - before["cancelled"] == 1     # the first was cancelled mid-generation
     assert page.locator("#gallery .item").count() == 0        # live results stay out of the gallery
-    # Live renders are small: the 1024x1024 settings run at 256x256.
+    # Live renders are small: the 512x256 settings run at 256x128 ...
     assert page.evaluate("[document.querySelector('#preview').naturalWidth, "
-                         "document.querySelector('#preview').naturalHeight]") == [256, 256]
+                         "document.querySelector('#preview').naturalHeight]") == [256, 128]
+    # ... and "Render full size" renders them at 512x256 into the gallery.
+    page.click("#render")
+    page.wait_for_selector("#gallery .item img")
+    page.wait_for_function("document.querySelector('#gallery img').naturalWidth > 0")
+    assert page.evaluate("[document.querySelector('#gallery img').naturalWidth, "
+                         "document.querySelector('#gallery img').naturalHeight]") == [512, 256]
+    assert "a dog on a beach" in page.inner_text("#gallery .item .params")
+    live_seed = page.evaluate("liveSeed")
+    assert f"seed {live_seed}" in page.inner_text("#gallery .item .params")   # the same picture, larger
