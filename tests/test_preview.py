@@ -17,7 +17,7 @@ from make_pipeline import save_tiny_pipeline
 from make_vae import make_tiny_vae, save_tiny_vae, save_tiny_vae_ldm
 
 from zimage_mlx import ZImagePipeline, sampler
-from zimage_mlx.preview import (FLUX_RGB_BIAS, FLUX_RGB_FACTORS, LatentRGB, Previewer, TinyDecoder, fit_latent_rgb,
+from zimage_mlx.preview import (FLUX_RGB_BIAS, FLUX_RGB_FACTORS, LatentRGB, Previewer, fit_latent_rgb,
                                 load_tiny_decoder, predicted_x0, x0_from_steps)
 from zimage_mlx.weights import WeightError
 

@@ -36,11 +36,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
+import mlx.core as mx
 from PIL import Image
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from . import sampler
@@ -268,8 +269,6 @@ class Worker:
         self.jobs.put(None)
 
     def _loop(self) -> None:
-        import mlx.core as mx
-
         while True:
             job = self.jobs.get()
             if job is None:
