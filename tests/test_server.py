@@ -423,7 +423,10 @@ def test_serve_command_builds_a_working_app(pipe, monkeypatch, tmp_path):
     lora = tmp_path / "style.safetensors"
     lora.write_bytes(b"")
     r = CliRunner().invoke(cli, ["serve", "--model", pipe.source, "--lora", f"{lora}:0.5"])
-    assert r.exit_code == 2 and "LoRA" in r.output
+    if hasattr(ZImagePipeline, "load_lora_weights"):    # an empty file is no LoRA: one line naming it
+        assert r.exit_code == 1 and "style.safetensors" in r.output.strip().splitlines()[-1], r.output
+    else:
+        assert r.exit_code == 2 and "no LoRA support yet" in r.output
     r = CliRunner().invoke(cli, ["serve", "--model", pipe.source, "--lora", str(tmp_path / "missing.safetensors")])
     assert r.exit_code == 2 and "no such file" in r.output
 
