@@ -348,9 +348,11 @@ class ZImageTransformer(nn.Module):
             c = mx.concatenate([c, pad], axis=0)
         return c
 
-    def __call__(self, latents: mx.array, timestep: mx.array, cap_feats: "list | Captions") -> mx.array:
+    def __call__(self, latents: mx.array, timestep: mx.array, cap_feats: "list | Captions", control=None) -> mx.array:
         """cap_feats: a list of (L_i, cap_feat_dim) arrays, or what `prepare` made of them for this latent size
-        (the pipeline prepares once per generation and reuses it at every step)."""
+        (the pipeline prepares once per generation and reuses it at every step).
+        control: optional ControlNet hook (controlnet.ControlConditioning): its `refiner_hints` and `layer_hints`
+        return {layer index: array} added after those noise-refiner / main layers."""
         cfg = self.config
         if latents.ndim != 4 or latents.shape[1] != cfg.in_channels:
             raise ValueError(f"latents must be (B, {cfg.in_channels}, h, w), got {tuple(latents.shape)}")
@@ -365,15 +367,16 @@ class ZImageTransformer(nn.Module):
                              f"got {B} of {(h, w)}")
         timestep = mx.broadcast_to(mx.array(timestep).reshape(-1), (B,))
         if len(captions.groups) == 1:
-            return self._forward(latents, timestep, captions.groups[0])
+            return self._forward(latents, timestep, captions.groups[0], control)
         out = [None] * B
         for g in captions.groups:
-            y = self._forward(latents[mx.array(g.index)], timestep[mx.array(g.index)], g)
+            y = self._forward(latents[mx.array(g.index)], timestep[mx.array(g.index)], g,
+                              control.select(g.index) if control is not None else None)
             for j, i in enumerate(g.index):
                 out[i] = y[j]
         return mx.stack(out)
 
-    def _forward(self, latents, timestep, g: "CaptionGroup"):
+    def _forward(self, latents, timestep, g: "CaptionGroup", control=None):
         cfg = self.config
         dtype = self.dtype
         B, C, h, w = latents.shape
@@ -392,12 +395,18 @@ class ZImageTransformer(nn.Module):
             x = mx.concatenate([x, pad], axis=1)
 
         img_cos, img_sin = g.cos[: g.n_img], g.sin[: g.n_img]
-        for layer in self.noise_refiner:
+        hints = control.refiner_hints(self, x, img_cos, img_sin, temb) if control is not None else {}
+        for i, layer in enumerate(self.noise_refiner):
             x = layer(x, img_cos, img_sin, temb)
+            if i in hints:
+                x = x + hints[i]
 
         u = mx.concatenate([x, g.cap], axis=1)
-        for layer in self.layers:
+        hints = control.layer_hints(u, g.cos, g.sin, temb) if control is not None else {}
+        for i, layer in enumerate(self.layers):
             u = layer(u, g.cos, g.sin, temb)
+            if i in hints:
+                u = u + hints[i]
         y = self.all_final_layer[key](u[:, :n_img], temb)
 
         y = y.reshape(B, ht, wt, p, p, C).transpose(0, 5, 1, 3, 2, 4).reshape(B, C, h, w)
