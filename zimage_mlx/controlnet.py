@@ -229,6 +229,11 @@ class ControlConditioning:
         return ControlConditioning(self.controlnet, [ControlInput(i.context[idx], i.scale) for i in self.inputs],
                                    self.semantics)
 
+    def doubled(self) -> "ControlConditioning":
+        """The same control for a [positive ; negative] CFG batch (diffusers repeats the control latents)."""
+        return ControlConditioning(self.controlnet, [ControlInput(mx.concatenate([i.context, i.context]), i.scale)
+                                                     for i in self.inputs], self.semantics)
+
     def refiner_hints(self, model, x, cos, sin, temb) -> dict[int, mx.array]:
         """Called with the embedded image tokens before the noise refiner."""
         net, places = self.controlnet, self.controlnet.config.control_refiner_layers_places
