@@ -1,0 +1,126 @@
+"""ControlNet Union cost: DiT step time with the ControlNet ÷ without, and the ControlNet's weight memory.
+
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \\
+        python benchmarks/controlnet_bench.py --size 128 --repeats 2 [--layers 30] [--semantics reference]
+
+Step time: the real block structure at full width (dim 3840, 30 heads, FFN 10240): 30 main layers, 2 noise-refiner
+and 2 context-refiner blocks; the 2.1 ControlNet adds 15 control layers + 2 control-refiner blocks, 2.1-lite 3 + 2.
+To fit the CPU's memory the blocks of one kind share one set of random weights (the arithmetic and the weight
+traffic per block are those of distinct blocks). `--layers L` scales the depth (control layers scale with it).
+One "step" is one transformer call (one velocity, batch 1, --caption-tokens caption), median of --repeats after a
+warm-up. Memory: the ControlNet's parameter bytes computed from the real configs' shapes (nothing is allocated),
+bf16 and with the package's 8/4-bit quantization policy (group 64). Prints tables; never part of the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from zimage_mlx.controlnet import ControlConditioning, ControlInput, ZImageControlNet, ZImageControlNetConfig
+from zimage_mlx.quantize import weight_bytes
+from zimage_mlx.transformer import ZImageTransformer, ZImageTransformerConfig
+
+VARIANTS = {   # published configs (diffusers' ZImageControlNetModel / VideoX-Fun yaml files)
+    "2.1": dict(control_layers_places=list(range(0, 30, 2)), add_control_noise_refiner="control_noise_refiner"),
+    "2.1-lite": dict(control_layers_places=[0, 10, 20], add_control_noise_refiner="control_noise_refiner"),
+    "2.0": dict(control_layers_places=list(range(0, 30, 2)), add_control_noise_refiner="control_layers"),
+    "v1": dict(control_layers_places=list(range(0, 30, 5)), add_control_noise_refiner=None, control_in_dim=16),
+}
+
+
+def scaled_places(places: list[int], layers: int) -> list[int]:
+    return sorted({p * layers // 30 for p in places})
+
+
+def build(layers: int, variant: str | None, dtype):
+    """The model (and ControlNet) with `layers` main layers; blocks of one shape share one set of weights."""
+    model = ZImageTransformer(ZImageTransformerConfig(n_layers=1, n_refiner_layers=1))
+    block = model.layers[0]
+    model.layers = [block] * layers
+    model.noise_refiner = [block] * 2
+    model.context_refiner = model.context_refiner * 2
+    model.set_dtype(dtype)
+    net = None
+    if variant is not None:
+        v = dict(VARIANTS[variant])
+        places = scaled_places(v.pop("control_layers_places"), layers)
+        net = ZImageControlNet(ZImageControlNetConfig(control_layers_places=[0, 1], **v))
+        first, rest = net.control_layers
+        net.control_layers = [first] + [rest] * (len(places) - 1)
+        net.config.control_layers_places = places
+        if v["add_control_noise_refiner"] == "control_noise_refiner":
+            net.control_noise_refiner = [first, rest]
+        elif v["add_control_noise_refiner"] is None:
+            net.control_noise_refiner = [block] * 2
+        net.set_dtype(dtype)
+    return model, net
+
+
+def time_step(model, net, size: int, caption_tokens: int, repeats: int, semantics: str) -> float:
+    h = w = size // 8
+    x = mx.random.normal((1, 16, h, w), key=mx.random.key(0))
+    caps = [mx.random.normal((caption_tokens, 2560), key=mx.random.key(1))]
+    t = mx.array([0.5])
+    kw = {}
+    if net is not None:
+        ctx = mx.random.normal((1, net.config.control_in_dim, h, w), key=mx.random.key(2))
+        kw["control"] = ControlConditioning(net, [ControlInput(ctx, 0.75)], semantics)
+    times = []
+    for i in range(repeats + 1):
+        t0 = time.perf_counter()
+        mx.eval(model(x, t, caps, **kw))
+        if i:
+            times.append(time.perf_counter() - t0)
+        if net is not None:   # a fresh hook per call, as the pipeline makes one per step
+            kw["control"] = ControlConditioning(net, kw["control"].inputs, semantics)
+    return statistics.median(times)
+
+
+def memory_table():
+    print("\nControlNet weight memory (real configs, from shapes):")
+    print("| variant | params | bf16 | 8-bit | 4-bit |\n|---|---|---|---|---|")
+    for name, v in VARIANTS.items():
+        net = ZImageControlNet(ZImageControlNetConfig(**v))
+        n = sum(p.size for _, p in tree_flatten(net.parameters()))
+        sizes = [weight_bytes(net, b, 64, mx.bfloat16) / 1e9 for b in (None, 8, 4)]
+        print(f"| {name} | {n / 1e9:.2f} B | {sizes[0]:.2f} GB | {sizes[1]:.2f} GB | {sizes[2]:.2f} GB |")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    ap.add_argument("--size", type=int, default=128, help="image side in pixels (tokens = (size/16)^2)")
+    ap.add_argument("--caption-tokens", type=int, default=32)
+    ap.add_argument("--layers", type=int, default=30, help="main layers (control layers scale with them)")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--semantics", choices=["reference", "diffusers"], default="reference")
+    ap.add_argument("--variants", default="2.1,2.1-lite")
+    ap.add_argument("--memory-only", action="store_true")
+    args = ap.parse_args()
+    mx.set_default_device(mx.cpu if args.device == "cpu" else mx.gpu)
+    dtype = getattr(mx, args.dtype or ("float32" if args.device == "cpu" else "bfloat16"))
+    print(f"machine: {platform.machine()} {platform.system()}, MLX {mx.__version__} {args.device}, "
+          f"{str(dtype).split('.')[-1]}; {args.size}x{args.size} ({(args.size // 16) ** 2} image tokens), "
+          f"{args.caption_tokens} caption tokens, {args.layers} main layers, {args.semantics} semantics")
+    if not args.memory_only:
+        model, _ = build(args.layers, None, dtype)
+        base = time_step(model, None, args.size, args.caption_tokens, args.repeats, args.semantics)
+        print("| ControlNet | control layers | step (s) | ÷ without |\n|---|---|---|---|")
+        print(f"| none | 0 | {base:.2f} | 1.00 |")
+        for variant in args.variants.split(","):
+            model, net = build(args.layers, variant, dtype)
+            s = time_step(model, net, args.size, args.caption_tokens, args.repeats, args.semantics)
+            print(f"| {variant} | {len(net.config.control_layers_places)} | {s:.2f} | {s / base:.2f} |")
+            del model, net
+    memory_table()
+
+
+if __name__ == "__main__":
+    main()
