@@ -16,7 +16,7 @@ from make_transformer import make_tiny_transformer, save_tiny_transformer
 
 from zimage_mlx.controlnet import ControlConditioning, ControlInput, config_from_weights, load_controlnet
 from zimage_mlx.control_maps import canny, control_map
-from zimage_mlx.transformer import load_transformer
+from zimage_mlx.components import load_component
 from zimage_mlx.weights import WeightError
 
 LAT_H, LAT_W = 8, 6      # 12 image tokens (padded to 32)
@@ -28,7 +28,7 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("cn")
     tr = make_tiny_transformer(1)
     save_tiny_transformer(root / "transformer", tr)
-    out = {"tr": tr, "mlx_tr": load_transformer(root / "transformer", mx.float32), "root": root}
+    out = {"tr": tr, "mlx_tr": load_component("transformer", root / "transformer", mx.float32), "root": root}
     for variant in ("2.1", "2.0", "v1"):
         cn = make_tiny_controlnet(2, variant)
         save_tiny_controlnet(root / variant, cn)

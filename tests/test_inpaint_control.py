@@ -153,7 +153,7 @@ def test_control_context_per_semantics(tiny):
     gray = np.array(pipe.vae.encode(mx.zeros((1, 32, 32, 3))))
     for semantics in ("reference", "diffusers"):
         pipe.controlnet_semantics = semantics
-        ctx = np.array(pipe._control([control], 0.5, None, None, 32, 32, 1).inputs[0].context)
+        ctx = np.array(pipe._control([control], [0.5], None, None, 32, 32, 1).inputs[0].context)
         np.testing.assert_allclose(ctx[:, :16], ctrl_latent, atol=1e-5)
         assert (ctx[:, 16] == 0).all()
         if semantics == "reference":
@@ -219,7 +219,7 @@ def test_bad_inputs(tiny):
         pipe(prompt="x", mask_image=_mask(32, 48, (0, 0, 8, 8)))
     with pytest.raises(ValueError, match="mask_image is 32x32 but the image is 48x32"):
         pipe(prompt="x", image=img, mask_image=_mask(32, 32, (0, 0, 8, 8)), num_inference_steps=1)
-    with pytest.raises(ValueError, match="strength must be in"):
+    with pytest.raises(ValueError, match="strength must be between 0.0 and 1.0"):
         pipe(prompt="x", image=img, mask_image=_mask(32, 48, (0, 0, 8, 8)), strength=1.5)
     with pytest.raises(ValueError, match="takes no strength"):
         pipe(prompt="x", image=img, mask_image=_mask(32, 48, (0, 0, 8, 8)), control_image=img, strength=0.5)

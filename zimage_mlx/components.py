@@ -23,6 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .controlnet import ZImageControlNet, ZImageControlNetConfig
 from .text_encoder import Qwen3Encoder, Qwen3EncoderConfig
 from .transformer import ZImageTransformer, ZImageTransformerConfig
 from .vae import AutoencoderKL, VAEConfig
@@ -37,6 +38,7 @@ MODELS = {
     "transformer": (ZImageTransformer, ZImageTransformerConfig),
     "text_encoder": (Qwen3Encoder, Qwen3EncoderConfig),
     "vae": (AutoencoderKL, VAEConfig),
+    "controlnet": (ZImageControlNet, ZImageControlNetConfig),   # optional; sized by the memory plan
 }
 
 

@@ -18,13 +18,13 @@ tables are computed once and shared. Two semantics:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from .transformer import SEQ_MULTI_OF, TransformerBlock, ZImageTransformerConfig
+from .transformer import SEQ_MULTI_OF, TransformerBlock, ZImageTransformer, ZImageTransformerConfig
 from .weights import WeightError, fill_model, read_component, read_config, read_safetensors
 
 SEMANTICS = ("reference", "diffusers")
@@ -69,6 +69,9 @@ class ZImageControlNetConfig:
             raise ValueError(f"control_layers_places {self.control_layers_places} must contain 0")
         if self.dim % self.n_heads:
             raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
     @property
     def variant(self) -> str:
@@ -146,6 +149,10 @@ class ZImageControlNet(nn.Module):
             self.control_noise_refiner = [ControlBlock(bcfg, i == 0) for i in range(cfg.n_refiner_layers)]
         elif cfg.add_control_noise_refiner is None:
             self.control_noise_refiner = [TransformerBlock(bcfg, True) for _ in range(cfg.n_refiner_layers)]
+
+    def set_compile(self, enabled: bool) -> None:
+        """mx.compile the control blocks' elementwise chains, as ZImageTransformer.set_compile does for its own."""
+        ZImageTransformer.set_compile(self, enabled)
 
     @property
     def dtype(self) -> mx.Dtype:
@@ -338,6 +345,21 @@ def config_from_weights(weights: dict, overrides: dict | None = None) -> ZImageC
     return ZImageControlNetConfig.from_dict(cfg)
 
 
+MLX_KEY = "_zimage_mlx"   # in a converted directory's config.json: {"bits": b | null, "group_size": g}
+
+
+def controlnet_config(path: str | Path, overrides: dict | None = None) -> ZImageControlNetConfig:
+    """The config of a ControlNet file or directory without loading its weights (a single file's variant is read
+    from its keys; `overrides` win)."""
+    path = Path(path)
+    if path.is_dir():
+        return ZImageControlNetConfig.from_dict({**read_config(path), **(overrides or {})})
+    try:
+        return config_from_weights(read_safetensors(path), overrides)
+    except WeightError as e:
+        raise WeightError(e if str(e).startswith(str(path)) else f"{path}: {e}") from None
+
+
 def controlnet_from_weights(config: ZImageControlNetConfig | dict, weights: dict, dtype: mx.Dtype = mx.bfloat16,
                             source: str = "weights", bits: int | None = None,
                             group_size: int = 64) -> ZImageControlNet:
@@ -347,22 +369,28 @@ def controlnet_from_weights(config: ZImageControlNetConfig | dict, weights: dict
     return fill_model(model, model.sanitize(weights), dtype, source, bits=bits, group_size=group_size)
 
 
-def load_controlnet(path: str | Path, dtype: mx.Dtype = mx.bfloat16, config: dict | None = None,
+def load_controlnet(path: str | Path, dtype: mx.Dtype | None = mx.bfloat16, config: dict | None = None,
                     bits: int | None = None, group_size: int = 64) -> ZImageControlNet:
     """Load a ControlNet from a published single .safetensors file (variant detected from its keys; `config`
-    entries override) or a diffusers-layout directory (config.json + safetensors)."""
+    entries override), a diffusers-layout directory (config.json + safetensors) or a directory written by
+    `save_controlnet` (MLX names, quantized layers packed: loaded as saved). `bits` quantizes a float one on load."""
     path = Path(path)
-    if path.is_dir():
-        weights = read_component(path)
-        cfg = {**read_config(path), **(config or {})}
+    if not path.exists():
+        raise WeightError(f"{path}: not found")
+    cfg = controlnet_config(path, config)
+    saved = read_config(path).get(MLX_KEY) if path.is_dir() else None
+    weights = read_component(path) if path.is_dir() else read_safetensors(path)
+    if saved is None:
         problem = _looks_foreign(weights)
         if problem:
             raise WeightError(f"{path}: not a Z-Image ControlNet: {problem}")
-        cfg = ZImageControlNetConfig.from_dict(cfg)
-    else:
-        weights = read_safetensors(path)
-        try:
-            cfg = config_from_weights(weights, config)
-        except WeightError as e:
-            raise WeightError(f"{path}: {e}") from None
-    return controlnet_from_weights(cfg, weights, dtype, source=str(path), bits=bits, group_size=group_size)
+        return controlnet_from_weights(cfg, weights, dtype, source=str(path), bits=bits, group_size=group_size)
+    model = ZImageControlNet(cfg)
+    return fill_model(model, weights, dtype, str(path), bits=saved.get("bits") or bits,
+                      group_size=saved.get("group_size") or group_size)
+
+
+def controlnet_save_config(model: ZImageControlNet, bits: int | None, group_size: int) -> dict:
+    """config.json of a converted ControlNet directory: the model config plus how its layers are stored."""
+    return {"_class_name": "ZImageControlNetModel", **model.config.to_dict(),
+            MLX_KEY: {"bits": bits, "group_size": group_size}}

@@ -71,6 +71,30 @@ def resolve_source(src: str | Path, revision: str | None = None, offline: bool |
         raise WeightError(f"{src}: download failed ({e}); check the network or pass a local directory") from None
 
 
+def resolve_file(src: str | Path) -> Path:
+    """A local file or directory, or a hub file written "owner/repo/path/in/repo.safetensors" (downloaded once into
+    the Hugging Face cache), e.g. a ControlNet."""
+    path = Path(src).expanduser()
+    if path.exists():
+        return path
+    parts = str(src).split("/")
+    if len(parts) < 3 or str(src).startswith((".", "/", "~")) or not all(parts):
+        raise WeightError(f"{src}: no such file or directory (a hub file is written owner/repo/file.safetensors)")
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    repo, filename = "/".join(parts[:2]), "/".join(parts[2:])
+    try:
+        return Path(hf_hub_download(repo, filename))
+    except LocalEntryNotFoundError:
+        raise WeightError(f"{src}: not in the local Hugging Face cache and downloading is off (offline or no "
+                          "network); run once online or pass a local file") from None
+    except (EntryNotFoundError, RepositoryNotFoundError):
+        raise WeightError(f"{src}: no file {filename} in the hub repository {repo}") from None
+    except OSError as e:
+        raise WeightError(f"{src}: download failed ({e})") from None
+
+
 def download_tokenizer(repo: str = DEFAULT_REPO) -> Path:
     """The Qwen3 tokenizer files of the Z-Image hub repo (a small download; cached by huggingface_hub)."""
     from huggingface_hub import snapshot_download

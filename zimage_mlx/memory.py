@@ -102,7 +102,18 @@ ENCODE_TOKENS = 512      # plan for the longest prompt
 
 
 def component_weight_bytes(name: str, config: dict, dtype: mx.Dtype, bits: int | None, group_size: int) -> int:
-    return weight_bytes(build_model(name, config), bits if name in COMPONENTS else None, group_size, dtype)
+    quantized = name in COMPONENTS or name == "controlnet"
+    return weight_bytes(build_model(name, config), bits if quantized else None, group_size, dtype)
+
+
+def component_bits(name: str, bits: dict) -> int | None:
+    """A ControlNet is stored like the transformer it steers."""
+    return bits.get("transformer") if name == "controlnet" else bits.get(name)
+
+
+def planned_components(configs: dict) -> tuple[str, ...]:
+    """The three models, plus the ControlNet when one is loaded."""
+    return MODEL_COMPONENTS + (("controlnet",) if "controlnet" in configs else ())
 
 
 def size_multiple(configs: dict) -> int:
@@ -132,6 +143,14 @@ def dit_activation_bytes(config: dict, dtype: mx.Dtype, tokens: int, caption_tok
     return act
 
 
+def controlnet_activation_bytes(config: dict, dtype: mx.Dtype, tokens: int, caption_tokens: int = 128) -> int:
+    """What a ControlNet keeps alive during a DiT step: one hint per control layer over the unified sequence, plus
+    the control stream (its blocks' own activations are the DiT block's, and run one at a time)."""
+    s = tokens + caption_tokens
+    s += -s % 32
+    return (len(config.get("control_layers_places", [])) + 1) * s * config.get("dim", 3840) * dtype.size
+
+
 def text_encoder_activation_bytes(config: dict, dtype: mx.Dtype, tokens: int = ENCODE_TOKENS) -> int:
     h = config.get("hidden_size", 2560)
     inter = config.get("intermediate_size", 9728)
@@ -157,11 +176,15 @@ def _stages(configs: dict, dtype: mx.Dtype, w: dict, height: int, width: int, or
     before the VAE decode)."""
     free_te, free_dit = order
     te_resident = 0 if free_te else w["text_encoder"]
-    dit = dit_activation_bytes(configs["transformer"], dtype, image_tokens(configs, height, width), cpu=cpu) * batch
+    tokens = image_tokens(configs, height, width)
+    dit = dit_activation_bytes(configs["transformer"], dtype, tokens, cpu=cpu) * batch
+    dit_weights = w["transformer"] + w.get("controlnet", 0)   # a ControlNet lives and goes with the transformer
+    if "controlnet" in configs:
+        dit += controlnet_activation_bytes(configs["controlnet"], dtype, tokens) * batch
     return {
         "encode": int(w["text_encoder"] + text_encoder_activation_bytes(configs["text_encoder"], dtype) + OVERHEAD),
-        "denoise": int(te_resident + w["transformer"] + dit + OVERHEAD),
-        "decode": int(te_resident + (0 if free_dit else w["transformer"]) + w["vae"]
+        "denoise": int(te_resident + dit_weights + dit + OVERHEAD),
+        "decode": int(te_resident + (0 if free_dit else dit_weights) + w["vae"]
                       + vae_decode_activation_bytes(configs["vae"], height, width, dtype) + OVERHEAD),
         **{f"weights_{n}": v for n, v in w.items()},
     }
@@ -171,7 +194,8 @@ def predict_stages(configs: dict, dtype: mx.Dtype, bits: dict, group_size: int, 
                    free_text_encoder: bool = True, batch: int = 1, free_transformer: bool = False,
                    cpu: bool | None = None) -> dict[str, int]:
     """Predicted peak bytes of each stage (encode, denoise, decode) and the weights of each component."""
-    w = {n: component_weight_bytes(n, configs[n], dtype, bits.get(n), group_size) for n in MODEL_COMPONENTS}
+    w = {n: component_weight_bytes(n, configs[n], dtype, component_bits(n, bits), group_size)
+         for n in planned_components(configs)}
     return _stages(configs, dtype, w, height, width, (free_text_encoder, free_transformer), batch, cpu)
 
 
@@ -233,8 +257,8 @@ def plan_memory(configs: dict, dtype: mx.Dtype, requested="auto", height: int = 
     budget = available * HEADROOM
     requested = parse_quantize(requested)
     candidates = [dict(zip(COMPONENTS, c)) for c in CANDIDATES] if requested == "auto" else [requested]
-    weights = [{n: component_weight_bytes(n, configs[n], dtype, bits.get(n), group_size) for n in MODEL_COMPONENTS}
-               for bits in candidates]
+    weights = [{n: component_weight_bytes(n, configs[n], dtype, component_bits(n, bits), group_size)
+                for n in planned_components(configs)} for bits in candidates]
     best = None
     # Quality first: every precision with the models kept through the decode; freeing the transformer before the
     # decode (a reload per image) only when nothing fits otherwise.

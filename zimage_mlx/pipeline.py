@@ -1,6 +1,7 @@
-"""ZImagePipeline: text-to-image and image-to-image with the three MLX models.
+"""ZImagePipeline: text-to-image, image-to-image, inpainting and ControlNet with the MLX models.
 
-Mirrors diffusers' `ZImagePipeline` / `ZImageImg2ImgPipeline` (pipelines/z_image/; argument names and meaning),
+Mirrors diffusers' `ZImagePipeline` / `ZImageImg2ImgPipeline` / `ZImageInpaintPipeline` /
+`ZImageControlNetPipeline` / `ZImageControlNetInpaintPipeline` (pipelines/z_image/; argument names and meaning),
 with MLX's RNG for the noise. Components load lazily on first use, so the text encoder can run (and be freed)
 before the transformer ever occupies memory. Arguments are checked at this boundary: a bad value is a ValueError
 naming the argument and what is allowed, before anything loads or computes.
@@ -21,14 +22,17 @@ import numpy as np
 from PIL import Image
 
 from . import sampler
+from .control_maps import control_map
+from .controlnet import SEMANTICS, ControlConditioning, ControlInput, controlnet_config, load_controlnet
 from .components import MODEL_COMPONENTS, QUANTIZABLE, is_mlx_dir, load_component, read_manifest
 from .convert import convert
-from .hub import DEFAULT_REPO, cache_dir, find_cached, looks_like_repo_id, resolve_source
-from .memory import MemoryPlan, check_fits, plan_memory, size_multiple
+from .hub import DEFAULT_REPO, cache_dir, find_cached, looks_like_repo_id, resolve_file, resolve_source
+from .memory import MemoryPlan, check_fits, component_weight_bytes, plan_memory, size_multiple
 from .quantize import describe_bits, parse_quantize
 from .sampler import VARIANT_DEFAULTS, SchedulerConfig, check_variant, detect_variant
 from .text_encoder import encode_prompts
 from .tokenizer import ZImageTokenizer
+from .transformer import ZImageTransformerConfig
 from .weights import WeightError, component_files, default_dtype, dtype_name, parse_dtype, read_config, \
     safetensors_keys
 
@@ -36,6 +40,7 @@ LATENT_CHANNELS = 16
 PATCH_SIZE = 2
 DEFAULT_SIZE = 1024
 DEFAULT_STRENGTH = 0.6          # img2img (diffusers' ZImageImg2ImgPipeline default)
+DEFAULT_INPAINT_STRENGTH = 1.0  # inpainting (diffusers' ZImageInpaintPipeline default)
 MAX_SEED = 2**64 - 1            # MLX keys are 64-bit
 PROMPT_CACHE_SIZE = 32          # caption features kept per pipeline (CLI seeds, server requests)
 
@@ -99,22 +104,27 @@ def expand_seeds(seed, batch: int) -> list[int]:
 
 
 # --------------------------------------------------------------------------- images
-def preprocess_image(image, height: int | None, width: int | None, multiple: int) -> np.ndarray:
-    """PIL image / path / HWC uint8 or [0,1] float array → (1,H,W,3) float32 in [−1,1].
-
-    Without height/width the image keeps its size floored to a multiple of `multiple` (diffusers'
-    VaeImageProcessor with vae_scale_factor·2); resizing uses Lanczos.
-    """
+def load_image(image, mode: str = "RGB", name: str = "image") -> Image.Image:
+    """PIL image / path / HW(C) uint8 or [0,1] float array → PIL image in `mode`."""
     if isinstance(image, (str, Path)):
         image = Image.open(image)
     if isinstance(image, np.ndarray):
         arr = image
         if arr.dtype != np.uint8:
             arr = (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
-        image = Image.fromarray(arr)
+        image = Image.fromarray(arr.squeeze(-1) if arr.ndim == 3 and arr.shape[-1] == 1 else arr)
     if not isinstance(image, Image.Image):
-        raise ValueError(f"image must be a PIL image, a path or an HxWx3 array, got {type(image).__name__}")
-    image = image.convert("RGB")
+        raise ValueError(f"{name} must be a PIL image, a path or an HxWx3 array, got {type(image).__name__}")
+    return image.convert(mode)
+
+
+def preprocess_image(image, height: int | None, width: int | None, multiple: int) -> np.ndarray:
+    """PIL image / path / HWC uint8 or [0,1] float array → (1,H,W,3) float32 in [−1,1].
+
+    Without height/width the image keeps its size floored to a multiple of `multiple` (diffusers'
+    VaeImageProcessor with vae_scale_factor·2); resizing uses Lanczos.
+    """
+    image = load_image(image)
     if (width is None and image.width < multiple) or (height is None and image.height < multiple):
         raise ValueError(f"the input image is {image.width}x{image.height} pixels; it must be at least "
                          f"{multiple}x{multiple} (or give height and width to resize it)")
@@ -124,6 +134,41 @@ def preprocess_image(image, height: int | None, width: int | None, multiple: int
         image = image.resize((w, h), resample=Image.LANCZOS)
     arr = np.asarray(image).astype(np.float32) / 255.0
     return (arr * 2.0 - 1.0)[None]
+
+
+def preprocess_mask(mask, height: int, width: int, image_size: tuple[int, int] | None = None,
+                    blur: float = 0.0) -> np.ndarray:
+    """Mask (white = repaint; PIL / path / array) → (H, W) float32 in {0, 1} as diffusers' mask processor makes it
+    (VaeImageProcessor with do_binarize and do_convert_grayscale): grayscale, resized to height×width with
+    Lanczos, /255, binarized at 0.5.
+
+    image_size: the (width, height) of the image the mask belongs to; a mask of another size is resized when its
+    aspect ratio agrees within 2 %, refused otherwise. blur > 0: a Gaussian blur of that radius (pixels) and no
+    binarization (a feathered mask).
+    """
+    m = load_image(mask, "L", "mask_image")
+    if image_size is not None and m.size != tuple(image_size):
+        if abs((m.width / m.height) / (image_size[0] / image_size[1]) - 1) > 0.02:
+            raise ValueError(f"mask_image is {m.width}x{m.height} but the image is {image_size[0]}x{image_size[1]}: "
+                             "give a mask of the image's size (or at least its aspect ratio)")
+    if m.size != (width, height):
+        m = m.resize((width, height), resample=Image.LANCZOS)
+    if blur > 0:
+        from PIL import ImageFilter
+
+        return np.asarray(m.filter(ImageFilter.GaussianBlur(blur)), dtype=np.float32) / 255.0
+    return (np.asarray(m, dtype=np.float32) / 255.0 >= 0.5).astype(np.float32)
+
+
+def mask_to_latent(mask: np.ndarray, h: int, w: int, soft: bool = False) -> mx.array:
+    """(H, W) pixel mask → (1, 1, h, w) on the latent grid: torch's `interpolate(mode="nearest")` (source index
+    floor(i·H/h)), or the area average for a feathered mask."""
+    H, W = mask.shape
+    if soft:
+        return mx.array(mask.reshape(h, H // h, w, W // w).mean(axis=(1, 3))[None, None])
+    rows = np.minimum(np.floor(np.arange(h) * np.float32(H / h)).astype(np.int64), H - 1)
+    cols = np.minimum(np.floor(np.arange(w) * np.float32(W / w)).astype(np.int64), W - 1)
+    return mx.array(mask[rows][:, cols][None, None])
 
 
 def postprocess(decoded: mx.array) -> np.ndarray:
@@ -155,10 +200,12 @@ class ZImagePipeline:
         quantization: str = "none",
         plan: MemoryPlan | None = None,
         compile: bool | None = None,
+        controlnet=None,
+        controlnet_semantics: str = "reference",
     ):
         self.tokenizer = tokenizer
         self.scheduler_config = scheduler_config
-        self._models = {"transformer": transformer, "text_encoder": text_encoder, "vae": vae}
+        self._models = {"transformer": transformer, "text_encoder": text_encoder, "vae": vae, "controlnet": controlnet}
         self._loaders = dict(loaders or {})
         self.configs = dict(configs or {})     # component configs (sizes and memory checks without loading)
         self.variant = check_variant(variant)
@@ -167,6 +214,7 @@ class ZImagePipeline:
         self.dtype = dtype if dtype is not None else getattr(transformer, "dtype", mx.float32)
         self.quantization = quantization      # what the loaded weights are, e.g. "transformer 4-bit, text encoder 8-bit"
         self.plan = plan                      # the memory plan sizes are checked against (None: no check)
+        self.controlnet_semantics = _check_semantics(controlnet_semantics)
         # mx.compile the DiT's elementwise chains: on a GPU by default; on MLX's CPU backend it measured slower
         self.compile = (mx.default_device() == mx.gpu) if compile is None else bool(compile)
         if transformer is not None and hasattr(transformer, "set_compile"):
@@ -191,8 +239,10 @@ class ZImagePipeline:
         variant: str | None = None,
         height: int = DEFAULT_SIZE,
         width: int = DEFAULT_SIZE,
-        compile: bool | None = None,
         verbose: bool = False,
+        compile: bool | None = None,
+        controlnet: str | Path | None = None,
+        controlnet_semantics: str = "reference",
     ) -> "ZImagePipeline":
         """Load from a hub id (e.g. "Tongyi-MAI/Z-Image-Turbo"), a Hugging Face-layout directory, or an MLX directory.
 
@@ -204,8 +254,11 @@ class ZImagePipeline:
         re-checked when a call asks for a larger image, and a size that cannot fit is refused before any work.
         A hub model is converted once to the MLX layout and cached (hub.py), so later starts skip the conversion.
         Nothing heavy is read here (every file's header is checked): each model loads on first use.
-        compile: mx.compile the transformer's elementwise chains (default: on a GPU yes, on the CPU backend no).
         verbose: report the one-time conversion of a hub model on stderr. `pipe.plan.summary()` describes the plan.
+        compile: mx.compile the transformer's elementwise chains (default: on a GPU yes, on the CPU backend no).
+        controlnet: a ControlNet Union file, diffusers/MLX directory or hub file (see `load_controlnet`); it enters
+        the memory plan and is quantized like the transformer. controlnet_semantics: "reference" (the training
+        code, VideoX-Fun) or "diffusers" (diffusers 0.42.1's ZImageControlNetPipeline).
         """
         mx_dtype = parse_dtype(dtype) if dtype is not None else None
         requested = parse_quantize(quantize)
@@ -223,6 +276,10 @@ class ZImagePipeline:
         if mx_dtype is None:
             mx_dtype = parse_dtype(manifest["components"]["transformer"]["dtype"]) if manifest else default_dtype()
         configs = {n: read_config(root / n) for n in MODEL_COMPONENTS}
+        _check_semantics(controlnet_semantics)
+        if controlnet is not None:
+            controlnet = resolve_file(controlnet)
+            configs["controlnet"] = controlnet_config(controlnet).to_dict()
 
         saved_bits = {n: manifest["components"][n].get("bits") for n in QUANTIZABLE} if manifest else {}
         if any(saved_bits.values()):
@@ -245,9 +302,46 @@ class ZImagePipeline:
         loaders = {n: (lambda n=n: load_component(n, root / n, mx_dtype, bits.get(n), group, saved=saved.get(n)))
                    for n in MODEL_COMPONENTS}
         variant = variant or (manifest or {}).get("variant") or detect_variant(src, scheduler)
-        return cls(tokenizer=ZImageTokenizer.from_dir(root / "tokenizer"), scheduler_config=scheduler,
+        pipe = cls(tokenizer=ZImageTokenizer.from_dir(root / "tokenizer"), scheduler_config=scheduler,
                    loaders=loaders, configs=configs, variant=variant, keep_text_encoder=keep_text_encoder,
-                   source=str(src), dtype=mx_dtype, quantization=describe_bits(bits), plan=plan, compile=compile)
+                   source=str(src), dtype=mx_dtype, quantization=describe_bits(bits), plan=plan, compile=compile,
+                   controlnet_semantics=controlnet_semantics)
+        if controlnet is not None:
+            pipe.load_controlnet(controlnet)
+        return pipe
+
+    def load_controlnet(self, path: str | Path, semantics: str | None = None, config: dict | None = None) -> None:
+        """Use a ControlNet Union (2.1, 2.1-lite, 2.0 or v1): a published .safetensors file (variant read from its
+        keys; `config` entries override), a diffusers-layout or converted MLX directory, or a hub file written
+        "owner/repo/file.safetensors". Checked now against the transformer (dim, heads, layer places); the weights
+        load on first use, in the pipeline's dtype and the transformer's quantization."""
+        if semantics is not None:
+            self.controlnet_semantics = _check_semantics(semantics)
+        path = resolve_file(path)
+        cfg = controlnet_config(path, config)
+        cfg.check_matches(ZImageTransformerConfig.from_dict(self._config("transformer")), source=f"ControlNet {path}")
+        self.configs["controlnet"] = cfg.to_dict()
+        bits = self.plan.bits.get("transformer") if self.plan is not None else None
+        group = self.plan.group_size if self.plan is not None else 64
+        if self.plan is not None:   # its weights now count in every size check
+            self.plan.stages["weights_controlnet"] = component_weight_bytes("controlnet", self.configs["controlnet"],
+                                                                            self.dtype, bits, group)
+        self._models["controlnet"] = None
+        self._loaders["controlnet"] = lambda: load_controlnet(path, self.dtype, config=config, bits=bits,
+                                                              group_size=group)
+
+    def unload_controlnet(self) -> None:
+        """Forget the ControlNet (and free its weights)."""
+        self._models["controlnet"] = None
+        self._loaders.pop("controlnet", None)
+        self.configs.pop("controlnet", None)
+        if self.plan is not None:
+            self.plan.stages.pop("weights_controlnet", None)
+        mx.clear_cache()
+
+    @property
+    def has_controlnet(self) -> bool:
+        return self._models.get("controlnet") is not None or "controlnet" in self._loaders
 
     def _component(self, name: str):
         model = self._models.get(name)
@@ -273,6 +367,10 @@ class ZImagePipeline:
     @property
     def vae(self):
         return self._component("vae")
+
+    @property
+    def controlnet(self):
+        return self._component("controlnet")
 
     def free_text_encoder(self) -> None:
         """Drop the text encoder's weights (it reloads on the next encode). Already encoded prompts stay cached."""
@@ -401,13 +499,31 @@ class ZImagePipeline:
         max_sequence_length: int = 512,
         noise=None,
         image_noise=None,
+        mask_image=None,
+        mask_blur: float = 0.0,
+        paste_back: bool = False,
+        control_image=None,
+        control_type: str | None = None,
+        controlnet_conditioning_scale: float | Sequence[float] = 0.75,
     ) -> PipelineOutput:
-        """Generate images. Arguments mirror diffusers' ZImagePipeline (and ZImageImg2ImgPipeline with `image`).
+        """Generate images. Arguments mirror diffusers' ZImagePipeline (and ZImageImg2ImgPipeline with `image`,
+        ZImageInpaintPipeline with `image` + `mask_image`, ZImageControlNet(Inpaint)Pipeline with `control_image`).
 
         seed: an int (image k of the batch uses seed + k) or one seed per image; random when None.
-        latents: (B,16,h,w) numpy/mx start latents (text-to-image noise; for img2img the already-noised start).
+        latents: (B,16,h,w) numpy/mx start latents (text-to-image noise; for img2img/inpaint the already-noised start).
         image, strength: img2img (strength default 0.6); the image is encoded with a VAE sample and noised to the
-        first step's sigma. noise / image_noise: explicit img2img start noise and VAE-sample noise.
+        first step's sigma. With `mask_image` (white = repaint) it is inpainting (strength default 1.0): after every
+        step the kept region is reset to the image's latent re-noised to the next sigma with the start noise. An
+        all-black mask keeps the whole image (the output is its VAE round trip); an all-white one repaints it all.
+        noise / image_noise: explicit start noise ε (also inpainting's re-noising ε) and VAE-sample noise (zeros
+        give the posterior mean), for reproducing other runs.
+        mask_blur: > 0 feathers the mask (Gaussian blur in pixels, no binarization, area-averaged on the latent
+        grid). paste_back: copy the unmasked pixels of `image` into the output exactly. Both off by default (parity).
+        control_image: one control map or a list (their hints sum); needs a ControlNet (`load_controlnet`).
+        control_type: "canny" | "gray" | "none"/None, a built-in preprocessor applied to each control image.
+        controlnet_conditioning_scale: one scale, or one per control image (0 = exactly the base model).
+        control_image with image + mask_image is ControlNet inpainting (diffusers' ZImageControlNetInpaintPipeline:
+        pure-noise start, no strength, no per-step blending; the masked image enters the 33-channel control context).
         callback(step_index, sigma, latents): called after every step; return False to cancel.
         output_type: "pil" | "np" | "latent".
         """
@@ -420,13 +536,18 @@ class ZImagePipeline:
         n_per = _int_arg("num_images_per_prompt", num_images_per_prompt, 1)
         cfg_truncation = _float_arg("cfg_truncation", cfg_truncation)
         cfg_normalization = _float_arg("cfg_normalization", float(cfg_normalization or 0.0), 0.0)
-        if image is not None:
-            strength = DEFAULT_STRENGTH if strength is None else _float_arg("strength", strength, 0.0, 1.0)
+        mask_blur = _float_arg("mask_blur", mask_blur, 0.0)
+        controls, scales = self._check_control_args(image, mask_image, strength, control_image,
+                                                    controlnet_conditioning_scale)
+        inpaint = mask_image is not None and not controls
+        if image is not None and not controls:
+            default = DEFAULT_INPAINT_STRENGTH if inpaint else DEFAULT_STRENGTH
+            strength = default if strength is None else _float_arg("strength", strength, 0.0, 1.0)
             first = sampler.img2img_start(steps, strength)
             if first >= steps:
                 raise ValueError(f"strength {strength} with {steps} steps leaves no step to run")
-        elif strength is not None:
-            raise ValueError("strength needs an image (image-to-image)")
+        elif strength is not None and image is None:
+            raise ValueError("strength needs an image (image-to-image or inpainting)")
         else:
             first = 0
         do_cfg = g > 0
@@ -440,13 +561,24 @@ class ZImagePipeline:
                 raise ValueError("with prompt_embeds and guidance_scale > 0, pass negative_prompt_embeds too")
         batch = (len(prompts) if prompts is not None else len(prompt_embeds)) * n_per
         seeds = expand_seeds(seed, batch)
-        init_image = None
+        reported_seeds = seeds
+        # Size: height/width, else the image's (or first control image's) own size floored to the size multiple.
+        init_image = mask = None
+        control_pils = [control_map(load_image(c, name="control_image"), control_type) for c in controls]
         if image is not None:
-            init_image = preprocess_image(image, height, width, self.size_multiple)
+            image_pil = load_image(image)
+            init_image = preprocess_image(image_pil, height, width, self.size_multiple)
             height, width = init_image.shape[1], init_image.shape[2]
+            if mask_image is not None:
+                mask = preprocess_mask(mask_image, height, width, image_pil.size, blur=mask_blur if inpaint else 0.0)
+        elif control_pils:
+            m = self.size_multiple
+            height = height or max(m, control_pils[0].height - control_pils[0].height % m)
+            width = width or max(m, control_pils[0].width - control_pils[0].width % m)
         height, width = self.check_size(DEFAULT_SIZE if height is None else height,
                                         DEFAULT_SIZE if width is None else width, batch)
         shape = self.latent_shape(batch, height, width)
+        eps = None if noise is None else _as_mx(noise, shape, "noise")
 
         # 1. prompts → caption features
         if prompts is not None:
@@ -464,28 +596,28 @@ class ZImagePipeline:
         sigmas = sampler.sigmas_for(steps, self.scheduler_config, image_seq_len=(shape[2] // 2) * (shape[3] // 2))
         timesteps = sampler.timesteps_for(sigmas, self.scheduler_config)
 
-        # 3. start latents
+        # 3. start latents (inpainting also keeps the clean latent z0, the noise ε and the latent-grid mask)
         if latents is not None:
-            latents = mx.array(np.asarray(latents, dtype=np.float32)) if not isinstance(latents, mx.array) \
-                else latents.astype(mx.float32)
-            if tuple(latents.shape) != shape:
-                raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape} for {width}x{height}")
-            seeds = [None] * batch if seed is None else seeds
-        elif init_image is not None:
+            latents = _as_mx(latents, shape, "latents")
+            reported_seeds = [None] * batch if seed is None else seeds
+        if init_image is not None and not controls and (latents is None or inpaint):
             self.vae  # noqa: B018 - load first so vae_encode times the encode alone
             t0 = time.perf_counter()
             enc_noise = None if image_noise is None else mx.array(np.asarray(image_noise, dtype=np.float32))
             enc_dtype = prompt_embeds[0].dtype
             # The VAE sample needs its own key: key(seed) itself draws image 0's start noise below.
-            z = self.vae.encode(mx.array(init_image).astype(enc_dtype), key=self.image_noise_key(seeds[0]),
-                                noise=enc_noise)
-            z = mx.broadcast_to(z.astype(mx.float32), shape)
-            eps = self.noise(seeds, shape) if noise is None else mx.array(np.asarray(noise, dtype=np.float32))
-            s0 = mx.array(sigmas[first], dtype=mx.float32)
-            latents = s0 * eps + (1.0 - s0) * z
+            z0 = self.vae.encode(mx.array(init_image).astype(enc_dtype), key=self.image_noise_key(seeds[0]),
+                                 noise=enc_noise)
+            z0 = mx.broadcast_to(z0.astype(mx.float32), shape)
+            eps = self.noise(seeds, shape) if eps is None else eps
+            if latents is None:
+                s0 = mx.array(sigmas[first], dtype=mx.float32)
+                latents = s0 * eps + (1.0 - s0) * z0
             self.timings["vae_encode"] = time.perf_counter() - t0
-        else:
-            latents = self.noise(seeds, shape)
+        elif latents is None:
+            latents = self.noise(seeds, shape) if eps is None else eps
+        m_lat = mask_to_latent(mask, shape[2], shape[3], soft=mask_blur > 0) if inpaint else None
+        control = self._control(control_pils, scales, init_image, mask, height, width, batch) if controls else None
         mx.eval(latents)
 
         # 4. denoise (the caption path and RoPE tables are prepared once, for both CFG branches)
@@ -502,12 +634,19 @@ class ZImagePipeline:
             g_i = sampler.guidance_for_step(g, t_model, cfg_truncation) if do_cfg else 0.0
             x_in = latents.astype(_model_dtype(transformer))
             if g_i > 0:
+                kw = {"control": control.doubled()} if control is not None else {}
                 t = mx.full((2 * batch,), t_model, dtype=mx.float32)
-                v = transformer(mx.concatenate([x_in, x_in]), t, both)
+                v = transformer(mx.concatenate([x_in, x_in]), t, both, **kw)
                 v = sampler.guidance(v[:batch], v[batch:], g_i, cfg_normalization)
             else:
-                v = transformer(x_in, mx.full((batch,), t_model, dtype=mx.float32), cond)
+                kw = {"control": control} if control is not None else {}
+                v = transformer(x_in, mx.full((batch,), t_model, dtype=mx.float32), cond, **kw)
             latents = sampler.euler_step(latents, v, sigmas[i], sigmas[i + 1])
+            if inpaint:
+                # diffusers ZImageInpaintPipeline: the kept region follows the image re-noised with the same ε.
+                s_next = mx.array(sigmas[i + 1], dtype=mx.float32)
+                proper = z0 if i == steps - 1 else s_next * eps + (1.0 - s_next) * z0
+                latents = (1.0 - m_lat) * proper + m_lat * latents
             mx.eval(latents)
             if callback is not None and callback(i, float(sigmas[i + 1]), latents) is False:
                 raise GenerationCancelled(f"cancelled by the callback after step {i + 1} of {steps}")
@@ -524,15 +663,84 @@ class ZImagePipeline:
         else:
             if self.plan is not None and self.plan.free_transformer_before_decode:
                 self._free("transformer")      # what makes this size fit (memory plan); it reloads next call
+                self._free("controlnet")
             self.vae  # noqa: B018 - load first so decode times the decode alone
             t0 = time.perf_counter()
             images = self.decode_latents(latents)
+            if paste_back and mask is not None:
+                keep = 1.0 - mask[None, :, :, None]
+                images = keep * (init_image + 1.0) / 2.0 + (1.0 - keep) * images
             self.timings["decode"] = time.perf_counter() - t0
             if output_type == "pil":
                 images = to_pil(images)
         self.timings["total"] = time.perf_counter() - t_start
-        return PipelineOutput(images=images, seeds=seeds, timings=dict(self.timings),
+        return PipelineOutput(images=images, seeds=reported_seeds, timings=dict(self.timings),
                               peak_memory_gb=mx.get_peak_memory() / 1e9)
+
+    def _check_control_args(self, image, mask_image, strength, control_image, scales) -> tuple[list, list[float]]:
+        """Validate the image / mask / control arguments together: (control images, one scale each)."""
+        if mask_image is not None and image is None:
+            raise ValueError("mask_image needs image (the picture to inpaint)")
+        if control_image is None:
+            return [], []
+        controls = list(control_image) if isinstance(control_image, (list, tuple)) else [control_image]
+        if not self.has_controlnet:
+            raise ValueError("control_image given but this pipeline has no ControlNet: load one with "
+                             "ZImagePipeline.from_pretrained(..., controlnet=PATH) or pipe.load_controlnet(PATH)")
+        if isinstance(scales, (list, tuple)):
+            if len(scales) != len(controls):
+                raise ValueError(f"{len(scales)} controlnet_conditioning_scale values for {len(controls)} "
+                                 "control images")
+            scales = [_float_arg("controlnet_conditioning_scale", s) for s in scales]
+        else:
+            scales = [_float_arg("controlnet_conditioning_scale", scales)] * len(controls)
+        if image is not None and mask_image is None:
+            raise ValueError("image with control_image needs mask_image (ControlNet inpainting); ControlNet "
+                             "image-to-image is not supported")
+        if mask_image is not None:
+            if self.configs["controlnet"]["control_in_dim"] == LATENT_CHANNELS:
+                raise ValueError("ControlNet inpainting needs a 2.x ControlNet (33-channel control context); "
+                                 "this one is v1 (16 channels)")
+            if strength is not None and float(strength) != 1.0:
+                raise ValueError("ControlNet inpainting starts from pure noise and takes no strength "
+                                 "(as diffusers' ZImageControlNetInpaintPipeline)")
+        return controls, scales
+
+    def _control(self, control_pils, scales, init_image, mask, height, width, batch):
+        """The ControlNet hook for this call: one (B, control_in_dim, h, w) context per control image.
+
+        Context channels (diffusers' ZImageControlNet(Inpaint)Pipeline; VideoX-Fun's ZImageControlPipeline):
+        v1: [control latent (16)]; 2.x: [control latent, 1 − mask (1), latent of image·(mask < 0.5) (16)] when
+        inpainting, else [control latent, 0, latent of a mid-gray image] ("reference": VideoX-Fun encodes a zero
+        image in [−1, 1]) or [control latent, 17 zeros] ("diffusers"). Latents are VAE posterior means.
+        """
+        net, vae = self.controlnet, self.vae
+        cin = net.config.control_in_dim
+        t0 = time.perf_counter()
+
+        def encode(pixels):
+            return vae.encode(mx.array(pixels).astype(vae.dtype)).astype(mx.float32)
+
+        extra = None
+        if cin != LATENT_CHANNELS:
+            if mask is not None:
+                masked = encode(init_image * (mask < 0.5)[None, :, :, None])
+                extra = mx.concatenate([1.0 - mask_to_latent(mask, *masked.shape[2:]), masked], axis=1)
+            elif self.controlnet_semantics == "reference":
+                gray = encode(np.zeros((1, height, width, 3), np.float32))
+                extra = mx.concatenate([mx.zeros((1, 1, *gray.shape[2:])), gray], axis=1)
+        inputs = []
+        for pil, scale in zip(control_pils, scales):
+            if scale == 0.0:
+                continue   # a zero hint: skip the work (the result is identical)
+            ctx = encode(preprocess_image(pil, height, width, self.size_multiple))
+            if cin != LATENT_CHANNELS:
+                ctx = mx.concatenate([ctx, extra if extra is not None else
+                                      mx.zeros((1, cin - LATENT_CHANNELS, *ctx.shape[2:]))], axis=1)
+            inputs.append(ControlInput(mx.broadcast_to(ctx, (batch, *ctx.shape[1:])), scale))
+        mx.eval([i.context for i in inputs])
+        self.timings["control_encode"] = time.perf_counter() - t0
+        return ControlConditioning(net, inputs, self.controlnet_semantics) if inputs else None
 
 
 def _read_layout(root: Path) -> dict | None:
@@ -560,6 +768,19 @@ def _usable_conversion(path: Path) -> bool:
     except WeightError:
         return False
     return True
+
+
+def _as_mx(a, shape, name: str) -> mx.array:
+    a = a.astype(mx.float32) if isinstance(a, mx.array) else mx.array(np.asarray(a, dtype=np.float32))
+    if tuple(a.shape) != tuple(shape):
+        raise ValueError(f"{name} have shape {tuple(a.shape)}, expected {tuple(shape)} for this size and batch")
+    return a
+
+
+def _check_semantics(semantics: str) -> str:
+    if semantics not in SEMANTICS:
+        raise ValueError(f"controlnet_semantics must be one of {SEMANTICS}, got {semantics!r}")
+    return semantics
 
 
 def _model_dtype(model) -> mx.Dtype:
