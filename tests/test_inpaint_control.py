@@ -240,3 +240,75 @@ def test_bad_inputs(tiny):
     with pytest.raises(ValueError, match="controlnet-wide does not fit this Z-Image transformer: dim 128 != "
                                          "the transformer's 96"):
         plain.load_controlnet(tiny["tmp"] / "controlnet-wide")
+
+
+def test_cli_inpaint_and_controlnet(tiny, tmp_path):
+    from click.testing import CliRunner
+
+    from zimage_mlx.cli import generate
+    from zimage_mlx.pngfile import read_png_params
+
+    img, mask, control = tmp_path / "img.png", tmp_path / "mask.png", tmp_path / "control.png"
+    _image(48, 64, seed=1).save(img)
+    _mask(48, 64, (8, 8, 40, 30)).save(mask)
+    _image(48, 64, seed=2).save(control)
+    fast = ["--quantize", "none", "--dtype", "float32", "--steps", "2", "-m", str(tiny["root"]), "--seed", "3"]
+
+    def run(*args):
+        return CliRunner().invoke(generate, [str(a) for a in args])
+
+    r = run("a door", "--image", img, "--mask", mask, "--mask-blur", 2, "--paste-back", "-o", tmp_path / "a.png",
+            *fast)
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    params = read_png_params(tmp_path / "a.png")
+    assert params["mask"] == str(mask) and params["strength"] == "1.0" and params["size"] == "64x48"
+    r = run("a door", "--controlnet", tiny["tmp"] / "controlnet-2.1", "--control-image", control,
+            "--control-type", "canny", "--control-scale", 0.5, "-o", tmp_path / "b.png", *fast)
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    params = read_png_params(tmp_path / "b.png")
+    assert params["control_type"] == "canny" and params["control_scale"] == "0.5" and params["size"] == "64x48"
+    r = run("a door", "--controlnet", tiny["tmp"] / "controlnet-2.1", "--control-image", control, "--image", img,
+            "--mask", mask, "-o", tmp_path / "c.png", *fast)
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    for args, message in [(("--control-image", control), "--control-image needs --controlnet"),
+                          (("--mask", mask), "--mask needs --image"),
+                          (("--controlnet", tiny["tmp"] / "controlnet-2.1", "--control-image", control,
+                            "--control-scale", 0.5, "--control-scale", 0.2, "--control-scale", 0.1),
+                           "3 --control-scale values for 1 --control-image"),
+                          (("--controlnet", tiny["tmp"] / "controlnet-2.1", "--control-image", control, "--image",
+                            img), "needs --mask")]:
+        r = run("x", *args, *fast)
+        assert r.exit_code == 2 and message in r.output, r.output
+
+
+def test_convert_controlnet_and_memory_plan(tiny, tmp_path):
+    import mlx.nn as nn
+
+    from zimage_mlx.convert import convert_controlnet
+    from zimage_mlx.memory import component_weight_bytes
+    from zimage_mlx.weights import WeightError
+
+    pipe = ZImagePipeline.from_pretrained(tiny["root"], dtype="float32", quantize=None, keep_text_encoder=True)
+    kw = dict(prompt=PROMPT, num_inference_steps=2, guidance_scale=0.0, seed=5, output_type="latent",
+              control_image=_image(32, 32, seed=30))
+    pipe.load_controlnet(tiny["tmp"] / "controlnet-2.1")
+    want = pipe.plan.stages["weights_controlnet"]
+    assert want == component_weight_bytes("controlnet", pipe.configs["controlnet"], mx.float32, None, 64) > 0
+    ref = np.array(pipe(**kw).images)
+    out = convert_controlnet(tmp_path / "cn-mlx", tiny["tmp"] / "controlnet-2.1", dtype="float32", log=print)
+    pipe.load_controlnet(out)
+    np.testing.assert_array_equal(np.array(pipe(**kw).images), ref)
+    q8 = convert_controlnet(tmp_path / "cn-q8", tiny["tmp"] / "controlnet-2.1", dtype="float32", bits=8,
+                            group_size=32, log=print)
+    pipe.load_controlnet(q8)
+    got = np.array(pipe(**kw).images)
+    assert any(isinstance(m, nn.QuantizedLinear) for _, m in pipe.controlnet.named_modules())
+    assert 0 < rel_err(got, ref) < 0.05
+    convert_controlnet(tmp_path / "cn-q8", tiny["tmp"] / "controlnet-2.1", dtype="float32", overwrite=True,
+                       log=print)   # replaces an earlier conversion
+    with pytest.raises(WeightError, match="given as a ControlNet, but it holds a FLUX 16-channel VAE"):
+        convert_controlnet(tmp_path / "x", tiny["root"] / "vae" / "diffusion_pytorch_model.safetensors")
+    base = pipe.plan.stages["denoise"]
+    pipe.unload_controlnet()
+    assert "weights_controlnet" not in pipe.plan.stages and not pipe.has_controlnet
+    assert base > 0

@@ -21,9 +21,11 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .convert import check_output, convert
+from .control_maps import CONTROL_TYPES
+from .controlnet import SEMANTICS
+from .convert import check_output, convert, convert_controlnet
 from .hub import DEFAULT_REPO
-from .pipeline import DEFAULT_SIZE, DEFAULT_STRENGTH, MAX_SEED, ZImagePipeline, expand_seeds
+from .pipeline import DEFAULT_INPAINT_STRENGTH, DEFAULT_SIZE, DEFAULT_STRENGTH, MAX_SEED, ZImagePipeline, expand_seeds
 from .pngfile import png_params, read_png_params, save_png
 from .preview import Previewer, load_tiny_decoder
 from .quantize import GROUP_SIZES, VOCABULARY, parse_quantize
@@ -36,6 +38,9 @@ Examples:
   zimage-mlx generate "a red fox in the snow, golden hour"
   zimage-mlx generate --prompt-file prompt.txt -W 1280 -H 720 --seed 1 --seed 2 -o "fox-{seed}.png"
   zimage-mlx generate "the same scene at night" --image fox-1.png --strength 0.5
+  zimage-mlx generate "a red door" --image house.png --mask door-mask.png
+  zimage-mlx generate "a dancer" --controlnet Z-Image-Turbo-Fun-Controlnet-Union-2.1.safetensors \\
+      --control-image photo.png --control-type canny --control-scale 0.75
   zimage-mlx info fox-1.png
 
 \b
@@ -229,14 +234,14 @@ def run_guarded(fn, verbose: bool) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- generate
-def _image_size(path: str) -> tuple[int, int]:
+def _image_size(path: str, option: str = "--image") -> tuple[int, int]:
     from PIL import Image
 
     try:
         with Image.open(path) as im:
             return im.size
     except OSError as e:
-        raise click.UsageError(f"--image {path}: not an image ({e})") from None
+        raise click.UsageError(f"{option} {path}: not an image ({e})") from None
 
 
 def _generate(o: dict) -> None:
@@ -245,23 +250,26 @@ def _generate(o: dict) -> None:
     stages: dict[str, float] = {}
     t_all = time.perf_counter()
     mx.reset_peak_memory()
-    image_size = _image_size(o["image"]) if o["image"] else None
+    image_size = _image_size(o["image"]) if o["image"] else \
+        _image_size(o["control_image"][0], "--control-image") if o["control_image"] else None
     width = o["width"] or (image_size[0] if image_size else DEFAULT_SIZE)
     height = o["height"] or (image_size[1] if image_size else DEFAULT_SIZE)
     t0 = time.perf_counter()
     pipe = ZImagePipeline.from_pretrained(o["model"], dtype=o["dtype"], quantize=o["quantize"], height=height,
-                                          width=width, compile=o["compile"], verbose=True)
+                                          width=width, compile=o["compile"], verbose=True, controlnet=o["controlnet"],
+                                          controlnet_semantics=o["controlnet_semantics"])
     # Everything the pipeline would refuse is checked now, before a weight is read.
     try:
         steps, guidance = pipe.defaults(o["steps"], o["guidance"])
         if image_size:   # an input image's own size is floored to the size multiple, as diffusers does
             m = pipe.size_multiple
             if min(image_size) < m and not (o["width"] and o["height"]):
-                raise ValueError(f"--image {o['image']} is {image_size[0]}x{image_size[1]} pixels; it must be at "
+                which = f"--image {o['image']}" if o["image"] else f"--control-image {o['control_image'][0]}"
+                raise ValueError(f"{which} is {image_size[0]}x{image_size[1]} pixels; it must be at "
                                  f"least {m}x{m} (or give -W and -H to resize it)")
             width, height = o["width"] or width - width % m, o["height"] or height - height % m
         pipe.check_size(height, width)
-        run_steps = pipe.steps_to_run(steps, o["strength"] if o["image"] else None)
+        run_steps = pipe.steps_to_run(steps, o["strength"])
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     stages["load"] = time.perf_counter() - t0
@@ -282,8 +290,10 @@ def _generate(o: dict) -> None:
                                     decoder, img2img=bool(o["image"]))
         out = pipe(prompt=o["prompt"], negative_prompt=negative, height=height, width=width,
                    num_inference_steps=steps, guidance_scale=guidance, cfg_truncation=o["cfg_truncation"],
-                   cfg_normalization=o["cfg_normalization"], seed=seed, image=o["image"],
-                   strength=o["strength"] if o["image"] else None, callback=callback)
+                   cfg_normalization=o["cfg_normalization"], seed=seed, image=o["image"], strength=o["strength"],
+                   mask_image=o["mask"], mask_blur=o["mask_blur"], paste_back=o["paste_back"],
+                   control_image=list(o["control_image"]) or None, control_type=o["control_type"],
+                   controlnet_conditioning_scale=o["control_scale"], callback=callback)
         for k, v in out.timings.items():
             if k != "total":
                 key = "load" if k.startswith("load_") else k
@@ -291,8 +301,8 @@ def _generate(o: dict) -> None:
         img = out.images[0]
         t0 = time.perf_counter()
         params = png_params(o["prompt"], negative, seed, steps, guidance, f"{img.width}x{img.height}", o["model"],
-                            pipe.quantization, pipe.dtype_name, image=o["image"],
-                            strength=o["strength"] if o["image"] else None)
+                            pipe.quantization, pipe.dtype_name, image=o["image"], strength=o["strength"],
+                            extra=o["png_extra"])
         saved = _save_with_fallback(img, path, params, o["overwrite"])
         stages["save"] = stages.get("save", 0.0) + time.perf_counter() - t0
         if saved != path and saved.parent == path.parent:
@@ -335,7 +345,23 @@ def _generate(o: dict) -> None:
 @click.option("--image", "-i", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Input image: image-to-image instead of text-to-image.")
 @click.option("--strength", type=click.FloatRange(0.0, 1.0, min_open=True), default=None, callback=_finite,
-              help=f"How much of --image to repaint, 0-1 (1 ignores the image)  [default: {DEFAULT_STRENGTH}]")
+              help=f"How much of --image to repaint, 0-1 (1 ignores the image)  [default: {DEFAULT_STRENGTH}; "
+                   f"{DEFAULT_INPAINT_STRENGTH} with --mask]")
+@click.option("--mask", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Inpainting mask for --image: white = repaint, black = keep.")
+@click.option("--mask-blur", type=click.FloatRange(0.0), default=0.0, callback=_finite,
+              help="Feather the mask by this many pixels (Gaussian; 0 = the binarized mask diffusers uses).")
+@click.option("--paste-back", is_flag=True, help="Keep the unmasked pixels of --image exactly.")
+@click.option("--control-image", type=click.Path(exists=True, dir_okay=False), multiple=True,
+              help="ControlNet condition (a canny/depth/pose/... map, or a photo with --control-type); repeatable.")
+@click.option("--control-type", type=click.Choice(CONTROL_TYPES), default="none", show_default=True,
+              help="Built-in preprocessor applied to each --control-image (none = it is already a map).")
+@click.option("--control-scale", type=click.FloatRange(0.0), multiple=True, callback=_finite,
+              help="ControlNet conditioning scale, one for all or one per --control-image  [default: 0.75]")
+@click.option("--controlnet", default=None,
+              help="ControlNet Union: .safetensors file, diffusers or converted directory, or owner/repo/file.")
+@click.option("--controlnet-semantics", type=click.Choice(SEMANTICS), default="reference", show_default=True,
+              help="reference = the training code (VideoX-Fun); diffusers = diffusers 0.42.1 exactly.")
 @click.option("--cfg-truncation", type=float, default=1.0, show_default=True, callback=_finite,
               help="Turn guidance off once the normalized time passes this (1 = never).")
 @click.option("--cfg-normalization", type=click.FloatRange(0.0), default=0.0, show_default=True, callback=_finite,
@@ -362,8 +388,27 @@ def generate(**o):
     o["negative_prompt"] = _utf8(o["negative_prompt"], "--negative-prompt")
     if o["strength"] is not None and o["image"] is None:
         raise click.UsageError("--strength needs --image")
-    if o["image"] and o["strength"] is None:
-        o["strength"] = DEFAULT_STRENGTH
+    if (o["mask"] or o["mask_blur"] or o["paste_back"]) and not (o["image"] and o["mask"]):
+        raise click.UsageError("--mask needs --image, and --mask-blur/--paste-back need --image and --mask")
+    if o["control_image"] and not o["controlnet"]:
+        raise click.UsageError("--control-image needs --controlnet PATH (a ControlNet Union file or directory)")
+    if (o["control_scale"] or o["control_type"] != "none") and not o["control_image"]:
+        raise click.UsageError("--control-scale/--control-type need --control-image")
+    if len(o["control_scale"]) > 1 and len(o["control_scale"]) != len(o["control_image"]):
+        raise click.UsageError(f"{len(o['control_scale'])} --control-scale values for {len(o['control_image'])} "
+                               "--control-image files: give one, or one each")
+    if o["control_image"] and o["image"] and not o["mask"]:
+        raise click.UsageError("--control-image with --image needs --mask (ControlNet inpainting)")
+    if o["control_image"] and o["mask"] and o["strength"] is not None:
+        raise click.UsageError("ControlNet inpainting (--control-image with --mask) starts from noise: no --strength")
+    if o["image"] and o["strength"] is None and not (o["control_image"] and o["mask"]):
+        o["strength"] = DEFAULT_INPAINT_STRENGTH if o["mask"] else DEFAULT_STRENGTH
+    scales = list(o["control_scale"]) or [0.75]
+    o["control_scale"] = scales if len(scales) > 1 else scales[0]
+    o["png_extra"] = {"mask": o["mask"], "control_image": ", ".join(o["control_image"]) or None,
+                      "control_type": o["control_type"] if o["control_image"] else None,
+                      "control_scale": o["control_scale"] if o["control_image"] else None,
+                      "controlnet": o["controlnet"]}
     if len(o["seed"]) > 1 and o["num_images"] not in (1, len(o["seed"])):
         raise click.UsageError(f"{len(o['seed'])} seeds but --num-images {o['num_images']}: give one seed or "
                                f"{o['num_images']}")
@@ -421,10 +466,13 @@ def info(png, as_json):
 @click.option("--revision", default=None, help="Hub revision (with a hub id).")
 @click.option("--variant", type=click.Choice(["turbo", "base"]), default=None,
               help="Model family (sets default steps/guidance) [default: detected; turbo for single files].")
+@click.option("--controlnet", default=None, type=click.Path(exists=True),
+              help="Convert a ControlNet Union (file or diffusers directory) alone; bits from --quantize.")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier conversion at the destination.")
 @click.option("--verbose", "-v", is_flag=True, help="Show tracebacks on errors.")
 def convert_command(source, output, transformer, text_encoder, vae, tokenizer, transformer_config, vae_config, dtype,
-                    quantize, transformer_bits, text_encoder_bits, group_size, revision, variant, overwrite, verbose):
+                    quantize, transformer_bits, text_encoder_bits, group_size, revision, variant, controlnet,
+                    overwrite, verbose):
     """Convert SOURCE (hub id or Hugging Face-layout directory), or --transformer/--text-encoder/--vae single
     files, into a zimage_mlx (MLX) directory that loads with no key mapping."""
     if quantize == "auto":
@@ -434,6 +482,12 @@ def convert_command(source, output, transformer, text_encoder, vae, tokenizer, t
         if value is not None:
             bits[name] = _quantize_option(None, None, {name: value})[name]
     singles = [f for f in (transformer, text_encoder, vae) if f]
+    if controlnet is not None:
+        if source is not None or singles:
+            raise click.UsageError("--controlnet converts a ControlNet alone: no SOURCE or model files with it")
+        run_guarded(lambda: convert_controlnet(output, controlnet, dtype=dtype, bits=bits.get("transformer"),
+                                               group_size=int(group_size), overwrite=overwrite), verbose)
+        return
     if source is None and not singles:
         raise click.UsageError("give SOURCE or --transformer/--text-encoder/--vae files")
     if source is not None and singles:

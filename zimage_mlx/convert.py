@@ -22,6 +22,7 @@ from typing import Callable
 import mlx.core as mx
 
 from . import __version__
+from .controlnet import MLX_KEY, controlnet_save_config, load_controlnet
 from .components import (FORMAT_VERSION, MANIFEST_NAME, MODEL_COMPONENTS, QUANTIZABLE, is_mlx_dir, load_component,
                          save_component)
 from .hub import download_tokenizer, resolve_source
@@ -41,11 +42,12 @@ KIND_NAMES = {
     "transformer": "a Z-Image transformer (S3-DiT)",
     "text_encoder": "a Qwen3 text encoder",
     "vae": "a FLUX 16-channel VAE",
+    "controlnet": "a Z-Image ControlNet Union",
 }
 
 
 def _file_kind_from_keys(keys: dict[str, tuple]) -> str:
-    """'transformer' | 'text_encoder' | 'vae', or a WeightError saying what the file looks like."""
+    """'transformer' | 'text_encoder' | 'vae' | 'controlnet', or a WeightError saying what the file looks like."""
     names = list(keys)
 
     def has(*fragments):
@@ -56,6 +58,8 @@ def _file_kind_from_keys(keys: dict[str, tuple]) -> str:
                           "they are not a model")
     if has("layers.0.adaLN_modulation.0.weight") and (has("cap_embedder") or has("x_pad_token")):
         return "transformer"
+    if has("control_all_x_embedder.") and has("control_layers.0."):
+        return "controlnet"
     if has("double_blocks.") or has("single_blocks."):
         raise WeightError("it looks like a FLUX transformer (double_blocks/single_blocks), not Z-Image")
     if has("input_blocks.") or has("conditioner.embedders") or has("down_blocks.0.attentions"):
@@ -377,6 +381,47 @@ def convert(
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))   # written last: marks completion
         _install(tmp, output)
         log(f"wrote {output} in {time.perf_counter() - t_all:.1f} s")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output
+
+
+def convert_controlnet(
+    output: str | Path,
+    source: str | Path,
+    *,
+    dtype: str = "bfloat16",
+    bits: int | None = None,
+    group_size: int = 64,
+    config: dict | None = None,
+    overwrite: bool = False,
+    log: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
+) -> Path:
+    """Convert a ControlNet Union (published single file or diffusers directory) into an MLX directory
+    (config.json with the variant's config and storage, model.safetensors; quantized with the transformer's
+    policy when `bits` is given), written atomically. Load it with `ZImagePipeline.load_controlnet(output)`."""
+    mx_dtype = parse_dtype(dtype)
+    if bits not in (None, 4, 8):
+        raise ValueError(f"bits must be 4, 8 or None, got {bits!r}")
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"group_size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size}")
+    source = Path(source).expanduser()
+    if source.is_file() and detect_file_kind(source) != "controlnet":
+        raise WeightError(f"{source}: given as a ControlNet, but it holds {KIND_NAMES[detect_file_kind(source)]}")
+    output = Path(output).expanduser()
+    config_file = output / "config.json"
+    if not (overwrite and config_file.is_file() and MLX_KEY in _read_json(config_file)):   # an earlier conversion
+        output = check_output(output, overwrite)
+    tmp = _prepare_output(output)
+    try:
+        t0 = time.perf_counter()
+        model = load_controlnet(source, mx_dtype, config=config, bits=bits, group_size=group_size)
+        log(f"converting ControlNet {model.config.variant} ({dtype_name(mx_dtype)}{f', {bits}-bit' if bits else ''}) …")
+        shards = save_component(tmp, model, controlnet_save_config(model, bits, group_size if bits else None))
+        nbytes = sum((tmp / f).stat().st_size for f in shards)
+        _install(tmp, output)
+        log(f"wrote {output}: {nbytes / 1e9:.2f} GB in {time.perf_counter() - t0:.1f} s")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -17,7 +17,8 @@ from PIL.PngImagePlugin import PngInfo
 from . import __version__
 
 PNG_KEYS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "size", "model", "quantization",
-            "dtype", "image", "strength", "version")
+            "dtype", "image", "strength", "mask", "control_image", "control_type", "control_scale", "controlnet",
+            "version")
 
 
 def _umask() -> int:
@@ -27,12 +28,13 @@ def _umask() -> int:
 
 
 def png_params(prompt, negative_prompt, seed, steps, guidance, size, model, quantization, dtype,
-               image=None, strength=None) -> dict[str, str]:
+               image=None, strength=None, extra: dict | None = None) -> dict[str, str]:
     """The text chunks of one image: one per parameter, plus an A1111-style "parameters" summary that
-    image viewers and sites that show generation settings already understand."""
+    image viewers and sites that show generation settings already understand. extra: more PNG_KEYS
+    (mask, control_image, control_type, control_scale, controlnet)."""
     params = {"prompt": prompt, "negative_prompt": negative_prompt or None, "seed": seed, "steps": steps,
               "guidance": guidance, "size": size, "model": model, "quantization": quantization, "dtype": dtype,
-              "image": image, "strength": strength, "version": f"zimage-mlx {__version__}"}
+              "image": image, "strength": strength, **(extra or {}), "version": f"zimage-mlx {__version__}"}
     params = {k: str(v) for k, v in params.items() if v is not None}
     a1111 = prompt + (f"\nNegative prompt: {negative_prompt}" if negative_prompt else "")
     a1111 += (f"\nSteps: {steps}, Sampler: Euler (flow matching), CFG scale: {guidance}, Seed: {seed}, "
