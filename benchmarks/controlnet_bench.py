@@ -8,8 +8,8 @@ and 2 context-refiner blocks; the 2.1 ControlNet adds 15 control layers + 2 cont
 To fit the CPU's memory the blocks of one kind share one set of random weights (the arithmetic and the weight
 traffic per block are those of distinct blocks). `--layers L` scales the depth (control layers scale with it).
 One "step" is one transformer call (one velocity, batch 1, --caption-tokens caption), median of --repeats after a
-warm-up. Memory: the ControlNet's parameter bytes computed from the real configs' shapes (nothing is allocated),
-bf16 and with the package's 8/4-bit quantization policy (group 64). Prints tables; never part of the tests.
+warm-up, the configurations measured round-robin. Memory: the ControlNet's parameter bytes computed from the real configs' shapes (nothing is allocated),
+bf16 and with the package's 8/4-bit quantization policy (group 64), as the memory plan counts them. Prints tables; never part of the tests.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from zimage_mlx.controlnet import ControlConditioning, ControlInput, ZImageControlNet, ZImageControlNetConfig
-from zimage_mlx.quantize import weight_bytes
+from zimage_mlx.memory import component_weight_bytes
 from zimage_mlx.transformer import ZImageTransformer, ZImageTransformerConfig
 
 VARIANTS = {   # published configs (diffusers' ZImageControlNetModel / VideoX-Fun yaml files)
@@ -38,57 +38,63 @@ def scaled_places(places: list[int], layers: int) -> list[int]:
     return sorted({p * layers // 30 for p in places})
 
 
-def build(layers: int, variant: str | None, dtype):
-    """The model (and ControlNet) with `layers` main layers; blocks of one shape share one set of weights."""
+def build_transformer(layers: int, dtype) -> ZImageTransformer:
+    """The real block structure with `layers` main layers; all modulated blocks share one set of weights, the two
+    context-refiner blocks another."""
     model = ZImageTransformer(ZImageTransformerConfig(n_layers=1, n_refiner_layers=1))
     block = model.layers[0]
     model.layers = [block] * layers
     model.noise_refiner = [block] * 2
     model.context_refiner = model.context_refiner * 2
     model.set_dtype(dtype)
-    net = None
-    if variant is not None:
-        v = dict(VARIANTS[variant])
-        places = scaled_places(v.pop("control_layers_places"), layers)
-        net = ZImageControlNet(ZImageControlNetConfig(control_layers_places=[0, 1], **v))
-        first, rest = net.control_layers
-        net.control_layers = [first] + [rest] * (len(places) - 1)
-        net.config.control_layers_places = places
-        if v["add_control_noise_refiner"] == "control_noise_refiner":
-            net.control_noise_refiner = [first, rest]
-        elif v["add_control_noise_refiner"] is None:
-            net.control_noise_refiner = [block] * 2
-        net.set_dtype(dtype)
-    return model, net
+    return model
 
 
-def time_step(model, net, size: int, caption_tokens: int, repeats: int, semantics: str) -> float:
+def build_controlnet(variant: str, layers: int, dtype, plain_block) -> ZImageControlNet:
+    """A published variant's structure: the first control block (with before_proj) and one shared other block
+    (v1's plain refiner blocks share `plain_block`, a modulated block of the transformer's shape)."""
+    v = dict(VARIANTS[variant])
+    places = scaled_places(v.pop("control_layers_places"), layers)
+    net = ZImageControlNet(ZImageControlNetConfig(control_layers_places=[0, 1], **v))
+    first, rest = net.control_layers
+    net.control_layers = [first] + [rest] * (len(places) - 1)
+    net.config.control_layers_places = places
+    if v["add_control_noise_refiner"] == "control_noise_refiner":
+        net.control_noise_refiner = [first, rest]
+    elif v["add_control_noise_refiner"] is None:
+        net.control_noise_refiner = [plain_block] * 2
+    net.set_dtype(dtype)
+    return net
+
+
+def time_steps(model, nets: dict, size: int, caption_tokens: int, repeats: int, semantics: str) -> dict:
+    """Median seconds per transformer call for each configuration, measured round-robin (base, variant, ...)
+    so that other load on the machine affects all of them alike."""
     h = w = size // 8
     x = mx.random.normal((1, 16, h, w), key=mx.random.key(0))
     caps = [mx.random.normal((caption_tokens, 2560), key=mx.random.key(1))]
     t = mx.array([0.5])
-    kw = {}
-    if net is not None:
-        ctx = mx.random.normal((1, net.config.control_in_dim, h, w), key=mx.random.key(2))
-        kw["control"] = ControlConditioning(net, [ControlInput(ctx, 0.75)], semantics)
-    times = []
-    for i in range(repeats + 1):
-        t0 = time.perf_counter()
-        mx.eval(model(x, t, caps, **kw))
-        if i:
-            times.append(time.perf_counter() - t0)
-        if net is not None:   # a fresh hook per call, as the pipeline makes one per step
-            kw["control"] = ControlConditioning(net, kw["control"].inputs, semantics)
-    return statistics.median(times)
+    ctx = {name: mx.random.normal((1, net.config.control_in_dim, h, w), key=mx.random.key(2))
+           for name, net in nets.items()}
+    times = {name: [] for name in ["none", *nets]}
+    for r in range(repeats + 1):   # round 0 warms up (and materializes the random weights)
+        for name in times:
+            kw = {} if name == "none" else \
+                {"control": ControlConditioning(nets[name], [ControlInput(ctx[name], 0.75)], semantics)}
+            t0 = time.perf_counter()
+            mx.eval(model(x, t, caps, **kw))
+            if r:
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(v) for name, v in times.items()}
 
 
 def memory_table():
     print("\nControlNet weight memory (real configs, from shapes):")
     print("| variant | params | bf16 | 8-bit | 4-bit |\n|---|---|---|---|---|")
     for name, v in VARIANTS.items():
-        net = ZImageControlNet(ZImageControlNetConfig(**v))
-        n = sum(p.size for _, p in tree_flatten(net.parameters()))
-        sizes = [weight_bytes(net, b, 64, mx.bfloat16) / 1e9 for b in (None, 8, 4)]
+        cfg = ZImageControlNetConfig(**v)
+        n = sum(p.size for _, p in tree_flatten(ZImageControlNet(cfg).parameters()))
+        sizes = [component_weight_bytes("controlnet", cfg.to_dict(), mx.bfloat16, b, 64) / 1e9 for b in (None, 8, 4)]
         print(f"| {name} | {n / 1e9:.2f} B | {sizes[0]:.2f} GB | {sizes[1]:.2f} GB | {sizes[2]:.2f} GB |")
 
 
@@ -110,15 +116,14 @@ def main():
           f"{str(dtype).split('.')[-1]}; {args.size}x{args.size} ({(args.size // 16) ** 2} image tokens), "
           f"{args.caption_tokens} caption tokens, {args.layers} main layers, {args.semantics} semantics")
     if not args.memory_only:
-        model, _ = build(args.layers, None, dtype)
-        base = time_step(model, None, args.size, args.caption_tokens, args.repeats, args.semantics)
+        model = build_transformer(args.layers, dtype)
+        nets = {v: build_controlnet(v, args.layers, dtype, model.layers[0]) for v in args.variants.split(",")}
+        res = time_steps(model, nets, args.size, args.caption_tokens, args.repeats, args.semantics)
         print("| ControlNet | control layers | step (s) | ÷ without |\n|---|---|---|---|")
-        print(f"| none | 0 | {base:.2f} | 1.00 |")
-        for variant in args.variants.split(","):
-            model, net = build(args.layers, variant, dtype)
-            s = time_step(model, net, args.size, args.caption_tokens, args.repeats, args.semantics)
-            print(f"| {variant} | {len(net.config.control_layers_places)} | {s:.2f} | {s / base:.2f} |")
-            del model, net
+        print(f"| none | 0 | {res['none']:.2f} | 1.00 |")
+        for name, net in nets.items():
+            print(f"| {name} | {len(net.config.control_layers_places)} | {res[name]:.2f} | "
+                  f"{res[name] / res['none']:.2f} |")
     memory_table()
 
 
