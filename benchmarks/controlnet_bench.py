@@ -8,8 +8,9 @@ and 2 context-refiner blocks; the 2.1 ControlNet adds 15 control layers + 2 cont
 To fit the CPU's memory the blocks of one kind share one set of random weights (the arithmetic and the weight
 traffic per block are those of distinct blocks). `--layers L` scales the depth (control layers scale with it).
 One "step" is one transformer call (one velocity, batch 1, --caption-tokens caption), median of --repeats after a
-warm-up, the configurations measured round-robin. Memory: the ControlNet's parameter bytes computed from the real configs' shapes (nothing is allocated),
-bf16 and with the package's 8/4-bit quantization policy (group 64), as the memory plan counts them. Prints tables; never part of the tests.
+warm-up, the configurations measured round-robin. Memory: the ControlNet's parameter bytes computed from the real
+configs' shapes (nothing is allocated), bf16 and with the package's 8/4-bit quantization policy (group 64), as the
+memory plan counts them. Prints tables; never part of the tests.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Tiny random Z-Image ControlNets (diffusers `ZImageControlNetModel`, the oracle) matching tests/make_transformer.py."""
+"""Tiny random Z-Image ControlNets (diffusers `ZImageControlNetModel`, the oracle) for tests/make_transformer.py's
+tiny transformer."""
 
 from __future__ import annotations
 

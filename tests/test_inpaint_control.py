@@ -308,7 +308,10 @@ def test_convert_controlnet_and_memory_plan(tiny, tmp_path):
                        log=print)   # replaces an earlier conversion
     with pytest.raises(WeightError, match="given as a ControlNet, but it holds a FLUX 16-channel VAE"):
         convert_controlnet(tmp_path / "x", tiny["root"] / "vae" / "diffusion_pytorch_model.safetensors")
-    base = pipe.plan.stages["denoise"]
+    from zimage_mlx.memory import predict_stages
+
+    with_cn = predict_stages(pipe.configs, mx.float32, {}, 64, 512, 512)
+    without = predict_stages({k: v for k, v in pipe.configs.items() if k != "controlnet"}, mx.float32, {}, 64, 512, 512)
+    assert with_cn["denoise"] - without["denoise"] > with_cn["weights_controlnet"] > 0   # weights + hints
     pipe.unload_controlnet()
     assert "weights_controlnet" not in pipe.plan.stages and not pipe.has_controlnet
-    assert base > 0

@@ -229,7 +229,7 @@ class ControlConditioning:
         self.controlnet = controlnet
         self.inputs = list(inputs)
         self.semantics = semantics
-        self._state = None
+        self._state = None   # set by refiner_hints, used and cleared by layer_hints (one transformer forward)
 
     def select(self, idx) -> "ControlConditioning":
         idx = mx.array(list(idx))
@@ -242,39 +242,32 @@ class ControlConditioning:
                                                      for i in self.inputs], self.semantics)
 
     def refiner_hints(self, model, x, cos, sin, temb) -> dict[int, mx.array]:
-        """Called with the embedded image tokens before the noise refiner."""
+        """Called with the embedded image tokens before the noise refiner: the additions to its layers."""
         net, places = self.controlnet, self.controlnet.config.control_refiner_layers_places
-        per_input = []
+        self._state = []   # per input: (its refiner hints, its control stream, its private image tokens or None)
         for inp in self.inputs:
             c = net.embed(inp.context, model.x_pad_token)
             hints, c = net.refine(c, x, cos, sin, temb)
-            per_input.append(({p: h * inp.scale for p, h in zip(places, hints)}, c))
-        self._state = per_input
-        if self.semantics == "diffusers":
-            # diffusers: each ControlNet pass runs the shared noise refiner privately with its own hints.
-            private = []
-            for refiner_hints, c in per_input:
-                xp = x
+            hints = {p: h * inp.scale for p, h in zip(places, hints)}
+            private = None
+            if self.semantics == "diffusers" and hints:
+                # diffusers: each ControlNet pass runs the shared noise refiner privately, with its own hints.
+                private = x
                 for i, layer in enumerate(model.noise_refiner):
-                    xp = layer(xp, cos, sin, temb)
-                    if i in refiner_hints:
-                        xp = xp + refiner_hints[i]
-                private.append(xp)
-            self._private_x = private
-            return {}
-        return _sum_dicts([h for h, _ in per_input])
+                    private = layer(private, cos, sin, temb)
+                    if i in hints:
+                        private = private + hints[i]
+            self._state.append((hints, c, private))
+        return {} if self.semantics == "diffusers" else _sum_dicts([h for h, _, _ in self._state])
 
     def layer_hints(self, unified, cos, sin, temb) -> dict[int, mx.array]:
-        """Called with the unified [image ; caption] sequence before the main layers."""
+        """Called with the unified [image ; caption] sequence before the main layers: the additions to them."""
         if self._state is None:
             raise RuntimeError("refiner_hints must run before layer_hints")
         net, places = self.controlnet, self.controlnet.config.control_layers_places
         out = []
-        for k, (inp, (_, c)) in enumerate(zip(self.inputs, self._state)):
-            u = unified
-            if self.semantics == "diffusers":
-                xp = self._private_x[k]
-                u = mx.concatenate([xp, unified[:, xp.shape[1]:]], axis=1)
+        for inp, (_, c, private) in zip(self.inputs, self._state):
+            u = unified if private is None else mx.concatenate([private, unified[:, private.shape[1]:]], axis=1)
             hints = net.layer_hints(c, u, cos, sin, temb)
             out.append({p: h * inp.scale for p, h in zip(places, hints)})
         self._state = None
