@@ -76,6 +76,16 @@ CLI_CASES = [
     ("convert {model} -o {tmp}/out -q auto", 2, "load time"),
     ("convert {model}", 2, "--output"),
     ("convert -o {tmp}/out --vae {tmp}/red.png", 2, "--transformer, --text-encoder too"),
+    ("generate a-cat -m {model} --mask {tmp}/red.png", 2, "--mask needs --image"),
+    ("generate a-cat -m {model} --image {tmp}/red.png --paste-back", 2, "need --image and --mask"),
+    ("generate a-cat -m {model} --control-image {tmp}/red.png", 2, "--control-image needs --controlnet"),
+    ("generate a-cat -m {model} --control-scale 0.5", 2, "need --control-image"),
+    ("generate a-cat -m {model} --controlnet {model}/transformer --control-image {tmp}/red.png", 1,
+     "not a ControlNet directory"),
+    ("generate a-cat -m {model} --controlnet {tmp}/red.png --control-image {tmp}/red.png", 1, "safetensors"),
+    ("convert -o {tmp}/out --controlnet {model}/vae/diffusion_pytorch_model.safetensors", 1,
+     "given as a ControlNet, but it holds a FLUX 16-channel VAE"),
+    ("convert {model} -o {tmp}/out --controlnet {tmp}/red.png", 2, "converts a ControlNet alone"),
 ]
 
 
@@ -201,6 +211,16 @@ API_CASES = [
     (lambda p, m: ZImagePipeline.from_pretrained(m, dtype="float64"), ValueError, "unknown dtype"),
     (lambda p, m: ZImagePipeline.from_pretrained(m, dtype=mx.float16), ValueError, "float16 is not supported"),
     (lambda p, m: ZImagePipeline.from_pretrained(m / "nope"), WeightError, "no such directory"),
+    (lambda p, m: p(prompt="x", mask_image=np.zeros((32, 32), np.uint8)), ValueError, "mask_image needs image"),
+    (lambda p, m: p(prompt="x", image=Image.new("RGB", (32, 32)), mask_image=Image.new("L", (16, 32))), ValueError,
+     "mask_image is 16x32 but the image is 32x32"),
+    (lambda p, m: p(prompt="x", image=Image.new("RGB", (32, 32)), mask_image=Image.new("L", (32, 32)), mask_blur=-1),
+     ValueError, "mask_blur must be between 0.0"),
+    (lambda p, m: p(prompt="x", control_image=Image.new("RGB", (32, 32))), ValueError, "no ControlNet: load one"),
+    (lambda p, m: p.load_controlnet(m / "vae"), WeightError, "not a ControlNet directory"),
+    (lambda p, m: p.load_controlnet(m / "none.safetensors"), WeightError, "no such file or directory"),
+    (lambda p, m: ZImagePipeline.from_pretrained(m, controlnet_semantics="comfy"), ValueError,
+     "controlnet_semantics must be one of"),
 ]
 
 

@@ -346,7 +346,11 @@ def controlnet_config(path: str | Path, overrides: dict | None = None) -> ZImage
     from its keys; `overrides` win)."""
     path = Path(path)
     if path.is_dir():
-        return ZImageControlNetConfig.from_dict({**read_config(path), **(overrides or {})})
+        cfg = read_config(path)
+        if "control_layers_places" not in cfg and "control_layers_places" not in (overrides or {}):
+            raise WeightError(f"{path}: not a ControlNet directory (its config.json is for "
+                              f"{cfg.get('_class_name', 'another model')}, with no control_layers_places)")
+        return ZImageControlNetConfig.from_dict({**cfg, **(overrides or {})})
     try:
         return config_from_weights(read_safetensors(path), overrides)
     except WeightError as e:
