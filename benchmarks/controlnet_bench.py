@@ -89,6 +89,104 @@ def time_steps(model, nets: dict, size: int, caption_tokens: int, repeats: int, 
     return {name: statistics.median(v) for name, v in times.items()}
 
 
+def block_times(size: int, caption_tokens: int, repeats: int, dtype) -> dict:
+    """Median seconds of one block of each kind at this token count, interleaved: a main layer and a control layer
+    over the unified sequence, a noise-refiner / control-refiner block over the image tokens, a context-refiner block
+    over the caption. Composing them predicts the full model's ratio with less noise than whole steps."""
+    from zimage_mlx.controlnet import ControlBlock
+    from zimage_mlx.transformer import TransformerBlock
+
+    cfg = ZImageTransformerConfig()
+    img = (size // 16) ** 2
+    img += -img % 32
+    cap = caption_tokens + -caption_tokens % 32
+    # (only the first control block also has before_proj: one dim x dim matmul more, left out here)
+    main, ctx_ref, ctrl = TransformerBlock(cfg, True), TransformerBlock(cfg, False), ControlBlock(cfg, False)
+    for m in (main, ctx_ref, ctrl):
+        m.set_dtype(dtype)
+    temb = mx.random.normal((1, 256)).astype(dtype)
+
+    def inputs(n):
+        x = mx.random.normal((1, n, cfg.dim)).astype(dtype)
+        ang = mx.random.uniform(shape=(n, cfg.head_dim // 2))
+        cos, sin = rope_tables_for(ang)
+        return x, cos, sin
+
+    runs = {
+        "main layer": (lambda a: main(a[0], a[1], a[2], temb), inputs(img + cap)),
+        "noise refiner": (lambda a: main(a[0], a[1], a[2], temb), inputs(img)),
+        "context refiner": (lambda a: ctx_ref(a[0], a[1], a[2]), inputs(cap)),
+        "control layer": (lambda a: ctrl(a[0], a[0], a[1], a[2], temb), inputs(img + cap)),
+        "control refiner": (lambda a: ctrl(a[0], a[0], a[1], a[2], temb), inputs(img)),
+    }
+    times = {k: [] for k in runs}
+    for r in range(repeats + 1):
+        for name, (fn, args) in runs.items():
+            t0 = time.perf_counter()
+            mx.eval(fn(args))
+            if r:
+                times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def rope_tables_for(ang):
+    """cos/sin in the layout the transformer's attention takes (as ZImageTransformer._rope_cos_sin builds them)."""
+    import numpy as np
+
+    a = np.array(ang)
+    cos = np.repeat(np.cos(a), 2, axis=-1)
+    sin = np.stack([-np.sin(a), np.sin(a)], axis=-1).reshape(len(a), -1)
+    return mx.array(cos), mx.array(sin)
+
+
+def flop_ratio(variant: str, size: int = 1024, caption_tokens: int = 128) -> float:
+    """Analytic matmul + attention FLOP ratio (with ÷ without) at a size: what the step ratio tends to once the
+    step is compute-bound (large images, GPU)."""
+    dim, hidden = 3840, 10240
+    img = (size // 16) ** 2
+    img += -img % 32
+    cap = caption_tokens + -caption_tokens % 32
+    u = img + cap
+
+    def block(s, extra_proj=0):
+        return s * (4 * dim * dim + 3 * dim * hidden + extra_proj * dim * dim) + 2 * s * s * dim
+
+    base = 30 * block(u) + 2 * block(img) + 2 * block(cap)
+    v = VARIANTS[variant]
+    n = len(v["control_layers_places"])
+    extra = n * block(u, 1) + u * dim * dim
+    if v["add_control_noise_refiner"] == "control_noise_refiner":
+        extra += 2 * block(img, 1) + img * dim * dim
+    elif v["add_control_noise_refiner"] == "control_layers":
+        extra += n * block(img, 1) + img * dim * dim
+    else:
+        extra += 2 * block(img)
+    return (base + extra) / base
+
+
+def composed_table(bt: dict, variants: list[str]):
+    base = 30 * bt["main layer"] + 2 * bt["noise refiner"] + 2 * bt["context refiner"]
+    print("\nPer-block times (median), composed into the full 30-layer model:")
+    print("| block | s |\n|---|---|")
+    for k, v in bt.items():
+        print(f"| {k} | {v:.3f} |")
+    print("| ControlNet | predicted step ÷ without (reference / diffusers semantics) | FLOP ratio at 1024² |\n"
+          "|---|---|---|")
+    for name in variants:
+        v = VARIANTS[name]
+        n = len(v["control_layers_places"])
+        extra = n * bt["control layer"]
+        if v["add_control_noise_refiner"] == "control_noise_refiner":
+            extra += 2 * bt["control refiner"]
+        elif v["add_control_noise_refiner"] == "control_layers":
+            extra += n * bt["control refiner"]
+        else:
+            extra += 2 * bt["noise refiner"]
+        private = 2 * bt["noise refiner"] if v["add_control_noise_refiner"] else 0.0
+        print(f"| {name} | {(base + extra) / base:.2f} / {(base + extra + private) / base:.2f} | "
+              f"{flop_ratio(name):.2f} |")
+
+
 def memory_table():
     print("\nControlNet weight memory (real configs, from shapes):")
     print("| variant | params | bf16 | 8-bit | 4-bit |\n|---|---|---|---|---|")
@@ -110,13 +208,16 @@ def main():
     ap.add_argument("--semantics", choices=["reference", "diffusers"], default="reference")
     ap.add_argument("--variants", default="2.1,2.1-lite")
     ap.add_argument("--memory-only", action="store_true")
+    ap.add_argument("--per-block", action="store_true", help="time one block of each kind and compose (less noise)")
     args = ap.parse_args()
     mx.set_default_device(mx.cpu if args.device == "cpu" else mx.gpu)
     dtype = getattr(mx, args.dtype or ("float32" if args.device == "cpu" else "bfloat16"))
     print(f"machine: {platform.machine()} {platform.system()}, MLX {mx.__version__} {args.device}, "
           f"{str(dtype).split('.')[-1]}; {args.size}x{args.size} ({(args.size // 16) ** 2} image tokens), "
           f"{args.caption_tokens} caption tokens, {args.layers} main layers, {args.semantics} semantics")
-    if not args.memory_only:
+    if args.per_block:
+        composed_table(block_times(args.size, args.caption_tokens, args.repeats, dtype), args.variants.split(","))
+    elif not args.memory_only:
         model = build_transformer(args.layers, dtype)
         nets = {v: build_controlnet(v, args.layers, dtype, model.layers[0]) for v in args.variants.split(",")}
         res = time_steps(model, nets, args.size, args.caption_tokens, args.repeats, args.semantics)
