@@ -698,7 +698,7 @@ class ZImagePipeline:
             raise ValueError("image with control_image needs mask_image (ControlNet inpainting); ControlNet "
                              "image-to-image is not supported")
         if mask_image is not None:
-            if self.configs["controlnet"]["control_in_dim"] == LATENT_CHANNELS:
+            if self._config("controlnet")["control_in_dim"] == LATENT_CHANNELS:
                 raise ValueError("ControlNet inpainting needs a 2.x ControlNet (33-channel control context); "
                                  "this one is v1 (16 channels)")
             if strength is not None and float(strength) != 1.0:
