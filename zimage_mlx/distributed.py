@@ -18,6 +18,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.nn.layers.distributed import (AllToShardedLinear, QuantizedAllToShardedLinear, QuantizedShardedToAllLinear,
                                        ShardedToAllLinear, shard_linear)
 
@@ -60,6 +61,14 @@ def barrier(group: mx.distributed.Group) -> None:
     """Wait until every rank gets here."""
     if group.size() > 1:
         mx.eval(mx.distributed.all_sum(mx.zeros((1,)), group=group))
+
+
+def shared_random_seed(group: mx.distributed.Group) -> int:
+    """A random seed drawn by rank 0 and known to every rank (all must draw the same noise)."""
+    seed = int(np.random.default_rng().integers(0, 2**31)) if group.rank() == 0 else 0
+    if group.size() == 1:
+        return seed
+    return int(mx.distributed.all_sum(mx.array([seed], dtype=mx.int32), group=group).item())
 
 
 def failed_ranks(failed: bool, group: mx.distributed.Group) -> list[int]:
@@ -134,14 +143,12 @@ def check_tensor_parallel(config: dict, size: int, bits: int | None = None, grou
     dims = ", ".join(f"{v[0]} {k}" for k, v in split_dims("transformer", config).items())
     works = tensor_parallel_sizes("transformer", config, bits, group_size)
     quant = f" and {bits}-bit groups of {group_size}" if bits else ""
-    raise ValueError(f"parallel='tensor' cannot split the transformer ({dims}{quant}) across {size} processes; "
-                     f"{_counts(works)} work")
-
-
-def _counts(sizes: list[int]) -> str:
-    if not sizes:
-        return "no process count"
-    return " or ".join([", ".join(map(str, sizes[:-1])), str(sizes[-1])] if len(sizes) > 1 else [str(sizes[0])])
+    if works:
+        counts = " or ".join([", ".join(map(str, works[:-1])), str(works[-1])] if len(works) > 1 else [str(works[0])])
+        fix = f"use {counts} processes"
+    else:
+        fix = "no process count splits it evenly (use parallel='data' or 'cfg')"
+    raise ValueError(f"parallel='tensor' cannot split the transformer ({dims}{quant}) across {size} processes; {fix}")
 
 
 def is_split(name: str, key: str) -> bool:
@@ -151,25 +158,51 @@ def is_split(name: str, key: str) -> bool:
 
 
 # --------------------------------------------------------------------------- sharded modules
-class ShardedEmbedding(nn.Module):
+def _vocab_split_lookup(embedding: nn.Module, lookup, ids: mx.array) -> mx.array:
+    local = ids - embedding.start
+    mine = (local >= 0) & (local < embedding.rows)
+    h = lookup(mx.where(mine, local, 0))
+    return mx.distributed.all_sum(h * mine[..., None].astype(h.dtype), group=embedding.group)
+
+
+class ShardedEmbedding(nn.Embedding):
     """A token table split by vocabulary rows: each rank looks up the ids in its rows (zeros elsewhere) and an
     all_sum assembles the embeddings; exact, since the other ranks add zeros."""
 
     def __init__(self, num_embeddings: int, dims: int, group: mx.distributed.Group):
-        super().__init__()
-        n = group.size()
-        if num_embeddings % n:
-            raise ValueError(f"cannot split a vocabulary of {num_embeddings} across {n} processes")
-        self.group = group
-        self.rows = num_embeddings // n
-        self.start = group.rank() * self.rows
-        self.weight = mx.zeros((self.rows, dims))
+        rows, start = _rows(num_embeddings, group)
+        super().__init__(rows, dims)
+        self.group, self.rows, self.start = group, rows, start
 
     def __call__(self, ids: mx.array) -> mx.array:
-        local = ids - self.start
-        mine = (local >= 0) & (local < self.rows)
-        h = self.weight[mx.where(mine, local, 0)] * mine[..., None].astype(self.weight.dtype)
-        return mx.distributed.all_sum(h, group=self.group)
+        return _vocab_split_lookup(self, super().__call__, ids)
+
+
+class QuantizedShardedEmbedding(nn.QuantizedEmbedding):
+    """`ShardedEmbedding` for a quantized token table (rows of packed weights, scales and biases)."""
+
+    def __init__(self, num_embeddings: int, dims: int, group_size: int, bits: int, mode: str,
+                 group: mx.distributed.Group):
+        rows, start = _rows(num_embeddings, group)
+        super().__init__(rows, dims, group_size, bits, mode=mode)
+        self.group, self.rows, self.start = group, rows, start
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        return _vocab_split_lookup(self, super().__call__, ids)
+
+
+def _rows(num_embeddings: int, group: mx.distributed.Group) -> tuple[int, int]:
+    n = group.size()
+    if num_embeddings % n:
+        raise ValueError(f"cannot split a vocabulary of {num_embeddings} across {n} processes")
+    return num_embeddings // n, group.rank() * (num_embeddings // n)
+
+
+def _shard_embedding(module: nn.Module, group: mx.distributed.Group) -> nn.Module:
+    if isinstance(module, nn.QuantizedEmbedding):
+        return QuantizedShardedEmbedding(module.num_embeddings, module.dims, module.group_size, module.bits,
+                                         getattr(module, "mode", "affine"), group)
+    return ShardedEmbedding(*module.weight.shape, group)
 
 
 def _set_child(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -199,12 +232,13 @@ def shard_model(name: str, model: nn.Module, group: mx.distributed.Group) -> nn.
                     if hasattr(attention, attr):
                         setattr(attention, attr, getattr(attention, attr) // n)
         elif path in SPLIT_EMBEDDINGS.get(name, ()):
-            _set_child(model, path, ShardedEmbedding(*module.weight.shape, group))
+            _set_child(model, path, _shard_embedding(module, group))
     return model
 
 
 def _split_axis(module: nn.Module, param: str) -> int | None:
-    if isinstance(module, (AllToShardedLinear, QuantizedAllToShardedLinear, ShardedEmbedding)):
+    if isinstance(module, (AllToShardedLinear, QuantizedAllToShardedLinear, ShardedEmbedding,
+                           QuantizedShardedEmbedding)):
         return 0
     if isinstance(module, (ShardedToAllLinear, QuantizedShardedToAllLinear)):
         return None if param == "bias" else -1
