@@ -198,3 +198,21 @@ def test_a_killed_process_stops_the_others(tiny, tmp_path):
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: process 0 of 2: "), err[-2000:]
     assert not (tmp_path / "fox.png").exists()
+
+
+def test_memory_plan_counts_one_process_share():
+    """A 1024² bf16 generation on 16 GB Macs (12.7 GB working set): one Mac must quantize, two tensor-parallel Macs
+    run bf16, each holding about half the split weights."""
+    from dataclasses import asdict
+
+    from zimage_mlx.memory import plan_memory
+    from zimage_mlx.vae import VAEConfig
+
+    configs = {"transformer": {}, "text_encoder": {}, "vae": asdict(VAEConfig())}
+    kw = dict(requested="auto", height=1024, width=1024, available=int(12.7e9), source="test", cpu=False)
+    one = plan_memory(configs, mx.bfloat16, **kw)
+    two = plan_memory(configs, mx.bfloat16, shards={"transformer": 2, "text_encoder": 2}, **kw)
+    assert one.bits == {"transformer": 8, "text_encoder": 8}
+    assert two.bits == {"transformer": None, "text_encoder": None}
+    assert 6.0e9 < two.stages["weights_transformer"] < 6.5e9        # 12.31 GB bf16: split layers halved
+    assert "transformer split over 2 processes" in two.summary() and "per process" in two.summary()
