@@ -40,11 +40,22 @@ def run(root: str, name: str) -> dict:
     return result
 
 
+def cfg_without_guidance(root: str) -> dict:
+    """parallel='cfg' with guidance 0 (Turbo): refused under a launch, ignored with one process."""
+    pipe = ZImagePipeline.from_pretrained(root, dtype="float32", parallel="cfg", height=64, width=64)
+    try:
+        pipe(prompt="a red fox", height=64, width=64, num_inference_steps=1, guidance_scale=0.0, seed=3,
+             output_type="latent")
+    except ValueError as e:
+        return {"cfg-without-guidance": "classifier-free guidance, which is off" in str(e)}
+    return {"cfg-without-guidance": False}
+
+
 def main(root: str, out: str, names: list[str]) -> None:
     mx.set_default_device(mx.cpu)
     results = {}
     for name in names:
-        results.update(run(root, name))
+        results.update(cfg_without_guidance(root) if name == "cfg-without-guidance" else run(root, name))
     np.savez(f"{out}-{init_group().rank()}.npz", **results)
 
 

@@ -58,6 +58,7 @@ CLI_CASES = [
     ("generate a-cat -m {model} --seed 18446744073709551615 -n 2", 2, "--seed"),
     ("generate a-cat -m {model} --image {tmp}/red.png --strength 0", 2, "--strength"),
     ("generate a-cat -m {model} --guidance nan", 2, "nan"),
+    ("generate a-cat -m {model} --parallel pipeline", 2, "--parallel"),
     ("generate a-cat -m {model} --cfg-truncation nan", 2, "nan"),
     ("generate a-cat -m {model} --image {tmp}/dot.png", 2, "1x1 pixels"),
     ("generate a-cat -m {model} -q 3", 2, "transformer=4"),
@@ -201,6 +202,7 @@ API_CASES = [
     (lambda p, m: ZImagePipeline.from_pretrained(m, dtype="float64"), ValueError, "unknown dtype"),
     (lambda p, m: ZImagePipeline.from_pretrained(m, dtype=mx.float16), ValueError, "float16 is not supported"),
     (lambda p, m: ZImagePipeline.from_pretrained(m / "nope"), WeightError, "no such directory"),
+    (lambda p, m: ZImagePipeline.from_pretrained(m, parallel="pipeline"), ValueError, "parallel must be one of"),
 ]
 
 
