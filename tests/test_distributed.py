@@ -50,8 +50,8 @@ def _free_port() -> int:
 def _launch(args: list[str]) -> subprocess.Popen:
     """`mlx.launch -n 2` (ring backend, loopback; the console script's entry point, run with this Python) running
     `python ARGS` in its own process group."""
-    cmd = [sys.executable, "-c", "from mlx._distributed_utils.launch import main; main()", "-n", "2", "--backend", "ring",
-           "--starting-port", str(_free_port()), "--", sys.executable, *args]
+    cmd = [sys.executable, "-c", "from mlx._distributed_utils.launch import main; main()", "-n", "2",
+           "--backend", "ring", "--starting-port", str(_free_port()), "--", sys.executable, *args]
     return subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
 

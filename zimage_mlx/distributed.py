@@ -116,7 +116,8 @@ def split_dims(name: str, config: dict) -> dict[str, tuple[int, int | None]]:
     heads = config.get("num_attention_heads", 32)
     head_dim = config.get("head_dim") or config.get("hidden_size", 2560) // heads
     inter = config.get("intermediate_size", 9728)
-    return {"attention heads": (heads, heads * head_dim), "key/value heads": (config.get("num_key_value_heads", 8), None),
+    return {"attention heads": (heads, heads * head_dim),
+            "key/value heads": (config.get("num_key_value_heads", 8), None),
             "feed-forward width": (inter, inter), "vocabulary": (config.get("vocab_size", 151936), None)}
 
 
