@@ -58,6 +58,7 @@ CLI_CASES = [
     ("generate a-cat -m {model} --seed 18446744073709551615 -n 2", 2, "--seed"),
     ("generate a-cat -m {model} --image {tmp}/red.png --strength 0", 2, "--strength"),
     ("generate a-cat -m {model} --guidance nan", 2, "nan"),
+    ("generate a-cat -m {model} --parallel pipeline", 2, "--parallel"),
     ("generate a-cat -m {model} --cfg-truncation nan", 2, "nan"),
     ("generate a-cat -m {model} --image {tmp}/dot.png", 2, "1x1 pixels"),
     ("generate a-cat -m {model} -q 3", 2, "transformer=4"),
@@ -211,6 +212,7 @@ API_CASES = [
     (lambda p, m: ZImagePipeline.from_pretrained(m, dtype="float64"), ValueError, "unknown dtype"),
     (lambda p, m: ZImagePipeline.from_pretrained(m, dtype=mx.float16), ValueError, "float16 is not supported"),
     (lambda p, m: ZImagePipeline.from_pretrained(m / "nope"), WeightError, "no such directory"),
+<<<<<<< HEAD
     (lambda p, m: p(prompt="x", mask_image=np.zeros((32, 32), np.uint8)), ValueError, "mask_image needs image"),
     (lambda p, m: p(prompt="x", image=Image.new("RGB", (32, 32)), mask_image=Image.new("L", (16, 32))), ValueError,
      "mask_image is 16x32 but the image is 32x32"),
@@ -221,6 +223,9 @@ API_CASES = [
     (lambda p, m: p.load_controlnet(m / "none.safetensors"), WeightError, "no such file or directory"),
     (lambda p, m: ZImagePipeline.from_pretrained(m, controlnet_semantics="comfy"), ValueError,
      "controlnet_semantics must be one of"),
+=======
+    (lambda p, m: ZImagePipeline.from_pretrained(m, parallel="pipeline"), ValueError, "parallel must be one of"),
+>>>>>>> main
 ]
 
 

@@ -24,6 +24,7 @@ from . import __version__
 from .control_maps import CONTROL_TYPES
 from .controlnet import SEMANTICS
 from .convert import check_output, convert, convert_controlnet
+from .distributed import PARALLEL_MODES, init_group, shared_random_seed
 from .hub import DEFAULT_REPO
 from .pipeline import DEFAULT_INPAINT_STRENGTH, DEFAULT_SIZE, DEFAULT_STRENGTH, MAX_SEED, ZImagePipeline, expand_seeds
 from .pngfile import png_params, read_png_params, save_png
@@ -215,8 +216,9 @@ def _note(msg: str) -> None:
     click.echo(msg, err=True)
 
 
-def run_guarded(fn, verbose: bool) -> None:
-    """Run fn; a runtime failure prints one line and exits 1 (the traceback first with --verbose)."""
+def run_guarded(fn, verbose: bool, who: str = "") -> None:
+    """Run fn; a runtime failure prints one line and exits 1 (the traceback first with --verbose).
+    who: "process R of N: " under mlx.launch, so each process's line says which one failed."""
     try:
         fn()
     except (click.ClickException, click.exceptions.Exit, click.Abort):
@@ -228,8 +230,10 @@ def run_guarded(fn, verbose: bool) -> None:
         if verbose:
             traceback.print_exc()
         msg = " ".join(str(e).split()) or type(e).__name__
+        if who and "connection to a peer was lost" in msg:
+            msg += " (another process of the launch failed or was stopped)"
         hint = "" if verbose else " (--verbose for the traceback)"
-        click.echo(f"error: {msg}{hint}", err=True)
+        click.echo(f"error: {who}{msg}{hint}", err=True)
         sys.exit(1)
 
 
@@ -247,6 +251,8 @@ def _image_size(path: str, option: str = "--image") -> tuple[int, int]:
 def _generate(o: dict) -> None:
     import mlx.core as mx
 
+    main = o["rank"] == 0           # under mlx.launch only rank 0 prints and writes
+    note = _note if main else (lambda msg: None)
     stages: dict[str, float] = {}
     t_all = time.perf_counter()
     mx.reset_peak_memory()
@@ -256,8 +262,8 @@ def _generate(o: dict) -> None:
     height = o["height"] or (image_size[1] if image_size else DEFAULT_SIZE)
     t0 = time.perf_counter()
     pipe = ZImagePipeline.from_pretrained(o["model"], dtype=o["dtype"], quantize=o["quantize"], height=height,
-                                          width=width, compile=o["compile"], verbose=True, controlnet=o["controlnet"],
-                                          controlnet_semantics=o["controlnet_semantics"])
+                                          width=width, compile=o["compile"], verbose=main, parallel=o["parallel"],
+                                          controlnet=o["controlnet"], controlnet_semantics=o["controlnet_semantics"])
     # Everything the pipeline would refuse is checked now, before a weight is read.
     try:
         steps, guidance = pipe.defaults(o["steps"], o["guidance"])
@@ -275,45 +281,58 @@ def _generate(o: dict) -> None:
     stages["load"] = time.perf_counter() - t0
     negative = o["negative_prompt"] if guidance > 0 else None
     if o["negative_prompt"] and guidance <= 0:
-        _note("note: the negative prompt is ignored without guidance (--guidance > 0)")
-    _note(f"Z-Image {pipe.variant.capitalize()} ({steps} steps, guidance {guidance:g}), {pipe.dtype_name}, "
-          f"{width}x{height}; {pipe.plan.summary()}")
+        note("note: the negative prompt is ignored without guidance (--guidance > 0)")
+    if pipe.parallel == "cfg" and pipe.world_size > 1 and guidance <= 0:
+        raise click.UsageError("--parallel cfg splits classifier-free guidance, which is off (--guidance 0, as "
+                               "Turbo uses); use --parallel data or tensor")
+    procs = f"; {pipe.parallel}-parallel over {pipe.world_size} processes" if pipe.world_size > 1 else ""
+    note(f"Z-Image {pipe.variant.capitalize()} ({steps} steps, guidance {guidance:g}), {pipe.dtype_name}, "
+         f"{width}x{height}{procs}; {pipe.plan.summary()}")
     if not o["seed"]:
-        _note(f"seed: {', '.join(map(str, o['seeds']))}")
+        note(f"seed: {', '.join(map(str, o['seeds']))}")
     decoder = load_tiny_decoder(o["taef1"]) if o["taef1"] else None
 
-    for i, (seed, path) in enumerate(zip(o["seeds"], o["paths"])):
-        label = f"image {i + 1}/{len(o['seeds'])}" if len(o["seeds"]) > 1 else "denoising"
-        callback = _Progress(run_steps, label, enabled=not o["quiet"])
-        if o["preview"]:
-            callback = _PreviewFile(Path(o["preview"]), callback, pipe, seed, steps, height, width,
+    # Data-parallel: each call makes one image per process (image k on process k mod N); else one image per call.
+    per_call = pipe.world_size if pipe.parallel == "data" else 1
+    calls = 0
+    for start in range(0, len(o["seeds"]), per_call):
+        seeds = o["seeds"][start: start + per_call]
+        count = f"{start + 1}-{start + len(seeds)}" if len(seeds) > 1 else f"{start + 1}"
+        label = f"image {count}/{len(o['seeds'])}" if len(o["seeds"]) > 1 else "denoising"
+        callback = _Progress(run_steps, label, enabled=main and not o["quiet"])
+        if o["preview"] and main:     # process 0's image (the first of each data-parallel call)
+            callback = _PreviewFile(Path(o["preview"]), callback, pipe, seeds[0], steps, height, width,
                                     decoder, img2img=bool(o["image"]))
         out = pipe(prompt=o["prompt"], negative_prompt=negative, height=height, width=width,
                    num_inference_steps=steps, guidance_scale=guidance, cfg_truncation=o["cfg_truncation"],
-                   cfg_normalization=o["cfg_normalization"], seed=seed, image=o["image"], strength=o["strength"],
-                   mask_image=o["mask"], mask_blur=o["mask_blur"], paste_back=o["paste_back"],
-                   control_image=list(o["control_image"]) or None, control_type=o["control_type"],
-                   controlnet_conditioning_scale=o["control_scale"], callback=callback)
+                   cfg_normalization=o["cfg_normalization"], seed=seeds, num_images_per_prompt=len(seeds),
+                   image=o["image"], strength=o["strength"], mask_image=o["mask"], mask_blur=o["mask_blur"],
+                   paste_back=o["paste_back"], control_image=list(o["control_image"]) or None,
+                   control_type=o["control_type"], controlnet_conditioning_scale=o["control_scale"],
+                   callback=callback)
+        calls += 1
         for k, v in out.timings.items():
             if k != "total":
                 key = "load" if k.startswith("load_") else k
                 stages[key] = stages.get(key, 0.0) + v
-        img = out.images[0]
-        t0 = time.perf_counter()
-        params = png_params(o["prompt"], negative, seed, steps, guidance, f"{img.width}x{img.height}", o["model"],
-                            pipe.quantization, pipe.dtype_name, image=o["image"], strength=o["strength"],
-                            extra=o["png_extra"])
-        saved = _save_with_fallback(img, path, params, o["overwrite"])
-        stages["save"] = stages.get("save", 0.0) + time.perf_counter() - t0
-        if saved != path and saved.parent == path.parent:
-            _note(f"note: {path} exists; saving as {saved.name}")
-        click.echo(str(saved))
+        if not main:
+            continue
+        for seed, path, img in zip(seeds, o["paths"][start: start + per_call], out.images):
+            t0 = time.perf_counter()
+            params = png_params(o["prompt"], negative, seed, steps, guidance, f"{img.width}x{img.height}",
+                                o["model"], pipe.quantization, pipe.dtype_name, image=o["image"],
+                                strength=o["strength"], extra=o["png_extra"])
+            saved = _save_with_fallback(img, path, params, o["overwrite"])
+            stages["save"] = stages.get("save", 0.0) + time.perf_counter() - t0
+            if saved != path and saved.parent == path.parent:
+                note(f"note: {path} exists; saving as {saved.name}")
+            click.echo(str(saved))
 
     n = len(o["seeds"])
-    per_step = stages.get("denoise", 0.0) / (n * run_steps)
+    per_step = stages.get("denoise", 0.0) / (calls * run_steps)
     parts = [f"{k} {v:.1f} s" + (f" ({per_step:.2f} s/step)" if k == "denoise" else "") for k, v in stages.items()]
-    _note(f"done: {n} image{'s' * (n > 1)} in {time.perf_counter() - t_all:.1f} s - {', '.join(parts)}; "
-          f"peak memory {mx.get_peak_memory() / 1e9:.2f} GB")
+    note(f"done: {n} image{'s' * (n > 1)} in {time.perf_counter() - t_all:.1f} s - {', '.join(parts)}; "
+         f"peak memory {mx.get_peak_memory() / 1e9:.2f} GB{' (process 0)' if pipe.world_size > 1 else ''}")
 
 
 @click.command("generate", cls=_Command, epilog=EPILOG)
@@ -373,6 +392,10 @@ def _generate(o: dict) -> None:
               help="Refresh this PNG with a cheap preview of the image forming after every step.")
 @click.option("--taef1", type=click.Path(exists=True), default=None,
               help="TAEF1 weights (taef1_decoder.safetensors) for full-size previews instead of the 1/8-size map.")
+@click.option("--parallel", type=click.Choice(PARALLEL_MODES), default=None,
+              help="Under mlx.launch, share the work between the processes (Macs): data = one image per process, "
+                   "cfg = the two guidance branches on 2 processes, tensor = the models split (1/N of the weights "
+                   "each). Ignored with one process.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--verbose", "-v", is_flag=True, help="Show the traceback when something fails.")
 @click.version_option(__version__, prog_name="zimage-mlx")
@@ -412,16 +435,22 @@ def generate(**o):
     if len(o["seed"]) > 1 and o["num_images"] not in (1, len(o["seed"])):
         raise click.UsageError(f"{len(o['seed'])} seeds but --num-images {o['num_images']}: give one seed or "
                                f"{o['num_images']}")
+    group = init_group() if o["parallel"] else None
+    o["rank"] = group.rank() if group is not None else 0
+    who = f"process {group.rank()} of {group.size()}: " if group is not None and group.size() > 1 else ""
     try:
         seeds = list(o["seed"]) if len(o["seed"]) > 1 else o["seed"][0] if o["seed"] else None
+        if seeds is None and who:
+            seeds = shared_random_seed(group)        # every process must use the same seeds
         o["seeds"] = expand_seeds(seeds, max(o["num_images"], len(o["seed"])))
     except ValueError as e:
         raise click.UsageError(f"--seed: {e} (with --num-images {o['num_images']})") from None
     o["paths"] = output_paths(o["output"], o["seeds"])
     if o["overwrite"] and len(set(o["paths"])) < len(o["paths"]):
         raise click.UsageError(f"{o['output']!r} gives the same file name to several images")
-    check_writable(o["paths"] + ([Path(o["preview"])] if o["preview"] else []))
-    run_guarded(lambda: _generate(o), o["verbose"])
+    if o["rank"] == 0:
+        check_writable(o["paths"] + ([Path(o["preview"])] if o["preview"] else []))
+    run_guarded(lambda: _generate(o), o["verbose"], who)
 
 
 # ---------------------------------------------------------------------------------------------- info

@@ -24,10 +24,13 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .controlnet import ZImageControlNet, ZImageControlNetConfig
+from .distributed import SPLITS, shard_model, shard_weights
+from .quantize import prepare_for_quantized_load
 from .text_encoder import Qwen3Encoder, Qwen3EncoderConfig
 from .transformer import ZImageTransformer, ZImageTransformerConfig
 from .vae import AutoencoderKL, VAEConfig
-from .weights import WeightError, fill_model, read_component, read_config, read_safetensors
+from .weights import (WeightError, component_files, fill_model, read_component, read_config, read_safetensors,
+                      safetensors_keys)
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "zimage_mlx.json"
@@ -83,6 +86,7 @@ def load_component(
     *,
     config: dict | None = None,
     saved: dict | None = None,
+    group: mx.distributed.Group | None = None,
 ) -> nn.Module:
     """Load one component.
 
@@ -91,6 +95,8 @@ def load_component(
     as saved), None for PyTorch layouts (the model's `sanitize` maps the keys). dtype: float tensors are cast to it
     (None keeps the file's). bits: quantize a float transformer / text encoder on load with the policy of
     quantize.py (the VAE always stays float; saved quantized weights keep their own bits).
+    group: a tensor-parallel group of several processes: the transformer and the text encoder are split across it
+    (distributed.py) and this process reads only its part of each split tensor.
     """
     path = Path(path)
     if path.is_dir():
@@ -107,9 +113,24 @@ def load_component(
         bits, group_size = saved["bits"], saved.get("group_size") or 64
     if name not in QUANTIZABLE:
         bits = None
+    split = group is not None and group.size() > 1 and name in SPLITS
+    if split:
+        # A tensor that `sanitize` passes through is the very array read from the file: remember where it lives.
+        # (`keep` holds the originals until then, so no id is reused by a tensor sanitize creates.)
+        keep = dict(weights)
+        where = {id(v): k for k, v in keep.items()}
+        files = component_files(path) if path.is_dir() else [path]
+        file_of = {k: f for f in files for k in safetensors_keys(f)}
     if saved is None:
         weights = model.sanitize(weights)
-    return fill_model(model, weights, dtype, str(path), bits=bits, group_size=group_size)
+    if not split:
+        return fill_model(model, weights, dtype, str(path), bits=bits, group_size=group_size)
+    sources = {k: (file_of[where[id(v)]], where[id(v)]) for k, v in weights.items() if id(v) in where}
+    del keep, where
+    if bits:
+        prepare_for_quantized_load(model, bits, group_size)   # QuantizedLinear shells first, then split them
+    shard_model(name, model, group)
+    return fill_model(model, shard_weights(model, weights, group, sources), dtype, str(path))
 
 
 def save_component(directory: Path, model: nn.Module, config: dict, shard_bytes: int = SHARD_BYTES) -> list[str]:

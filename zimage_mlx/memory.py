@@ -18,12 +18,15 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .components import MODEL_COMPONENTS, build_model
+from .distributed import is_split
 from .quantize import COMPONENTS, describe_bits, parse_quantize, should_quantize
 
 
 # --------------------------------------------------------------------------- sizes
-def weight_bytes(model: nn.Module, bits: int | None, group_size: int, dtype: mx.Dtype) -> int:
-    """Bytes of `model`'s parameters once loaded in `dtype` and (optionally) quantized with the policy.
+def weight_bytes(model: nn.Module, bits: int | None, group_size: int, dtype: mx.Dtype, name: str = "",
+                 shards: int = 1) -> int:
+    """Bytes of `model`'s parameters once loaded in `dtype` and (optionally) quantized with the policy; with
+    `shards` > 1, what one rank of a tensor-parallel group holds of component `name` (distributed.is_split).
 
     Works on an un-evaluated model (only shapes are read), so the real 6B config costs nothing to size.
     """
@@ -35,6 +38,8 @@ def weight_bytes(model: nn.Module, bits: int | None, group_size: int, dtype: mx.
                 quantizable.add(path + ".weight")
     for key, p in tree_flatten(model.parameters()):
         n = math.prod(p.shape)
+        if shards > 1 and is_split(name, key):
+            n //= shards
         if key in quantizable:
             total += n * bits // 8 + 2 * (n // group_size) * dtype.size
         else:
@@ -78,6 +83,7 @@ class MemoryPlan:
     stages: dict[str, int] = field(default_factory=dict)
     free_transformer_before_decode: bool = False
     cpu: bool = False          # planned for MLX's CPU backend (SDPA materializes the attention scores there)
+    shards: dict[str, int] = field(default_factory=dict)   # {component: tensor-parallel processes it is split over}
 
     @property
     def order(self) -> tuple[bool, bool]:
@@ -89,8 +95,11 @@ class MemoryPlan:
                  else "keep both models loaded"]
         if self.free_transformer_before_decode:
             steps.append("free the transformer before decoding (it reloads for the next image)")
+        steps = [f"{n.replace('_', ' ')} split over {k} processes" for n, k in self.shards.items()] + steps
+        per = " per process" if self.shards else ""
         return (f"memory plan: {describe_bits(self.bits)} (group {self.group_size}); {'; '.join(steps)}; predicted "
-                f"peak {self.predicted_peak / gb:.1f} GB of {self.available / gb:.1f} GB available ({self.source})")
+                f"peak {self.predicted_peak / gb:.1f} GB{per} of {self.available / gb:.1f} GB available "
+                f"({self.source})")
 
 
 # --------------------------------------------------------------------------- planning
@@ -101,9 +110,10 @@ OVERHEAD = 0.15e9        # tokenizer, latents, RoPE tables, allocator slack
 ENCODE_TOKENS = 512      # plan for the longest prompt
 
 
-def component_weight_bytes(name: str, config: dict, dtype: mx.Dtype, bits: int | None, group_size: int) -> int:
+def component_weight_bytes(name: str, config: dict, dtype: mx.Dtype, bits: int | None, group_size: int,
+                           shards: int = 1) -> int:
     quantized = name in COMPONENTS or name == "controlnet"
-    return weight_bytes(build_model(name, config), bits if quantized else None, group_size, dtype)
+    return weight_bytes(build_model(name, config), bits if quantized else None, group_size, dtype, name, shards)
 
 
 def component_bits(name: str, bits: dict) -> int | None:
@@ -128,12 +138,13 @@ def image_tokens(configs: dict, height: int, width: int) -> int:
 
 
 def dit_activation_bytes(config: dict, dtype: mx.Dtype, tokens: int, caption_tokens: int = 128,
-                         cpu: bool | None = None) -> int:
+                         cpu: bool | None = None, shards: int = 1) -> int:
     """Live activations of one DiT block for `tokens` image tokens (hidden states, q/k/v, float32 RoPE, SwiGLU),
-    plus the attention score matrix where SDPA materializes it (MLX's CPU backend)."""
+    plus the attention score matrix where SDPA materializes it (MLX's CPU backend). With `shards` tensor-parallel
+    processes each holds 1/shards of the heads and of the SwiGLU width (the hidden states stay whole)."""
     dim = config.get("dim", 3840)
-    heads = config.get("n_heads", 30)
-    hidden = int(dim / 3 * 8)
+    heads = config.get("n_heads", 30) // shards
+    hidden = int(dim / 3 * 8) // shards
     s = tokens + caption_tokens
     s += -s % 32
     b = dtype.size
@@ -171,13 +182,14 @@ def vae_decode_activation_bytes(config: dict, height: int, width: int, dtype: mx
 
 
 def _stages(configs: dict, dtype: mx.Dtype, w: dict, height: int, width: int, order: tuple[bool, bool],
-            batch: int = 1, cpu: bool | None = None) -> dict[str, int]:
+            batch: int = 1, cpu: bool | None = None, shards: dict | None = None) -> dict[str, int]:
     """Peak bytes per stage. order = (free the text encoder before the transformer loads, free the transformer
-    before the VAE decode)."""
+    before the VAE decode); `w` and the result are per process when `shards` splits components."""
     free_te, free_dit = order
     te_resident = 0 if free_te else w["text_encoder"]
     tokens = image_tokens(configs, height, width)
-    dit = dit_activation_bytes(configs["transformer"], dtype, tokens, cpu=cpu) * batch
+    dit = dit_activation_bytes(configs["transformer"], dtype, tokens, cpu=cpu,
+                               shards=(shards or {}).get("transformer", 1)) * batch
     dit_weights = w["transformer"] + w.get("controlnet", 0)   # a ControlNet lives and goes with the transformer
     if "controlnet" in configs:
         dit += controlnet_activation_bytes(configs["controlnet"], dtype, tokens) * batch
@@ -192,11 +204,13 @@ def _stages(configs: dict, dtype: mx.Dtype, w: dict, height: int, width: int, or
 
 def predict_stages(configs: dict, dtype: mx.Dtype, bits: dict, group_size: int, height: int, width: int,
                    free_text_encoder: bool = True, batch: int = 1, free_transformer: bool = False,
-                   cpu: bool | None = None) -> dict[str, int]:
-    """Predicted peak bytes of each stage (encode, denoise, decode) and the weights of each component."""
-    w = {n: component_weight_bytes(n, configs[n], dtype, component_bits(n, bits), group_size)
+                   cpu: bool | None = None, shards: dict | None = None) -> dict[str, int]:
+    """Predicted peak bytes of each stage (encode, denoise, decode) and the weights of each component (per process
+    when `shards` = {component: processes} splits components for tensor parallelism)."""
+    shards = shards or {}
+    w = {n: component_weight_bytes(n, configs[n], dtype, component_bits(n, bits), group_size, shards.get(n, 1))
          for n in planned_components(configs)}
-    return _stages(configs, dtype, w, height, width, (free_text_encoder, free_transformer), batch, cpu)
+    return _stages(configs, dtype, w, height, width, (free_text_encoder, free_transformer), batch, cpu, shards)
 
 
 def _weights(stages: dict) -> dict[str, int]:
@@ -213,7 +227,7 @@ def check_fits(configs: dict, dtype: mx.Dtype, plan: MemoryPlan, height: int, wi
     w = _weights(plan.stages)
 
     def peak(h, wd, b=batch):
-        return _peak(_stages(configs, dtype, w, h, wd, plan.order, b, plan.cpu))
+        return _peak(_stages(configs, dtype, w, h, wd, plan.order, b, plan.cpu, plan.shards))
 
     budget = plan.available * HEADROOM
     need = peak(height, width)
@@ -244,39 +258,44 @@ ORDERS = ((False, False), (True, False), (True, True))
 
 def plan_memory(configs: dict, dtype: mx.Dtype, requested="auto", height: int = 1024, width: int = 1024,
                 group_size: int = 64, available: int | None = None, source: str | None = None,
-                cpu: bool | None = None) -> MemoryPlan:
+                cpu: bool | None = None, shards: dict[str, int] | None = None) -> MemoryPlan:
     """Choose bits per component (for "auto") and the stage order (ORDERS) that fit the memory.
 
     requested: anything `quantize.parse_quantize` reads ("auto", None, 4, 8, per-model dict). Raises MemoryError with a
     clear message when even 4-bit cannot fit an "auto" plan. cpu: plan for MLX's CPU backend (default: whether it
-    is the default device).
+    is the default device). shards: {component: processes} for tensor parallelism; each machine holds its share
+    and `available` is one machine's memory.
     """
+    shards = {n: k for n, k in (shards or {}).items() if k > 1}
     if available is None:
         available, source = machine_memory_bytes()
     cpu = (mx.default_device() == mx.cpu) if cpu is None else cpu
     budget = available * HEADROOM
     requested = parse_quantize(requested)
     candidates = [dict(zip(COMPONENTS, c)) for c in CANDIDATES] if requested == "auto" else [requested]
-    weights = [{n: component_weight_bytes(n, configs[n], dtype, component_bits(n, bits), group_size)
-                for n in planned_components(configs)} for bits in candidates]
+    weights = [{n: component_weight_bytes(n, configs[n], dtype, component_bits(n, bits), group_size,
+                                          shards.get(n, 1)) for n in planned_components(configs)}
+               for bits in candidates]
     best = None
     # Quality first: every precision with the models kept through the decode; freeing the transformer before the
     # decode (a reload per image) only when nothing fits otherwise.
     for orders in (ORDERS[:2], ORDERS[2:]):
         for bits, w in zip(candidates, weights):
             for order in orders:
-                st = _stages(configs, dtype, w, height, width, order, 1, cpu)
-                plan = MemoryPlan(bits, group_size, order[0], _peak(st), available, source or "", st, order[1], cpu)
+                st = _stages(configs, dtype, w, height, width, order, 1, cpu, shards)
+                plan = MemoryPlan(bits, group_size, order[0], _peak(st), available, source or "", st, order[1], cpu,
+                                  shards)
                 if plan.predicted_peak <= budget:
                     return plan
                 if best is None or plan.predicted_peak < best.predicted_peak:
                     best = plan
     if requested == "auto":
         w = _weights(best.stages)
-        side = _largest_square(configs, lambda h, wd: _peak(_stages(configs, dtype, w, h, wd, best.order, 1, cpu)),
-                               budget)
+        side = _largest_square(
+            configs, lambda h, wd: _peak(_stages(configs, dtype, w, h, wd, best.order, 1, cpu, shards)), budget)
         smaller = f"the largest square image that fits at 4-bit is about {side}x{side}" if side else \
             "close other apps"
+        smaller += " (or split the model across several Macs: parallel='tensor' under mlx.launch)"
         raise MemoryError(
             f"Z-Image does not fit in this machine's memory even at 4-bit: it needs about "
             f"{best.predicted_peak / 1e9:.1f} GB at {width}x{height}, {available / 1e9:.1f} GB are available "

@@ -26,6 +26,8 @@ from .control_maps import control_map
 from .controlnet import SEMANTICS, ControlConditioning, ControlInput, controlnet_config, load_controlnet
 from .components import MODEL_COMPONENTS, QUANTIZABLE, is_mlx_dir, load_component, read_manifest
 from .convert import convert
+from .distributed import (barrier, check_mode, check_tensor_parallel, failed_ranks, gather_batches, init_group,
+                          shared_random_seed, tensor_parallel_sizes)
 from .hub import DEFAULT_REPO, cache_dir, find_cached, looks_like_repo_id, resolve_file, resolve_source
 from .memory import MemoryPlan, check_fits, component_weight_bytes, plan_memory, size_multiple
 from .quantize import describe_bits, parse_quantize
@@ -200,6 +202,8 @@ class ZImagePipeline:
         quantization: str = "none",
         plan: MemoryPlan | None = None,
         compile: bool | None = None,
+        parallel: str | None = None,
+        group=None,
         controlnet=None,
         controlnet_semantics: str = "reference",
     ):
@@ -215,6 +219,8 @@ class ZImagePipeline:
         self.quantization = quantization      # what the loaded weights are, e.g. "transformer 4-bit, text encoder 8-bit"
         self.plan = plan                      # the memory plan sizes are checked against (None: no check)
         self.controlnet_semantics = _check_semantics(controlnet_semantics)
+        self.parallel = check_mode(parallel)  # "data" | "cfg" | "tensor" | None (distributed.py)
+        self.group = group if group is not None and group.size() > 1 else None   # None: one process
         # mx.compile the DiT's elementwise chains: on a GPU by default; on MLX's CPU backend it measured slower
         self.compile = (mx.default_device() == mx.gpu) if compile is None else bool(compile)
         if transformer is not None and hasattr(transformer, "set_compile"):
@@ -225,6 +231,15 @@ class ZImagePipeline:
     @property
     def dtype_name(self) -> str:
         return dtype_name(self.dtype)
+
+    @property
+    def rank(self) -> int:
+        """This process's rank in its `mlx.launch` group (0 for one process): rank 0 prints and writes files."""
+        return self.group.rank() if self.group is not None else 0
+
+    @property
+    def world_size(self) -> int:
+        return self.group.size() if self.group is not None else 1
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -239,8 +254,9 @@ class ZImagePipeline:
         variant: str | None = None,
         height: int = DEFAULT_SIZE,
         width: int = DEFAULT_SIZE,
-        verbose: bool = False,
         compile: bool | None = None,
+        verbose: bool = False,
+        parallel: str | None = None,
         controlnet: str | Path | None = None,
         controlnet_semantics: str = "reference",
     ) -> "ZImagePipeline":
@@ -254,12 +270,22 @@ class ZImagePipeline:
         re-checked when a call asks for a larger image, and a size that cannot fit is refused before any work.
         A hub model is converted once to the MLX layout and cached (hub.py), so later starts skip the conversion.
         Nothing heavy is read here (every file's header is checked): each model loads on first use.
-        verbose: report the one-time conversion of a hub model on stderr. `pipe.plan.summary()` describes the plan.
         compile: mx.compile the transformer's elementwise chains (default: on a GPU yes, on the CPU backend no).
+        verbose: report the one-time conversion of a hub model on stderr. `pipe.plan.summary()` describes the plan.
+        parallel: under `mlx.launch` with N processes (one per Mac), "data" (image k of a batch on process k mod N),
+        "cfg" (the two guidance branches on 2 processes) or "tensor" (the transformer and text encoder split across
+        the processes: each holds and reads about 1/N of their weights); every process makes the same calls and
+        gets the same results. With one process (or outside a launch) it changes nothing.
         controlnet: a ControlNet Union file, diffusers/MLX directory or hub file (see `load_controlnet`); it enters
         the memory plan and is quantized like the transformer. controlnet_semantics: "reference" (the training
         code, VideoX-Fun) or "diffusers" (diffusers 0.42.1's ZImageControlNetPipeline).
         """
+        parallel = check_mode(parallel)
+        group = init_group() if parallel else None
+        world = group.size() if group is not None else 1
+        if parallel == "cfg" and world > 2:
+            raise ValueError(f"parallel='cfg' runs the two guidance branches on 2 processes; this launch has {world} "
+                             "(use parallel='data' or 'tensor')")
         mx_dtype = parse_dtype(dtype) if dtype is not None else None
         requested = parse_quantize(quantize)
         if variant is not None:
@@ -273,6 +299,7 @@ class ZImagePipeline:
             if root is None:
                 raise
         manifest = _read_layout(root)
+        tensor = parallel == "tensor" and world > 1
         if mx_dtype is None:
             mx_dtype = parse_dtype(manifest["components"]["transformer"]["dtype"]) if manifest else default_dtype()
         configs = {n: read_config(root / n) for n in MODEL_COMPONENTS}
@@ -284,28 +311,43 @@ class ZImagePipeline:
         saved_bits = {n: manifest["components"][n].get("bits") for n in QUANTIZABLE} if manifest else {}
         if any(saved_bits.values()):
             requested = saved_bits          # already quantized on disk: load (and plan) as saved
-        plan = plan_memory(configs, mx_dtype, requested=requested, height=height, width=width)
-        bits, group = plan.bits, plan.group_size
+        if tensor:
+            check_tensor_parallel(configs["transformer"], world)
+        # The text encoder is split too when its heads allow it; otherwise every process holds all of it.
+        shards = {n: world for n in QUANTIZABLE
+                  if tensor and world in tensor_parallel_sizes(n, configs[n], up_to=world)}
+        plan = plan_memory(configs, mx_dtype, requested=requested, height=height, width=width, shards=shards)
+        bits, group_size = plan.bits, plan.group_size
+        if tensor:
+            check_tensor_parallel(configs["transformer"], world, bits["transformer"], group_size)
+            shards = {n: k for n, k in shards.items()
+                      if world in tensor_parallel_sizes(n, configs[n], bits.get(n), group_size, up_to=world)}
 
         if hub_id is not None and manifest is None:
             cached = cache_dir(hub_id, root, mx_dtype, bits)
-            if not _usable_conversion(cached):
-                if verbose:
-                    print(f"converting {hub_id} to MLX (once) into {cached} …", file=sys.stderr)
-                convert(cached, root, dtype=dtype_name(mx_dtype), quantize=bits, group_size=group, overwrite=True,
-                        log=(lambda m: print(m, file=sys.stderr)) if verbose else (lambda m: None))
+            verbose = verbose and (group is None or group.rank() == 0)
+            # Processes take turns, so the first on each machine converts and the others sharing its disk reuse it.
+            for turn in range(world):
+                if (group is None or group.rank() == turn) and not _usable_conversion(cached):
+                    if verbose:
+                        print(f"converting {hub_id} to MLX (once) into {cached} …", file=sys.stderr)
+                    convert(cached, root, dtype=dtype_name(mx_dtype), quantize=bits, group_size=group_size,
+                            overwrite=True, log=(lambda m: print(m, file=sys.stderr)) if verbose else (lambda m: None))
+                if group is not None:
+                    barrier(group)
             root, manifest = cached, read_manifest(cached)
 
         sched_file = root / "scheduler" / "scheduler_config.json"
         scheduler = SchedulerConfig.from_file(sched_file) if sched_file.is_file() else SchedulerConfig()
         saved = manifest["components"] if manifest else {}
-        loaders = {n: (lambda n=n: load_component(n, root / n, mx_dtype, bits.get(n), group, saved=saved.get(n)))
+        loaders = {n: (lambda n=n: load_component(n, root / n, mx_dtype, bits.get(n), group_size, saved=saved.get(n),
+                                                  group=group if n in shards else None))
                    for n in MODEL_COMPONENTS}
         variant = variant or (manifest or {}).get("variant") or detect_variant(src, scheduler)
         pipe = cls(tokenizer=ZImageTokenizer.from_dir(root / "tokenizer"), scheduler_config=scheduler,
                    loaders=loaders, configs=configs, variant=variant, keep_text_encoder=keep_text_encoder,
                    source=str(src), dtype=mx_dtype, quantization=describe_bits(bits), plan=plan, compile=compile,
-                   controlnet_semantics=controlnet_semantics)
+                   parallel=parallel, group=group, controlnet_semantics=controlnet_semantics)
         if controlnet is not None:
             pipe.load_controlnet(controlnet)
         return pipe
@@ -526,7 +568,93 @@ class ZImagePipeline:
         pure-noise start, no strength, no per-step blending; the masked image enters the 33-channel control context).
         callback(step_index, sigma, latents): called after every step; return False to cancel.
         output_type: "pil" | "np" | "latent".
+        Under `mlx.launch` (`from_pretrained`'s `parallel`) every process makes this same call and gets the whole
+        result; in data-parallel mode a failure on one process is raised on all of them.
         """
+        args = dict(locals())
+        del args["self"]
+        if self.group is None:
+            return self._generate(**args)
+        if args["seed"] is None and args["latents"] is None:
+            args["seed"] = shared_random_seed(self.group)     # every process must draw the same noise
+        if self.parallel == "data":
+            return self._generate_data_parallel(args)
+        return self._generate(**args)
+
+    def _generate_data_parallel(self, args: dict) -> PipelineOutput:
+        """Image k of the batch on process k mod N, with the seed it has in a one-process run; gathered at the end."""
+        n, rank = self.world_size, self.rank
+        n_per = _int_arg("num_images_per_prompt", args["num_images_per_prompt"], 1)
+        key = "prompt_embeds" if args["prompt_embeds"] is not None else "prompt"
+        if args[key] is None:
+            return self._generate(**args)          # refused the same way on every process
+        per_prompt = list(args[key]) if key == "prompt_embeds" else _prompts_arg("prompt", args[key])
+        batch = len(per_prompt) * n_per
+        seeds = expand_seeds(args["seed"], batch)
+        mine = list(range(rank, batch, n))
+        sub = dict(args, num_images_per_prompt=1, seed=None if args["seed"] is None else [seeds[k] for k in mine],
+                   output_type="np" if args["output_type"] == "pil" else args["output_type"], image_seed=seeds[0])
+        sub[key] = [per_prompt[k // n_per] for k in mine]
+        neg = args["negative_prompt"]
+        if isinstance(neg, (list, tuple)) and len(neg) == len(per_prompt) > 1:
+            sub["negative_prompt"] = [neg[k // n_per] for k in mine]
+        if args["negative_prompt_embeds"] is not None:
+            sub["negative_prompt_embeds"] = [args["negative_prompt_embeds"][k // n_per] for k in mine]
+        for name in ("latents", "noise"):
+            if args[name] is not None:
+                sub[name] = np.asarray(args[name], dtype=np.float32)[mine]
+        error, out = None, None
+        try:
+            if mine:
+                out = self._generate(**sub)
+        except Exception as e:  # noqa: BLE001 - shared with the other processes below, then re-raised
+            error = e
+        failed = failed_ranks(error is not None, self.group)
+        if error is not None:
+            raise error
+        if failed:
+            raise RuntimeError(f"process {', '.join(map(str, failed))} of {n} failed (see its message)")
+        local = mx.zeros((0, 1, 1, 1)) if out is None else mx.array(out.images)
+        images = gather_batches(local, self.group)
+        if args["output_type"] != "latent":
+            images = np.array(images)
+            if args["output_type"] == "pil":
+                images = to_pil(images)
+        return PipelineOutput(images=images, seeds=[None] * batch if args["seed"] is None else seeds,
+                              timings=dict(out.timings if out else self.timings),
+                              peak_memory_gb=mx.get_peak_memory() / 1e9)
+
+    def _generate(
+        self,
+        prompt=None,
+        height=None,
+        width=None,
+        num_inference_steps=None,
+        guidance_scale=None,
+        negative_prompt=None,
+        cfg_normalization=False,
+        cfg_truncation=1.0,
+        num_images_per_prompt=1,
+        seed=None,
+        latents=None,
+        prompt_embeds=None,
+        negative_prompt_embeds=None,
+        image=None,
+        strength=None,
+        output_type="pil",
+        callback=None,
+        max_sequence_length=512,
+        noise=None,
+        image_noise=None,
+        mask_image=None,
+        mask_blur=0.0,
+        paste_back=False,
+        control_image=None,
+        control_type=None,
+        controlnet_conditioning_scale=0.75,
+        image_seed=None,
+    ) -> PipelineOutput:
+        """`__call__` on this process; image_seed: the seed of img2img's VAE-sample key (default: the first image's)."""
         t_start = time.perf_counter()
         self.timings = {k: v for k, v in self.timings.items() if k.startswith("load_")}
         mx.reset_peak_memory()
@@ -551,6 +679,10 @@ class ZImagePipeline:
         else:
             first = 0
         do_cfg = g > 0
+        cfg_split = self.parallel == "cfg" and self.group is not None
+        if cfg_split and not do_cfg:
+            raise ValueError("parallel='cfg' splits classifier-free guidance, which is off (guidance_scale 0, as "
+                             "Turbo uses); use parallel='data' or 'tensor'")
         if prompt_embeds is None:
             if prompt is None:
                 raise ValueError("give a prompt or prompt_embeds")
@@ -606,7 +738,8 @@ class ZImagePipeline:
             enc_noise = None if image_noise is None else mx.array(np.asarray(image_noise, dtype=np.float32))
             enc_dtype = prompt_embeds[0].dtype
             # The VAE sample needs its own key: key(seed) itself draws image 0's start noise below.
-            z0 = self.vae.encode(mx.array(init_image).astype(enc_dtype), key=self.image_noise_key(seeds[0]),
+            z0 = self.vae.encode(mx.array(init_image).astype(enc_dtype),
+                                 key=self.image_noise_key(seeds[0] if image_seed is None else image_seed),
                                  noise=enc_noise)
             z0 = mx.broadcast_to(z0.astype(mx.float32), shape)
             eps = self.noise(seeds, shape) if eps is None else eps
@@ -627,20 +760,27 @@ class ZImagePipeline:
         if hasattr(transformer, "prepare"):
             both = transformer.prepare(both, shape[2], shape[3])
             cond = both.select(range(batch)) if neg else both
+            uncond = both.select(range(batch, 2 * batch)) if neg else None
         else:
-            cond = list(pos)
+            cond, uncond = list(pos), list(neg)
         for i in range(first, steps):
             t_model = float(sampler.model_time(timesteps[i], self.scheduler_config))
             g_i = sampler.guidance_for_step(g, t_model, cfg_truncation) if do_cfg else 0.0
             x_in = latents.astype(_model_dtype(transformer))
-            if g_i > 0:
-                kw = {"control": control.doubled()} if control is not None else {}
+            one = {"control": control} if control is not None else {}
+            if g_i > 0 and cfg_split:
+                # the positive branch on rank 0, the negative one on rank 1; all_gather stacks them in that order
+                v = transformer(x_in, mx.full((batch,), t_model, dtype=mx.float32), uncond if self.rank else cond,
+                                **one)
+                v = mx.distributed.all_gather(v, group=self.group)
+                v = sampler.guidance(v[:batch], v[batch:], g_i, cfg_normalization)
+            elif g_i > 0:
                 t = mx.full((2 * batch,), t_model, dtype=mx.float32)
+                kw = {"control": control.doubled()} if control is not None else {}
                 v = transformer(mx.concatenate([x_in, x_in]), t, both, **kw)
                 v = sampler.guidance(v[:batch], v[batch:], g_i, cfg_normalization)
             else:
-                kw = {"control": control} if control is not None else {}
-                v = transformer(x_in, mx.full((batch,), t_model, dtype=mx.float32), cond, **kw)
+                v = transformer(x_in, mx.full((batch,), t_model, dtype=mx.float32), cond, **one)
             latents = sampler.euler_step(latents, v, sigmas[i], sigmas[i + 1])
             if inpaint:
                 # diffusers ZImageInpaintPipeline: the kept region follows the image re-noised with the same ε.
@@ -741,6 +881,8 @@ class ZImagePipeline:
         mx.eval([i.context for i in inputs])
         self.timings["control_encode"] = time.perf_counter() - t0
         return ControlConditioning(net, inputs, self.controlnet_semantics) if inputs else None
+
+
 
 
 def _read_layout(root: Path) -> dict | None:

@@ -12,6 +12,7 @@ does not divide by the group size. Norms, pad tokens and the whole VAE stay in f
 from __future__ import annotations
 
 import mlx.nn as nn
+from mlx.nn.layers.distributed import QuantizedAllToShardedLinear, QuantizedShardedToAllLinear
 
 KEEP_FLOAT = ("t_embedder", "all_x_embedder", "cap_embedder", "all_final_layer")
 COMPONENTS = ("transformer", "text_encoder")
@@ -31,7 +32,9 @@ def should_quantize(path: str, module: nn.Module, group_size: int) -> bool:
     return module.weight.shape[-1] % group_size == 0
 
 
-QUANTIZED = (nn.QuantizedLinear, nn.QuantizedEmbedding)
+# Layers holding packed weights: QuantizedLinear, its tensor-parallel forms (mlx.nn.layers.distributed),
+# QuantizedEmbedding (and subclasses, such as distributed.py's vocabulary-split one)
+QUANTIZED = (nn.QuantizedLinear, QuantizedAllToShardedLinear, QuantizedShardedToAllLinear, nn.QuantizedEmbedding)
 
 
 def quantized_layers(model: nn.Module) -> list[str]:

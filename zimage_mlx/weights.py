@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .quantize import QUANTIZED, prepare_for_quantized_load
@@ -52,6 +54,11 @@ def default_dtype() -> mx.Dtype:
 
 def _safetensors_header(path: Path) -> dict:
     """The JSON header of a safetensors file, validated against the file size."""
+    return _safetensors_layout(path)[0]
+
+
+def _safetensors_layout(path: Path) -> tuple[dict, int]:
+    """(the validated JSON header, the byte offset where tensor data starts)."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -80,13 +87,78 @@ def _safetensors_header(path: Path) -> dict:
             f"{path}: truncated or corrupt safetensors file ({size} bytes, the header needs {8 + n + end}); "
             "re-download or re-convert it"
         )
-    return header
+    return header, 8 + n
 
 
 def safetensors_keys(path: str | Path) -> dict[str, tuple[tuple[int, ...], str]]:
     """{key: (shape, dtype string)} of a safetensors file, from its header only (cheap)."""
     header = _safetensors_header(Path(path))
     return {k: (tuple(v["shape"]), v["dtype"]) for k, v in header.items() if k != "__metadata__"}
+
+
+# safetensors dtype -> the numpy dtype its bytes are read as (bfloat16 as uint16, viewed back in MLX)
+_NUMPY_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64,
+                 "U64": np.uint64, "I32": np.int32, "U32": np.uint32, "I16": np.int16, "U16": np.uint16,
+                 "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+@dataclass(frozen=True)
+class TensorSlice:
+    """Part `index` of `parts` equal parts along `axis` of one tensor in a safetensors file, read when called.
+
+    Only that part's bytes are copied out of a memory map of the file, so a tensor-parallel rank never holds (or
+    allocates) the whole tensor; `mx.load` would read all of it even when only a slice is evaluated.
+    `check_and_cast` accepts these in place of arrays and reads each one at its turn.
+    """
+
+    path: str
+    key: str
+    offset: int                 # absolute byte offset of the tensor's data in the file
+    dtype: str                  # safetensors dtype string
+    full_shape: tuple
+    axis: int
+    index: int
+    parts: int
+
+    @property
+    def shape(self) -> tuple:
+        shape = list(self.full_shape)
+        shape[self.axis] //= self.parts
+        return tuple(shape)
+
+    def __call__(self) -> mx.array:
+        data = np.memmap(self.path, dtype=_NUMPY_DTYPES[self.dtype], mode="r", offset=self.offset,
+                         shape=self.full_shape)
+        n = self.full_shape[self.axis] // self.parts
+        where = [slice(None)] * len(self.full_shape)
+        where[self.axis] = slice(self.index * n, (self.index + 1) * n)
+        out = mx.array(np.ascontiguousarray(data[tuple(where)]))
+        del data
+        return out.view(mx.bfloat16) if self.dtype == "BF16" else out
+
+
+def safetensors_layout(path: str | Path) -> tuple[dict, int]:
+    """(header, data start) of a safetensors file: what `tensor_slice` needs to find a tensor's bytes."""
+    return _safetensors_layout(Path(path))
+
+
+def tensor_slice(path: str | Path, key: str, axis: int, index: int, parts: int,
+                 layout: tuple[dict, int] | None = None) -> TensorSlice:
+    """A `TensorSlice` of `key` in `path` (pass the file's `safetensors_layout` when slicing many of its tensors)."""
+    path = Path(path)
+    header, start = _safetensors_layout(path) if layout is None else layout
+    entry = header.get(key)
+    if not isinstance(entry, dict):
+        raise WeightError(f"{path}: no tensor {key}")
+    shape = tuple(entry["shape"])
+    axis = axis % len(shape) if shape else 0
+    if entry["dtype"] not in _NUMPY_DTYPES:
+        raise WeightError(f"{path}: tensor {key} has dtype {entry['dtype']}, which cannot be split")
+    if not shape or shape[axis] % parts:
+        raise WeightError(f"{path}: tensor {key} has shape {shape}; its axis {axis} does not split into {parts} "
+                          "equal parts (does the config match the weights?)")
+    return TensorSlice(str(path), key, start + entry["data_offsets"][0], entry["dtype"], shape,
+                       axis, index, parts)
 
 
 def read_safetensors(path: str | Path) -> dict[str, mx.array]:
@@ -159,6 +231,7 @@ def check_and_cast(
     saved packed weights/scales/biases or a float weight, which is quantized here, one tensor at a time.
     `weights` is consumed (emptied): a lazily loaded source tensor that stays referenced after its cast is
     evaluated would keep its file data alive, doubling peak memory. Callers must hold no other references.
+    A value may also be a `TensorSlice` (or any callable returning an array), read when its turn comes.
     """
     expected = dict(tree_flatten(model.parameters()))
     to_quantize = {}
@@ -185,7 +258,7 @@ def check_and_cast(
             continue
         if key in to_quantize:
             m = to_quantize[key]
-            w = weights.pop(key)
+            w = _read(weights.pop(key))
             shape = (ref.shape[0], ref.shape[1] * 32 // m.bits)
             if tuple(w.shape) != shape:
                 raise WeightError(f"{source}: tensor {key} has shape {tuple(w.shape)}, expected {shape}")
@@ -195,7 +268,7 @@ def check_and_cast(
             mx.eval(wq, scales, biases)
             out[key], out[stem + "scales"], out[stem + "biases"] = wq, scales, biases
             continue
-        w = weights.pop(key)
+        w = _read(weights.pop(key))
         if tuple(w.shape) != tuple(ref.shape):
             raise WeightError(
                 f"{source}: tensor {key} has shape {tuple(w.shape)}, expected {tuple(ref.shape)} "
@@ -211,6 +284,10 @@ def check_and_cast(
         mx.eval(w)
         out[key] = w
     return out
+
+
+def _read(value) -> mx.array:
+    return value() if callable(value) else value
 
 
 def fill_model(
