@@ -212,7 +212,6 @@ API_CASES = [
     (lambda p, m: ZImagePipeline.from_pretrained(m, dtype="float64"), ValueError, "unknown dtype"),
     (lambda p, m: ZImagePipeline.from_pretrained(m, dtype=mx.float16), ValueError, "float16 is not supported"),
     (lambda p, m: ZImagePipeline.from_pretrained(m / "nope"), WeightError, "no such directory"),
-<<<<<<< HEAD
     (lambda p, m: p(prompt="x", mask_image=np.zeros((32, 32), np.uint8)), ValueError, "mask_image needs image"),
     (lambda p, m: p(prompt="x", image=Image.new("RGB", (32, 32)), mask_image=Image.new("L", (16, 32))), ValueError,
      "mask_image is 16x32 but the image is 32x32"),
@@ -223,9 +222,7 @@ API_CASES = [
     (lambda p, m: p.load_controlnet(m / "none.safetensors"), WeightError, "no such file or directory"),
     (lambda p, m: ZImagePipeline.from_pretrained(m, controlnet_semantics="comfy"), ValueError,
      "controlnet_semantics must be one of"),
-=======
     (lambda p, m: ZImagePipeline.from_pretrained(m, parallel="pipeline"), ValueError, "parallel must be one of"),
->>>>>>> main
 ]
 
 
