@@ -140,14 +140,31 @@ def test_edits_equal_the_python_api_img2img(client):
     assert r.status_code == 200 and _png(r.json()["data"][0]["b64_json"]).size == (32, 48)
 
 
+def test_edits_with_an_openai_mask_inpaint(client):
+    """OpenAI's masks mark the area to edit as transparent; the pipeline gets it as white = repaint."""
+    rng = np.random.default_rng(1)
+    src = Image.fromarray(rng.integers(0, 256, (H, W, 3), dtype=np.uint8))
+    alpha = np.full((H, W), 255, np.uint8)
+    alpha[16:48, 8:40] = 0                                              # the hole to repaint
+    mask = Image.fromarray(np.dstack([np.zeros((H, W, 3), np.uint8), alpha]), "RGBA")
+    r = client.post("/v1/images/edits", files={"image": ("in.png", _upload(src), "image/png"),
+                                               "mask": ("m.png", _upload(mask), "image/png")},
+                    data={"prompt": "a window", "seed": "5", "num_inference_steps": str(STEPS)})
+    assert r.status_code == 200, r.text
+    out = np.asarray(_png(r.json()["data"][0]["b64_json"]).convert("RGB"))
+    white = Image.fromarray(np.where(alpha == 0, 255, 0).astype(np.uint8))
+    assert np.array_equal(out, _reference(client, prompt="a window", image=src, mask_image=white, seed=5))
+
+
 def test_edits_bad_inputs(client):
     ok = _upload(Image.new("RGB", (64, 64), "red"))
     cases = [
         ({"files": {"note": ("n.txt", b"hi", "text/plain")}, "data": {"prompt": "x"}}, 400, "image"),   # no image
         ({"files": {"image": ("a.png", b"not an image", "image/png")}, "data": {"prompt": "x"}}, 400, "image"),
         ({"files": {"image": ("a.png", ok, "image/png")}, "data": {}}, 400, "prompt"),
-        ({"files": {"image": ("a.png", ok, "image/png"), "mask": ("m.png", ok, "image/png")},
-          "data": {"prompt": "x"}}, 400, "mask"),                                            # no inpainting yet
+        ({"files": {"image": ("a.png", ok, "image/png"),
+                    "mask": ("m.png", _upload(Image.new("RGBA", (32, 64))), "image/png")},
+          "data": {"prompt": "x"}}, 400, "mask"),                                            # not the image's size
         ({"files": {"image": ("a.png", _upload(Image.new("RGB", (8, 8))), "image/png")}, "data": {"prompt": "x"}},
          400, "size"),
     ]

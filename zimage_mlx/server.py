@@ -5,7 +5,8 @@ Endpoints (shapes follow OpenAI's Images API, so the official SDKs work with bas
                                 output_format png | jpeg | webp, output_compression, stream, partial_images, and
                                 our extras (seed, num_inference_steps, guidance_scale, negative_prompt, loras),
                                 which the SDK sends through extra_body
-  POST /v1/images/edits         multipart: image, optional mask, prompt, n, size, strength, ... (image-to-image)
+  POST /v1/images/edits         multipart: image, optional mask (transparent = edit: inpainting), prompt, n, size,
+                                strength, ... (image-to-image without a mask)
   GET  /v1/models, GET /health, GET /files/NAME (url responses), GET / (the web page)
 
 Image k of a request with seed s uses seed s + k and is the image `pipe(prompt, seed=s + k, ...)` gives. Requests
@@ -45,7 +46,8 @@ from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Stream
 from starlette.routing import Route
 
 from . import sampler
-from .pipeline import DEFAULT_STRENGTH, MAX_SEED, GenerationCancelled, GenerationError, ZImagePipeline
+from .pipeline import (DEFAULT_INPAINT_STRENGTH, DEFAULT_STRENGTH, MAX_SEED, GenerationCancelled, GenerationError,
+                       ZImagePipeline)
 from .pngfile import png_params
 from .preview import Previewer, to_pil
 from .weights import WeightError
@@ -305,7 +307,8 @@ class Worker:
         steps, g = pipe.defaults(req.num_inference_steps, req.guidance_scale)
         negative = req.negative_prompt if g > 0 else None
         seed = secrets.randbelow(2**31) if req.seed is None else req.seed
-        strength = (DEFAULT_STRENGTH if req.strength is None else req.strength) if req.image is not None else None
+        default = DEFAULT_INPAINT_STRENGTH if req.mask is not None else DEFAULT_STRENGTH
+        strength = (default if req.strength is None else req.strength) if req.image is not None else None
         run_steps = pipe.steps_to_run(steps, strength)
         if run_steps <= 0:
             raise APIError(400, f"strength {strength} with {steps} steps leaves no step to run", param="strength")
@@ -382,6 +385,14 @@ def _encode(img: Image.Image, req: ImageRequest, meta: dict | None) -> bytes:
     else:
         img.save(buf, format=fmt, quality=req.output_compression)
     return buf.getvalue()
+
+
+def openai_mask(mask: Image.Image) -> Image.Image:
+    """An OpenAI edit mask (transparent = the area to edit) as the pipeline's (diffusers') mask: white = repaint.
+    A mask without transparency is taken as black-and-white already."""
+    if mask.mode in ("RGBA", "LA", "PA") or (mask.mode == "P" and "transparency" in mask.info):
+        return mask.convert("RGBA").getchannel("A").point(lambda a: 255 - a)
+    return mask.convert("L")
 
 
 def _as_api_error(e: BaseException) -> APIError:
@@ -502,7 +513,11 @@ def create_app(pipe: ZImagePipeline, config: ServerConfig | None = None) -> Star
             if not supports_mask:
                 raise APIError(400, "this build cannot inpaint yet: send the edit without 'mask' (image-to-image)",
                                param="mask", code="unsupported")
-            req.mask = await _read_image(uploads["mask"], "mask", mode=None)
+            req.mask = openai_mask(await _read_image(uploads["mask"], "mask", mode=None))
+            if req.mask.size != req.image.size:
+                raise APIError(400, f"'mask' is {req.mask.width}x{req.mask.height} but 'image' is "
+                                    f"{req.image.width}x{req.image.height}: they must have the same size",
+                               param="mask", code="invalid_value")
         w, h = req.image.size
         if req.width is None:
             w, h = w - w % 16, h - h % 16
