@@ -255,7 +255,7 @@ def _tensor_shapes(model: nn.Module, modules: dict) -> dict:
     return out
 
 
-def _resolve_layer(modules: dict, shapes: dict, target: str):
+def _resolve_layer(shapes: dict, target: str):
     """(layer path, output rows or None) for a diffusers target name: the layer itself or, in a model whose
     attention fuses q/k/v into `to_qkv`, that layer's row slice."""
     if target in shapes:
@@ -267,6 +267,14 @@ def _resolve_layer(modules: dict, shapes: dict, target: str):
         i = ("to_q", "to_k", "to_v").index(proj)
         return fused, (i * n, (i + 1) * n)
     return None, None
+
+
+def _target_shape(shapes: dict, target: str):
+    """(out, in) of a target (a row slice's height for a projection inside a fused layer), or None."""
+    path, rows = _resolve_layer(shapes, target)
+    if path is None:
+        return None
+    return (rows[1] - rows[0] if rows else shapes[path][0]), shapes[path][1]
 
 
 def _get(model: nn.Module, path: str):
@@ -322,8 +330,10 @@ def read_lora(path: str | Path):
     if not path.is_file():
         raise LoRAError(f"{path}: LoRA file not found")
     with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic[:2] == b"PK" or magic[:1] == b"\x80" or path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin", ".pkl"):
+        head = f.read(9)
+    safetensors = head[8:9] == b"{"   # an 8-byte header length, then the JSON header
+    if path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin", ".pkl") or \
+            (not safetensors and (head[:2] == b"PK" or head[:1] == b"\x80")):
         raise LoRAError(f"{path}: a pickle file (.ckpt/.pt/.bin); these can run code when opened and are never "
                         "loaded: use the .safetensors version of the LoRA")
     try:
@@ -546,10 +556,11 @@ def _patches_for(model, path, roles, layers, tensors, alpha_of, source):
         return out
 
     targets = _layer_targets(model, path)
-    if not targets or any(x not in layers for x in targets):
+    shapes = [_target_shape(layers, x) for x in targets]
+    if not targets or None in shapes:
         return None
-    out_dim = sum(layers[x][0] for x in targets)
-    in_dim = layers[targets[0]][1]
+    out_dim = sum(o for o, _ in shapes)
+    in_dim = shapes[0][1]
     alpha = float(t("alpha").reshape(-1)[0].item()) if "alpha" in roles else None
     if lora:
         if "down" not in roles or "up" not in roles:
@@ -568,7 +579,7 @@ def _patches_for(model, path, roles, layers, tensors, alpha_of, source):
         if alpha is None and alpha_of is not None:
             alpha, rslora = alpha_of(targets[0] if len(targets) == 1 else path, rank)
         scale = 1.0 if alpha is None else float(alpha) / (math.sqrt(rank) if rslora else rank)
-        starts = np.cumsum([0] + [layers[x][0] for x in targets])
+        starts = np.cumsum([0] + [o for o, _ in shapes])
         ups = tuple(up[int(a):int(b)] for a, b in zip(starts[:-1], starts[1:]))
         return [LowRank(tuple(targets), down, ups, scale)]
 
@@ -626,9 +637,14 @@ class LoRAState:
         self._merges: dict[str, list] = {}           # tensor path -> [(Adapter, Delta)]
 
     def add(self, adapter: Adapter) -> None:
+        """Add an adapter; as in diffusers, the newest adapter is the active one (set_weights combines them)."""
         if adapter.name in self.adapters:
             raise ValueError(f"adapter name {adapter.name!r} is already in use; pass another adapter_name or "
                              "unload_lora_weights() first")
+        if self.fused_names():
+            raise ValueError("unfuse_lora() before loading another LoRA")
+        for other in self.adapters.values():
+            other.weight = 0.0
         self.adapters[adapter.name] = adapter
         if self.model is not None:
             self._attach(adapter)
@@ -712,7 +728,7 @@ class LoRAState:
                 self._branch(adapter, p, part, first, target, shapes, modules)
 
     def _branch(self, adapter, patch, part, first, target, shapes, modules):
-        path, rows = _resolve_layer(modules, shapes, target)
+        path, rows = _resolve_layer(shapes, target)
         wrapper = self._wrapped.get(path)
         if wrapper is None:
             wrapper = self._wrapped[path] = LoRALinear(modules[path])
