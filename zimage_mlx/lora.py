@@ -65,9 +65,10 @@ FOREIGN = (  # key fragment -> the model the file was made for
     ("lora_te", "a text encoder (zimage_mlx applies LoRAs to the transformer only)"),
     ("text_encoder", "a text encoder (zimage_mlx applies LoRAs to the transformer only)"),
 )
-# ComfyUI / original Z-Image module names with underscores (kohya spells every "." as "_"; transformer.sanitize
-# maps these names to diffusers').
-NATIVE_WORDS = ("x_embedder", "final_layer", "q_norm", "k_norm")
+# Names with underscores a LoRA may use that are not module names of the model (kohya spells every "." as "_"):
+# ComfyUI / original Z-Image names (the transformer's sanitize maps them to diffusers'), and diffusers' projection
+# names, which stay addressable in a model that fuses q/k/v into one `to_qkv` layer.
+ALIAS_WORDS = ("x_embedder", "final_layer", "q_norm", "k_norm", "to_q", "to_k", "to_v")
 
 
 # ------------------------------------------------------------------------------------------------ patches
@@ -359,14 +360,14 @@ def _as_mx(v) -> mx.array:
 
 
 # ------------------------------------------------------------------------------------------------ parsing
-def _split_role(key: str):
+def _split_role(key: str, source: str):
     """(role, module path) from a key ending in the ROLES table; PEFT adapter names (`lora_A.default.weight`) go."""
     parts = key.split(".")
     if len(parts) >= 4 and parts[-3] in ("lora_A", "lora_B") and parts[-1] == "weight":
         key = ".".join(parts[:-2] + ["weight"])
     for ending, why in REFUSED.items():
         if key.endswith("." + ending):
-            raise LoRAError(f"{why} (key {key})")
+            raise LoRAError(f"{source}: {why} (key {key})")
     for ending in sorted(ROLES, key=len, reverse=True):
         if key.endswith("." + ending):
             return ROLES[ending], key[: -len(ending) - 1]
@@ -375,7 +376,7 @@ def _split_role(key: str):
 
 def _vocabulary(modules: dict, tensors: dict) -> dict:
     """Module names containing "_" (to_q, feed_forward, adaLN_modulation, …) as token tuples, lower-cased."""
-    words = set(NATIVE_WORDS)
+    words = set(ALIAS_WORDS)
     for path in list(modules) + list(tensors):
         words.update(w for w in path.split(".") if "_" in w)
     return {tuple(w.lower().split("_")): w for w in words}
@@ -466,7 +467,7 @@ def parse_lora(state: dict, metadata: dict, model: nn.Module, source: str, dtype
     groups: dict[str, dict] = {}
     unmatched = []
     for key, value in state.items():
-        role, path = _split_role(key)
+        role, path = _split_role(key, source)
         if role is None:
             unmatched.append(key)
             continue
