@@ -71,6 +71,30 @@ def resolve_source(src: str | Path, revision: str | None = None, offline: bool |
         raise WeightError(f"{src}: download failed ({e}); check the network or pass a local directory") from None
 
 
+def resolve_file(spec: str | Path, offline: bool | None = None) -> Path:
+    """A local file for `spec`: the path itself, or a hub file "owner/repo/path/in/repo" (hf_hub_download, cached
+    by huggingface_hub; HF_HUB_OFFLINE honoured). Used for LoRAs."""
+    path = Path(spec).expanduser()
+    if path.exists() or len(str(spec).split("/")) < 3 or str(spec).startswith((".", "/", "~")):
+        return path
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    owner, repo, filename = str(spec).split("/", 2)
+    local_only = constants.HF_HUB_OFFLINE if offline is None else offline
+    try:
+        return Path(hf_hub_download(f"{owner}/{repo}", filename, local_files_only=local_only))
+    except LocalEntryNotFoundError:
+        raise WeightError(f"{spec}: not a local file, and not in the Hugging Face cache with downloading off "
+                          "(offline or no network): download it once online, or pass a local path") from None
+    except EntryNotFoundError:
+        raise WeightError(f"{spec}: the hub repository {owner}/{repo} has no file {filename}") from None
+    except RepositoryNotFoundError:
+        raise WeightError(f"{spec}: not a local file, and {owner}/{repo} is not a hub repository") from None
+    except OSError as e:
+        raise WeightError(f"{spec}: download failed ({e}); check the network or pass a local path") from None
+
+
 def download_tokenizer(repo: str = DEFAULT_REPO) -> Path:
     """The Qwen3 tokenizer files of the Z-Image hub repo (a small download; cached by huggingface_hub)."""
     from huggingface_hub import snapshot_download

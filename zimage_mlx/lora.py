@@ -302,29 +302,6 @@ def _tensor_owner(model: nn.Module, path: str):
 
 
 # ------------------------------------------------------------------------------------------------ reading
-def lora_path(spec: str | Path, offline: bool | None = None) -> Path:
-    """A local file for a LoRA: the path itself, or a hub file `owner/repo/file.safetensors` (hf_hub_download)."""
-    path = Path(spec).expanduser()
-    if path.exists() or len(str(spec).split("/")) < 3 or str(spec).startswith((".", "/", "~")):
-        return path
-    from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.errors import (EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError)
-
-    owner, repo, filename = str(spec).split("/", 2)
-    local_only = constants.HF_HUB_OFFLINE if offline is None else offline
-    try:
-        return Path(hf_hub_download(f"{owner}/{repo}", filename, local_files_only=local_only))
-    except LocalEntryNotFoundError:
-        raise LoRAError(f"{spec}: not a local file, and not in the Hugging Face cache with downloading off "
-                        "(offline or no network); download it once online or pass a local path") from None
-    except EntryNotFoundError:
-        raise LoRAError(f"{spec}: the hub repository {owner}/{repo} has no file {filename}") from None
-    except RepositoryNotFoundError:
-        raise LoRAError(f"{spec}: not a local file, and {owner}/{repo} is not a hub repository") from None
-    except OSError as e:
-        raise LoRAError(f"{spec}: download failed ({e})") from None
-
-
 def read_lora(path: str | Path):
     """(tensors, header metadata, sha256) of a .safetensors LoRA; pickles are refused without being opened."""
     path = Path(path)
@@ -761,12 +738,11 @@ def _add_rows(layer: nn.Linear, rows, delta: mx.array) -> None:
 
 
 def load_adapter(source, model: nn.Module, dtype: mx.Dtype, name: str) -> Adapter:
-    """Read and check a LoRA (path, hub file `owner/repo/file.safetensors`, or {key: array}) against `model`."""
+    """Read and check a LoRA (a .safetensors path or a {key: array} dict) against `model`."""
     if isinstance(source, dict):
         state, metadata, sha, label = dict(source), {}, None, "state dict"
     else:
-        path = lora_path(source)
-        state, metadata, sha = read_lora(path)
-        label = str(path)
+        state, metadata, sha = read_lora(source)
+        label = str(source)
     patches = parse_lora(state, metadata, model, label, dtype)
     return Adapter(name, Path(label).name if sha else label, sha, patches)

@@ -25,7 +25,7 @@ from .components import MODEL_COMPONENTS, QUANTIZABLE, build_model, is_mlx_dir, 
 from .convert import convert
 from .distributed import (barrier, check_mode, check_tensor_parallel, failed_ranks, gather_batches, init_group,
                           shared_random_seed, tensor_parallel_sizes)
-from .hub import DEFAULT_REPO, cache_dir, find_cached, looks_like_repo_id, resolve_source
+from .hub import DEFAULT_REPO, cache_dir, find_cached, looks_like_repo_id, resolve_file, resolve_source
 from .lora import LoRAState, load_adapter
 from .memory import MemoryPlan, check_fits, plan_memory, size_multiple
 from .quantize import describe_bits, parse_quantize
@@ -383,7 +383,10 @@ class ZImagePipeline:
             name, n = f"default_{n}", n + 1
         loaded = self._models.get("transformer")
         reference = loaded if loaded is not None else build_model("transformer", self._config("transformer"))
-        adapter = load_adapter(pretrained_model_name_or_path_or_dict, reference, self._lora_dtype(), name)
+        source = pretrained_model_name_or_path_or_dict
+        if not isinstance(source, dict):
+            source = resolve_file(source)
+        adapter = load_adapter(source, reference, self._lora_dtype(), name)
         if loaded is not None and self._lora.model is not loaded:
             self._lora.attach(loaded)
         self._lora.add(adapter)
