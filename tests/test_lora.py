@@ -586,3 +586,39 @@ def test_safetensors_header_starting_like_a_pickle_is_read(tmp_path):
     tensors, _, sha = read_lora(path)
     assert list(tensors) == ["a" * (pad + 1)] and len(sha) == 64
     assert struct.unpack("<Q", path.read_bytes()[:8])[0] % 256 == 0x80
+
+
+# ------------------------------------------------------------------------------------ CLI
+def test_cli_lora_option_png_metadata_and_info(tiny, tmp_path):
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from zimage_mlx.cli import cli, generate
+    from zimage_mlx.pngfile import read_png_params
+
+    t = tiny
+    fa = save(tmp_path / "style.safetensors", as_kohya(random_lora(t.tr, strength=0.2, seed=19)))
+    fb = save(tmp_path / "detail.safetensors", as_ai_toolkit(random_lora(t.tr, strength=0.2, seed=20)))
+    common = ["a fox", "--seed", "3", "-m", str(t.root), "--quantize", "none", "--dtype", "float32", "--steps", "2",
+              "-W", "64", "-H", "48", "--quiet"]
+    r = CliRunner().invoke(generate, [*common, "--lora", f"{fa}:0.7", "--lora", f"{fb}:-0.4",
+                                      "-o", str(tmp_path / "lora.png")])
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    plain = CliRunner().invoke(generate, [*common, "-o", str(tmp_path / "plain.png")])
+    assert plain.exit_code == 0, plain.output
+    import hashlib
+    sha = {p: hashlib.sha256(p.read_bytes()).hexdigest()[:12] for p in (fa, fb)}
+    expected = f"style.safetensors:0.7 (sha256 {sha[fa]}), detail.safetensors:-0.4 (sha256 {sha[fb]})"
+    assert read_png_params(tmp_path / "lora.png")["loras"] == expected
+    assert "loras" not in read_png_params(tmp_path / "plain.png")
+    with Image.open(tmp_path / "lora.png") as a, Image.open(tmp_path / "plain.png") as b:
+        assert np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).mean() > 1   # the LoRAs changed it
+    info = CliRunner().invoke(cli, ["info", str(tmp_path / "lora.png")])
+    assert info.exit_code == 0 and f"loras: {expected}" in info.stdout
+
+    bad = CliRunner().invoke(generate, [*common, "--lora", str(tmp_path / "nope.safetensors"),
+                                        "-o", str(tmp_path / "bad.png")])
+    assert bad.exit_code == 1 and "LoRA file not found" in bad.output and len(bad.output.strip().splitlines()) == 1
+    assert not (tmp_path / "bad.png").exists()
+    nan = CliRunner().invoke(generate, [*common, "--lora", f"{fa}:nan", "-o", str(tmp_path / "nan.png")])
+    assert nan.exit_code == 2 and "finite" in nan.output
