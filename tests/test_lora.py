@@ -215,13 +215,18 @@ def _tucker(t):
         tensors.update({f"{k}.lokr_w1_a": w1a, f"{k}.lokr_w1_b": w1b, f"{k}.lokr_t2": t2, f"{k}.lokr_w2_a": w2a,
                         f"{k}.lokr_w2_b": w2b, f"{k}.alpha": np.array(3.0, np.float32)})
         kron[tg] = (w1a @ w1b, w2a.T @ t2 @ w2b, 3.0 / 2, 1.0)
-    return tensors, kron
+    # a LoKr on ComfyUI's fused qkv: exact, the kron's rows split over to_q/to_k/to_v (ΔW computed once)
+    d = linear(t.tr, "layers.1.attention.to_q").weight.shape[0]
+    w1, w2 = rng.standard_normal((3, 2)).astype(np.float32), (rng.standard_normal((d, d // 2)) * 0.05).astype(np.float32)
+    tensors.update({"lycoris_layers_1_attention_qkv.lokr_w1": w1, "lycoris_layers_1_attention_qkv.lokr_w2": w2})
+    rows = np.split(np.kron(w1, w2), 3)
+    return tensors, kron, {f"layers.1.attention.to_{p}.weight": (r, 1.0) for p, r in zip("qkv", rows)}
 
 
 def hand_cases(t):
     lora = random_lora(t.tr, strength=0.2, seed=4)
     deltas, diffs = _deltas(t)
-    tucker, kron = _tucker(t)
+    tucker, kron, qkv_rows = _tucker(t)
     rs = random_lora(t.tr, strength=0.2, seed=5)
     rs_scaled = {k: (a, b, alpha * np.sqrt(a.shape[0])) for k, (a, b, alpha) in rs.items()}  # alpha/√r
     rs_meta = json.loads(peft_metadata(rs)["lora_adapter_metadata"])
@@ -235,7 +240,7 @@ def hand_cases(t):
         "transformer-prefix-default": (as_ai_toolkit(lora, prefix="transformer.", adapter=".default"), None,
                                        dict(loras=[lora])),
         "full-deltas": (deltas, None, dict(diffs=diffs)),
-        "lokr-tucker-lycoris-names": (tucker, None, dict(kron=kron)),
+        "lokr-tucker-lycoris-names": (tucker, None, dict(kron=kron, diffs=qkv_rows)),
         "rslora-metadata": (as_peft(rs), {"lora_adapter_metadata": json.dumps(rs_meta)}, dict(loras=[rs_scaled])),
     }
 
