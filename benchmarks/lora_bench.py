@@ -95,7 +95,7 @@ def lora_bytes(pipe) -> int:
     for a in pipe._lora.adapters.values():
         for p in a.patches:
             arrays = [p.down, *p.ups] if isinstance(p, LowRank) else [getattr(p, "w1", None), getattr(p, "w2", None),
-                                                                         getattr(p, "delta", None)]
+                                                                         getattr(p, "tensor", None)]
             for x in arrays:
                 if x is not None and id(x) not in seen:
                     seen.add(id(x))

@@ -72,8 +72,15 @@ ALIAS_WORDS = ("x_embedder", "final_layer", "q_norm", "k_norm", "to_q", "to_k", 
 
 
 # ------------------------------------------------------------------------------------------------ patches
+# A patch runs in two stages: first(x), shared by the layers of a fused target (computed once), then the part of
+# one layer: delta(h, part, c) = c·ΔW_part·x, or add(y, …) = y + that (one fused matmul-add for a low-rank part).
+class _Patch:
+    def add(self, y, h, part, c):
+        return y + self.delta(h, part, c)
+
+
 @dataclass
-class LowRank:
+class LowRank(_Patch):
     """ΔW = scale · up @ down: one `up` per target (a fused qkv's up split in three row blocks, sharing down)."""
     targets: tuple
     down: mx.array     # (rank, in)
@@ -83,16 +90,20 @@ class LowRank:
     def first(self, x):
         return x @ self.down.T
 
-    def second(self, h, part):
-        return h @ self.ups[part].T
+    def delta(self, h, part, c):
+        return (h * c) @ self.ups[part].T
+
+    def add(self, y, h, part, c):
+        return mx.addmm(y, h, self.ups[part].T, alpha=c)
 
     def matrix(self, part) -> mx.array:
         return self.ups[part].astype(mx.float32) @ self.down.astype(mx.float32)
 
 
 @dataclass
-class Kron:
-    """ΔW = scale · kron(w1, w2), applied as w1 · X · w2ᵀ on x viewed as (…, in₁, in₂) (LyCORIS bypass mode)."""
+class Kron(_Patch):
+    """ΔW = scale · kron(w1, w2), applied as w1 · X · w2ᵀ on x viewed as (…, in₁, in₂) (LyCORIS bypass mode);
+    over a fused qkv the output rows are split (the whole product computed once)."""
     targets: tuple
     w1: mx.array       # (out₁, in₁)
     w2: mx.array       # (out₂, in₂)
@@ -102,11 +113,9 @@ class Kron:
         X = x.reshape(*x.shape[:-1], self.w1.shape[1], self.w2.shape[1])
         return (self.w1 @ (X @ self.w2.T)).reshape(*x.shape[:-1], -1)
 
-    def second(self, h, part):
-        if len(self.targets) == 1:
-            return h
+    def delta(self, h, part, c):
         n = h.shape[-1] // len(self.targets)
-        return h[..., part * n:(part + 1) * n]
+        return c * (h if len(self.targets) == 1 else h[..., part * n:(part + 1) * n])
 
     def matrix(self, part) -> mx.array:
         full = (self.w1.astype(mx.float32)[:, None, :, None] * self.w2.astype(mx.float32)[None, :, None, :])
@@ -115,21 +124,24 @@ class Kron:
 
 
 @dataclass
-class Delta:
+class Delta(_Patch):
     """tensor += scale · delta (ComfyUI `.diff` / `.diff_b`). Merged into float tensors; a delta on a quantized
     layer's weight runs as a dense side branch instead."""
     targets: tuple     # one tensor path, e.g. "layers.0.attention_norm1.weight"
-    delta: mx.array
+    tensor: mx.array
     scale: float = 1.0
 
     def first(self, x):
-        return x @ self.delta.T
+        return x
 
-    def second(self, h, part):
-        return h
+    def delta(self, h, part, c):
+        return (h * c) @ self.tensor.T
+
+    def add(self, y, h, part, c):
+        return mx.addmm(y, h, self.tensor.T, alpha=c)
 
     def matrix(self, part) -> mx.array:
-        return self.delta.astype(mx.float32)
+        return self.tensor.astype(mx.float32)
 
 
 def _rows(m, part, parts):
@@ -167,7 +179,7 @@ class _Once:
 
 @dataclass
 class Branch:
-    """One adapter's side branch on one layer: adds w·s·second(first(x)) to the output (rows: a slice of it)."""
+    """One adapter's side branch on one layer: adds w·s·ΔW_part·x to the output (rows: to a slice of it)."""
     adapter: Adapter
     patch: object
     part: int
@@ -206,8 +218,11 @@ class LoRALinear(nn.Module):
             c = b.factor()
             if c == 0.0:
                 continue
-            d = b.patch.second(b.first(x) * c, b.part)
-            y = y + d if b.rows is None else y.at[..., b.rows[0]:b.rows[1]].add(d)
+            h = b.first(x)
+            if b.rows is None:
+                y = b.patch.add(y, h, b.part, c)
+            else:
+                y = y.at[..., b.rows[0]:b.rows[1]].add(b.patch.delta(h, b.part, c))
         return y
 
 
@@ -493,8 +508,8 @@ def _cast(p, dtype):
         out = Kron(p.targets, p.w1.astype(dtype), p.w2.astype(dtype), p.scale)
         mx.eval(out.w1, out.w2)
     else:
-        out = Delta(p.targets, p.delta.astype(dtype), p.scale)
-        mx.eval(out.delta)
+        out = Delta(p.targets, p.tensor.astype(dtype), p.scale)
+        mx.eval(out.tensor)
     return out
 
 
@@ -720,14 +735,14 @@ class LoRAState:
             value = self._originals.setdefault(path, owner[attr])
             for adapter, d in merges:
                 if adapter.weight != 0.0:
-                    value = value + (adapter.weight * d.scale) * d.delta
+                    value = value + (adapter.weight * d.scale) * d.tensor
             owner[attr] = value
             values.append(value)
         mx.eval(values)
 
 
 def _patch_dtype(p):
-    return p.down.dtype if isinstance(p, LowRank) else p.w1.dtype if isinstance(p, Kron) else p.delta.dtype
+    return p.down.dtype if isinstance(p, LowRank) else p.w1.dtype if isinstance(p, Kron) else p.tensor.dtype
 
 
 def _add_rows(layer: nn.Linear, rows, delta: mx.array) -> None:
