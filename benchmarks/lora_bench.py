@@ -25,7 +25,9 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from zimage_mlx.lora import LowRank
+import mlx.nn as nn
+
+from zimage_mlx.lora import LoRAState, LowRank, load_adapter
 from zimage_mlx.pipeline import ZImagePipeline
 from zimage_mlx.quantize import prepare_for_quantized_load
 from zimage_mlx.sampler import SchedulerConfig
@@ -148,6 +150,55 @@ def run(args, bits, dtype, tmp: Path) -> list[dict]:
     return rows
 
 
+class _OneLayer(nn.Module):
+    """A model of one linear, for per-layer timings through LoRAState (the pipeline's adapter state)."""
+
+    def __init__(self, layer, dtype):
+        super().__init__()
+        self.lin = layer
+        self._dtype = dtype
+
+    @property
+    def dtype(self):
+        return self._dtype
+
+    def sanitize(self, weights):
+        return weights
+
+
+def layer_rows(dtype, bits, tokens: int, rank: int, repeats: int) -> list[dict]:
+    """Per-layer overhead of 1 and 2 LoRAs on the DiT's three linear shapes: many short runs, fastest kept."""
+    rows = []
+    for n_in, n_out in ((3840, 3840), (3840, 10240), (10240, 3840)):
+        lin = nn.Linear(n_in, n_out, bias=False)
+        lin.set_dtype(dtype)
+        if bits:
+            lin = nn.QuantizedLinear.from_linear(lin, 64, bits)
+        model = _OneLayer(lin, dtype)
+        mx.eval(model.parameters())
+        x = mx.random.normal((1, tokens, n_in)).astype(dtype)
+        state = LoRAState()
+        state.attach(model)
+
+        for k in (1, 2):
+            a = mx.random.normal((rank, n_in)) * 0.01
+            b = mx.random.normal((n_out, rank)) * 0.01
+            state.add(load_adapter({"lin.lora_A.weight": a, "lin.lora_B.weight": b}, model, dtype, f"a{k}"))
+        weights = {0: {}, 1: {"a1": 1.0}, 2: {"a1": 1.0, "a2": 1.0}}
+        times = {k: [] for k in weights}
+        for _ in range(repeats):   # interleaved: the machine's speed drifts
+            for k, w in weights.items():
+                state.set_weights(w)   # weight 0: the branch is skipped, as without the LoRA
+                mx.eval(model.lin(x))
+                t0 = time.perf_counter()
+                mx.eval(model.lin(x))
+                times[k].append(time.perf_counter() - t0)
+        base = min(times[0])
+        out = {"shape": f"{n_in}→{n_out}", "base": base, 1: min(times[1]) / base - 1, 2: min(times[2]) / base - 1}
+        rows.append(out)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=["cpu", "gpu"], default="gpu" if mx.default_device() == mx.gpu else "cpu")
@@ -157,12 +208,25 @@ def main():
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=7, help="interleaved rounds (the fastest is kept)")
     ap.add_argument("--bits", default="none,4", help="comma list of none, 4, 8")
+    ap.add_argument("--layer-tokens", type=int, default=256, help="tokens for the per-layer timings")
+    ap.add_argument("--skip-model", action="store_true", help="per-layer timings only")
     args = ap.parse_args()
     mx.set_default_device(mx.gpu if args.device == "gpu" else mx.cpu)
     dtype = getattr(mx, args.dtype or ("bfloat16" if args.device == "gpu" else "float32"))
     print(f"# {platform.machine()} {platform.system()}, MLX {mx.__version__} {args.device}, {dtype}; dim 3840, "
           f"{args.layers} layers + 1 refiner each, {(args.size // 16) ** 2} image + 32 caption tokens, "
           f"rank-{args.rank} LoRAs on every block linear")
+    print(f"\nper layer ({args.layer_tokens} tokens, fastest of {4 * args.repeats} runs):")
+    print("| weights | layer | step (ms) | +1 LoRA | +2 LoRAs |")
+    print("|---|---|---|---|---|", flush=True)
+    for b in args.bits.split(","):
+        bits = None if b == "none" else int(b)
+        for r in layer_rows(dtype, bits, args.layer_tokens, args.rank, 4 * args.repeats):
+            print(f"| {f'{bits}-bit' if bits else str(dtype).split('.')[-1]} | {r['shape']} | {r['base'] * 1e3:.1f} | "
+                  f"{r[1]:+.1%} | {r[2]:+.1%} |", flush=True)
+    if args.skip_model:
+        return
+    print("\nwhole model:")
     print("| weights | LoRAs | step (s) | overhead | load (s) | switch (ms) | LoRA memory (MB) |")
     print("|---|---|---|---|---|---|---|", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
