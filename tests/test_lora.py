@@ -623,7 +623,11 @@ def test_cli_lora_option_png_metadata_and_info(tiny, tmp_path):
 
     bad = CliRunner().invoke(generate, [*common, "--lora", str(tmp_path / "nope.safetensors"),
                                         "-o", str(tmp_path / "bad.png")])
-    assert bad.exit_code == 1 and "LoRA file not found" in bad.output and len(bad.output.strip().splitlines()) == 1
+    assert bad.exit_code == 2 and "no such file" in bad.output and len(bad.output.strip().splitlines()) == 1
+    empty = tmp_path / "empty.safetensors"
+    empty.write_bytes(b"")
+    bad = CliRunner().invoke(generate, [*common, "--lora", f"{empty}:0.5", "-o", str(tmp_path / "bad.png")])
+    assert bad.exit_code == 1 and "empty.safetensors" in bad.output and len(bad.output.strip().splitlines()) == 1
     assert not (tmp_path / "bad.png").exists()
     nan = CliRunner().invoke(generate, [*common, "--lora", f"{fa}:nan", "-o", str(tmp_path / "nan.png")])
     assert nan.exit_code == 2 and "finite" in nan.output

@@ -89,7 +89,8 @@ def _finite(ctx, param, value):
 
 
 def _lora_option(ctx, param, values) -> list[tuple[str, float]]:
-    """--lora PATH[:WEIGHT] -> [(path, weight)]; the weight (default 1) follows the last colon."""
+    """--lora PATH[:WEIGHT] -> [(path, weight)]: the weight (default 1) follows the last colon; PATH is a local
+    file or a hub file owner/repo/file.safetensors."""
     out = []
     for v in values:
         path, sep, weight = v.rpartition(":")
@@ -101,8 +102,9 @@ def _lora_option(ctx, param, values) -> list[tuple[str, float]]:
             path, w = v, 1.0
         if not math.isfinite(w):
             raise click.BadParameter(f"{v!r}: the weight must be a finite number")
-        if not path:
-            raise click.BadParameter(f"{v!r}: give a LoRA file, e.g. style.safetensors:0.8")
+        hub_file = len(path.split("/")) >= 3 and not path.startswith(("/", ".", "~"))
+        if not Path(path).expanduser().exists() and not hub_file:
+            raise click.BadParameter(f"{path}: no such file")
         out.append((path, w))
     return out
 
@@ -511,16 +513,6 @@ def convert_command(source, output, transformer, text_encoder, vae, tokenizer, t
 
 
 # ---------------------------------------------------------------------------------------------- serve
-def _lora_option(ctx, param, values):
-    out = []
-    for v in values:
-        path, _, weight = v.rpartition(":") if re.search(r":-?[0-9.]+$", v) else (v, "", "1.0")
-        if not Path(path).exists():
-            raise click.BadParameter(f"{path}: no such file")
-        out.append((path, float(weight)))
-    return out
-
-
 @click.command("serve", cls=_Command)
 @click.option("--model", "-m", default=DEFAULT_REPO, show_default=True,
               help="Hub id, Hugging Face-layout directory, or a directory made by `zimage-mlx convert`.")

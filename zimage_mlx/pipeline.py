@@ -26,7 +26,7 @@ from .convert import convert
 from .distributed import (barrier, check_mode, check_tensor_parallel, failed_ranks, gather_batches, init_group,
                           shared_random_seed, tensor_parallel_sizes)
 from .hub import DEFAULT_REPO, cache_dir, find_cached, looks_like_repo_id, resolve_file, resolve_source
-from .lora import LoRAState, load_adapter
+from .lora import LoRAError, LoRAState, load_adapter
 from .memory import MemoryPlan, check_fits, plan_memory, size_multiple
 from .quantize import describe_bits, parse_quantize
 from .sampler import VARIANT_DEFAULTS, SchedulerConfig, check_variant, detect_variant
@@ -377,6 +377,9 @@ class ZImagePipeline:
         Z-Image LoRA format (lora.py). A LoRA for another model, keys that match no layer, or bad shapes raise
         LoRAError and change nothing. Before the transformer is loaded, the LoRA is applied when it loads.
         """
+        if self.parallel == "tensor" and self.world_size > 1:
+            raise LoRAError("LoRAs are not supported with tensor parallelism yet (its layers are split across "
+                            "processes); use parallel='data' or 'cfg'")
         name = adapter_name
         n = len(self._lora.adapters)
         while name is None or (adapter_name is None and name in self._lora.adapters):
