@@ -217,7 +217,8 @@ def _tucker(t):
         kron[tg] = (w1a @ w1b, w2a.T @ t2 @ w2b, 3.0 / 2, 1.0)
     # a LoKr on ComfyUI's fused qkv: exact, the kron's rows split over to_q/to_k/to_v (ΔW computed once)
     d = linear(t.tr, "layers.1.attention.to_q").weight.shape[0]
-    w1, w2 = rng.standard_normal((3, 2)).astype(np.float32), (rng.standard_normal((d, d // 2)) * 0.05).astype(np.float32)
+    w1 = rng.standard_normal((3, 2)).astype(np.float32)
+    w2 = (rng.standard_normal((d, d // 2)) * 0.05).astype(np.float32)
     tensors.update({"lycoris_layers_1_attention_qkv.lokr_w1": w1, "lycoris_layers_1_attention_qkv.lokr_w2": w2})
     rows = np.split(np.kron(w1, w2), 3)
     return tensors, kron, {f"layers.1.attention.to_{p}.weight": (r, 1.0) for p, r in zip("qkv", rows)}
@@ -321,25 +322,30 @@ def test_lora_before_the_transformer_loads(tiny):
 
 def test_fuse_and_unfuse(tiny):
     t = tiny
+    pipe = ZImagePipeline.from_pretrained(t.root, dtype="float32")   # fuse/unfuse round weights: not the shared one
     path = save(t.tmp / "fuse.safetensors", as_kohya(random_lora(t.tr, strength=0.2, seed=14)))
-    t.pipe.load_lora_weights(str(path), adapter_name="f")
+    pipe.load_lora_weights(str(path), adapter_name="f")
     try:
-        t.pipe.set_adapters("f", 0.8)
-        branch = ours(t)
-        t.pipe.fuse_lora()
+        pipe.set_adapters("f", 0.8)
+        branch = ours(t, pipe)
+        pipe.fuse_lora()
         assert not any(isinstance(m, LoRALinear) and any(not b.fused for b in m.branches)
-                       for _, m in t.pipe.transformer.named_modules())
-        fused = ours(t)
+                       for _, m in pipe.transformer.named_modules())
+        fused = ours(t, pipe)
         with pytest.raises(ValueError, match="unfuse_lora"):
-            t.pipe.set_adapters("f", 1.0)
-        t.pipe.unfuse_lora()
-        unfused = ours(t)
+            pipe.set_adapters("f", 1.0)
+        pipe.unfuse_lora()
+        unfused = ours(t, pipe)
     finally:
-        t.pipe.unload_lora_weights()
+        pipe.unload_lora_weights()
     assert rel_err(fused, branch) <= 1e-5 and effect(branch, t.base) >= 0.05
     # branches back on; unfuse subtracts what fuse added (as diffusers does), so weights agree up to one rounding
     assert rel_err(unfused, branch) <= 1e-5
-    assert rel_err(ours(t), t.base) <= 1e-5
+    assert rel_err(ours(t, pipe), t.base) <= 1e-5
+    pipe.load_lora_weights(str(path), adapter_name="f")
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()                     # unloading a fused LoRA unfuses it first
+    assert rel_err(ours(t, pipe), t.base) <= 1e-5 and _no_lora_left(pipe)
 
 
 # ------------------------------------------------------------------------------------ quantized layers

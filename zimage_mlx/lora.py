@@ -663,8 +663,9 @@ class LoRAState:
         self._remerge()
 
     def clear(self) -> None:
-        """Remove every adapter; the model is exactly the base model again."""
+        """Remove every adapter; the model is exactly the base model again (after a fuse: up to one rounding)."""
         if self.model is not None:
+            self.unfuse()
             for path, wrapper in self._wrapped.items():
                 _set(self.model, path, wrapper.base)
             for path, original in self._originals.items():
