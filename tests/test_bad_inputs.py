@@ -15,7 +15,7 @@ from PIL import Image
 
 from make_pipeline import save_tiny_pipeline
 
-from zimage_mlx import WeightError, ZImagePipeline
+from zimage_mlx import LoRAError, WeightError, ZImagePipeline
 from zimage_mlx.cli import cli
 from zimage_mlx.weights import read_safetensors
 
@@ -66,6 +66,9 @@ CLI_CASES = [
     ("generate a-cat -m {model} --steps 0", 2, "--steps"),
     ("generate a-cat -m {model} --preview {tmp}/plain/live.png", 2, "is not a folder"),
     ("generate a-cat -m {model} --taef1 {tmp}/red.png", 1, "must be a .safetensors file"),
+    ("generate a-cat -m {model} --lora {tmp}/missing.safetensors", 2, "no such file"),
+    ("generate a-cat -m {model} --lora {tmp}/red.png:0.5", 1, "red.png: not a safetensors file"),
+    ("generate a-cat -m {model} --lora {tmp}/plain:inf", 2, "finite number"),
     ("serve -m {model} --lora {tmp}/missing.safetensors", 2, "no such file"),
     ("serve -m {model} --port 70000", 2, "--port"),
     ("serve -m {model} --max-queue 0", 2, "--max-queue"),
@@ -219,10 +222,15 @@ API_CASES = [
      ValueError, "mask_blur must be between 0.0"),
     (lambda p, m: p(prompt="x", control_image=Image.new("RGB", (32, 32))), ValueError, "no ControlNet: load one"),
     (lambda p, m: p.load_controlnet(m / "vae"), WeightError, "not a ControlNet directory"),
-    (lambda p, m: p.load_controlnet(m / "none.safetensors"), WeightError, "no such file or directory"),
+    (lambda p, m: p.load_controlnet(m / "none.safetensors"), WeightError, "none.safetensors: file not found"),
     (lambda p, m: ZImagePipeline.from_pretrained(m, controlnet_semantics="comfy"), ValueError,
      "controlnet_semantics must be one of"),
     (lambda p, m: ZImagePipeline.from_pretrained(m, parallel="pipeline"), ValueError, "parallel must be one of"),
+    (lambda p, m: p.load_lora_weights(m / "nope.safetensors"), LoRAError, "LoRA file not found"),
+    (lambda p, m: p.load_lora_weights({"double_blocks.0.img_attn.qkv.lora_A.weight": np.zeros((4, 64), np.float32)}),
+     LoRAError, "for FLUX"),
+    (lambda p, m: p.set_adapters(["nope"]), ValueError, "no adapter named 'nope'"),
+    (lambda p, m: p.set_adapters(["nope"], [1.0, 2.0]), ValueError, "2 adapter weights for 1 adapters"),
 ]
 
 

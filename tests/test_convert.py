@@ -288,6 +288,21 @@ def test_gguf_and_pickle_are_refused_without_unpickling(tmp_path):
     assert not marker.exists()
 
 
+def test_safetensors_whose_header_length_starts_with_0x80_is_not_a_pickle(tmp_path):
+    """The first byte of a safetensors file is the low byte of its header length: 0x80 is as valid as any."""
+    import json
+    import struct
+
+    data = np.zeros((4, 16, 3, 3), np.float32).tobytes()
+    header = json.dumps({"decoder.conv_in.weight": {"dtype": "F32", "shape": [4, 16, 3, 3],
+                                                    "data_offsets": [0, len(data)]}}).encode()
+    header += b" " * ((0x80 - len(header)) % 256)
+    path = tmp_path / "ae.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + data)
+    assert path.read_bytes()[0] == 0x80
+    assert detect_file_kind(path) == "vae"
+
+
 def test_component_given_in_the_wrong_slot(tiny, tmp_path, qwen_tokenizer_dir):
     _, _, comfy, _, _ = tiny
     with pytest.raises(WeightError, match="given as the transformer, but it holds a FLUX 16-channel VAE"):

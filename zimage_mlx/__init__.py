@@ -7,7 +7,8 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["ZImagePipeline", "PipelineOutput", "GenerationCancelled", "GenerationError", "WeightError", "__version__"]
+__all__ = ["ZImagePipeline", "PipelineOutput", "GenerationCancelled", "GenerationError", "WeightError", "LoRAError",
+           "__version__"]
 
 
 def __getattr__(name):
@@ -20,4 +21,8 @@ def __getattr__(name):
         from .weights import WeightError
 
         return WeightError
+    if name == "LoRAError":
+        from .lora import LoRAError
+
+        return LoRAError
     raise AttributeError(f"module 'zimage_mlx' has no attribute {name!r}")

@@ -10,6 +10,7 @@ if their destination fails at the end.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import sys
@@ -27,7 +28,7 @@ from .convert import check_output, convert, convert_controlnet
 from .distributed import PARALLEL_MODES, init_group, shared_random_seed
 from .hub import DEFAULT_REPO
 from .pipeline import DEFAULT_INPAINT_STRENGTH, DEFAULT_SIZE, DEFAULT_STRENGTH, MAX_SEED, ZImagePipeline, expand_seeds
-from .pngfile import png_params, read_png_params, save_png
+from .pngfile import describe_loras, png_params, read_png_params, save_png
 from .preview import Previewer, load_tiny_decoder
 from .quantize import GROUP_SIZES, VOCABULARY, parse_quantize
 from .sampler import sigmas_for
@@ -90,6 +91,27 @@ def _finite(ctx, param, value):
     if value is not None and value != value:   # NaN passes click's range checks
         raise click.BadParameter("must be a number, got nan")
     return value
+
+
+def _lora_option(ctx, param, values) -> list[tuple[str, float]]:
+    """--lora PATH[:WEIGHT] -> [(path, weight)]: the weight (default 1) follows the last colon; PATH is a local
+    file or a hub file owner/repo/file.safetensors."""
+    out = []
+    for v in values:
+        path, sep, weight = v.rpartition(":")
+        try:
+            w = float(weight) if sep else 1.0
+        except ValueError:
+            sep = ""
+        if not sep:
+            path, w = v, 1.0
+        if not math.isfinite(w):
+            raise click.BadParameter(f"{v!r}: the weight must be a finite number")
+        hub_file = len(path.split("/")) >= 3 and not path.startswith(("/", ".", "~"))
+        if not Path(path).expanduser().exists() and not hub_file:
+            raise click.BadParameter(f"{path}: no such file")
+        out.append((path, w))
+    return out
 
 
 def _check_template(ctx, param, value: str) -> str:
@@ -278,6 +300,9 @@ def _generate(o: dict) -> None:
         run_steps = pipe.steps_to_run(steps, o["strength"])
     except ValueError as e:
         raise click.UsageError(str(e)) from None
+    if o["lora"]:   # read and checked against the transformer's config (its weights are not loaded yet)
+        names = [pipe.load_lora_weights(path) for path, _ in o["lora"]]
+        pipe.set_adapters(names, [w for _, w in o["lora"]])
     stages["load"] = time.perf_counter() - t0
     negative = o["negative_prompt"] if guidance > 0 else None
     if o["negative_prompt"] and guidance <= 0:
@@ -288,6 +313,8 @@ def _generate(o: dict) -> None:
     procs = f"; {pipe.parallel}-parallel over {pipe.world_size} processes" if pipe.world_size > 1 else ""
     note(f"Z-Image {pipe.variant.capitalize()} ({steps} steps, guidance {guidance:g}), {pipe.dtype_name}, "
          f"{width}x{height}{procs}; {pipe.plan.summary()}")
+    if o["lora"]:
+        note(f"LoRA: {describe_loras(pipe.loras)}")
     if not o["seed"]:
         note(f"seed: {', '.join(map(str, o['seeds']))}")
     decoder = load_tiny_decoder(o["taef1"]) if o["taef1"] else None
@@ -321,7 +348,7 @@ def _generate(o: dict) -> None:
             t0 = time.perf_counter()
             params = png_params(o["prompt"], negative, seed, steps, guidance, f"{img.width}x{img.height}",
                                 o["model"], pipe.quantization, pipe.dtype_name, image=o["image"],
-                                strength=o["strength"], extra=o["png_extra"])
+                                strength=o["strength"], loras=pipe.loras, extra=o["png_extra"])
             saved = _save_with_fallback(img, path, params, o["overwrite"])
             stages["save"] = stages.get("save", 0.0) + time.perf_counter() - t0
             if saved != path and saved.parent == path.parent:
@@ -385,6 +412,9 @@ def _generate(o: dict) -> None:
               help="Turn guidance off once the normalized time passes this (1 = never).")
 @click.option("--cfg-normalization", type=click.FloatRange(0.0), default=0.0, show_default=True, callback=_finite,
               help="Cap the guided prediction's norm at this multiple of the positive one (0 = off).")
+@click.option("--lora", multiple=True, callback=_lora_option, metavar="PATH[:WEIGHT]",
+              help="Apply a LoRA (.safetensors file or hub file owner/repo/file.safetensors) with this weight "
+                   "(default 1); repeat for several.")
 @click.option("--output", "-o", default=DEFAULT_OUTPUT, show_default=True, callback=_check_template,
               help="Output file, or a template with {seed} and {index}, or a directory. See below.")
 @click.option("--overwrite", is_flag=True, help="Replace existing files instead of choosing a free name.")
@@ -538,16 +568,6 @@ def convert_command(source, output, transformer, text_encoder, vae, tokenizer, t
 
 
 # ---------------------------------------------------------------------------------------------- serve
-def _lora_option(ctx, param, values):
-    out = []
-    for v in values:
-        path, _, weight = v.rpartition(":") if re.search(r":-?[0-9.]+$", v) else (v, "", "1.0")
-        if not Path(path).exists():
-            raise click.BadParameter(f"{path}: no such file")
-        out.append((path, float(weight)))
-    return out
-
-
 @click.command("serve", cls=_Command)
 @click.option("--model", "-m", default=DEFAULT_REPO, show_default=True,
               help="Hub id, Hugging Face-layout directory, or a directory made by `zimage-mlx convert`.")

@@ -84,11 +84,13 @@ def detect_file_kind(path: str | Path) -> str:
     if not path.is_file():
         raise WeightError(f"{path}: file not found")
     with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic == b"GGUF" or path.suffix.lower() == ".gguf":
+        head = f.read(9)
+    if head[:4] == b"GGUF" or path.suffix.lower() == ".gguf":
         raise WeightError(f"{path}: a GGUF file; zimage_mlx reads .safetensors checkpoints (convert it or use the "
                           "bf16 safetensors release)")
-    if magic[:2] == b"PK" or magic[:1] == b"\x80" or path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin", ".pkl"):
+    safetensors = head[8:9] == b"{"   # an 8-byte header length (any first byte, 0x80 too), then the JSON header
+    pickle = head[:2] == b"PK" or head[:1] == b"\x80"
+    if (pickle and not safetensors) or path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin", ".pkl"):
         raise WeightError(f"{path}: a pickle checkpoint (.ckpt/.pt/.bin); these can run code when loaded and are "
                           "never opened: use the .safetensors release")
     try:

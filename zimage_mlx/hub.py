@@ -71,28 +71,28 @@ def resolve_source(src: str | Path, revision: str | None = None, offline: bool |
         raise WeightError(f"{src}: download failed ({e}); check the network or pass a local directory") from None
 
 
-def resolve_file(src: str | Path) -> Path:
-    """A local file or directory, or a hub file written "owner/repo/path/in/repo.safetensors" (downloaded once into
-    the Hugging Face cache), e.g. a ControlNet."""
-    path = Path(src).expanduser()
-    if path.exists():
+def resolve_file(spec: str | Path, offline: bool | None = None) -> Path:
+    """A local file for `spec`: the path itself, or a hub file "owner/repo/path/in/repo" (hf_hub_download, cached
+    by huggingface_hub; HF_HUB_OFFLINE honoured). Used for LoRAs."""
+    path = Path(spec).expanduser()
+    if path.exists() or len(str(spec).split("/")) < 3 or str(spec).startswith((".", "/", "~")):
         return path
-    parts = str(src).split("/")
-    if len(parts) < 3 or str(src).startswith((".", "/", "~")) or not all(parts):
-        raise WeightError(f"{src}: no such file or directory (a hub file is written owner/repo/file.safetensors)")
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-    repo, filename = "/".join(parts[:2]), "/".join(parts[2:])
+    owner, repo, filename = str(spec).split("/", 2)
+    local_only = constants.HF_HUB_OFFLINE if offline is None else offline
     try:
-        return Path(hf_hub_download(repo, filename))
+        return Path(hf_hub_download(f"{owner}/{repo}", filename, local_files_only=local_only))
     except LocalEntryNotFoundError:
-        raise WeightError(f"{src}: not in the local Hugging Face cache and downloading is off (offline or no "
-                          "network); run once online or pass a local file") from None
-    except (EntryNotFoundError, RepositoryNotFoundError):
-        raise WeightError(f"{src}: no file {filename} in the hub repository {repo}") from None
+        raise WeightError(f"{spec}: not a local file, and not in the Hugging Face cache with downloading off "
+                          "(offline or no network): download it once online, or pass a local path") from None
+    except EntryNotFoundError:
+        raise WeightError(f"{spec}: the hub repository {owner}/{repo} has no file {filename}") from None
+    except RepositoryNotFoundError:
+        raise WeightError(f"{spec}: not a local file, and {owner}/{repo} is not a hub repository") from None
     except OSError as e:
-        raise WeightError(f"{src}: download failed ({e})") from None
+        raise WeightError(f"{spec}: download failed ({e}); check the network or pass a local path") from None
 
 
 def download_tokenizer(repo: str = DEFAULT_REPO) -> Path:

@@ -24,11 +24,12 @@ from PIL import Image
 from . import sampler
 from .control_maps import control_map
 from .controlnet import SEMANTICS, ControlConditioning, ControlInput, controlnet_config, load_controlnet
-from .components import MODEL_COMPONENTS, QUANTIZABLE, is_mlx_dir, load_component, read_manifest
+from .components import MODEL_COMPONENTS, QUANTIZABLE, build_model, is_mlx_dir, load_component, read_manifest
 from .convert import convert
 from .distributed import (barrier, check_mode, check_tensor_parallel, failed_ranks, gather_batches, init_group,
                           shared_random_seed, tensor_parallel_sizes)
 from .hub import DEFAULT_REPO, cache_dir, find_cached, looks_like_repo_id, resolve_file, resolve_source
+from .lora import LoRAError, LoRAState, load_adapter
 from .memory import MemoryPlan, check_fits, component_weight_bytes, plan_memory, size_multiple
 from .quantize import describe_bits, parse_quantize
 from .sampler import VARIANT_DEFAULTS, SchedulerConfig, check_variant, detect_variant
@@ -227,6 +228,7 @@ class ZImagePipeline:
             transformer.set_compile(self.compile)
         self.timings: dict[str, float] = {}
         self._prompt_cache: OrderedDict[tuple[str, int], mx.array] = OrderedDict()
+        self._lora = LoRAState()
 
     @property
     def dtype_name(self) -> str:
@@ -396,6 +398,8 @@ class ZImagePipeline:
                 model.set_compile(self.compile)
             self.timings[f"load_{name}"] = self.timings.get(f"load_{name}", 0.0) + time.perf_counter() - t0
             self._models[name] = model
+        if name == "transformer" and self._lora.model is not model and self._lora.adapters:
+            self._lora.attach(model)   # LoRAs loaded before the transformer
         return model
 
     @property
@@ -460,6 +464,71 @@ class ZImagePipeline:
         if self.plan is not None:
             check_fits(self.configs, self.dtype, self.plan, height, width, batch)
         return int(height), int(width)
+
+    # ----------------------------------------------------------------- LoRA (diffusers' ZImageLoraLoaderMixin API)
+    def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name: str | None = None) -> str:
+        """Add a LoRA with weight 1.0 and return its adapter name (default "default_N", as diffusers names them).
+
+        As in diffusers, the newly loaded adapter becomes the active one; combine adapters with `set_adapters`.
+        Accepts a .safetensors path, a hub file "owner/repo/file.safetensors", or a {key: array} dict, in any
+        Z-Image LoRA format (lora.py). A LoRA for another model, keys that match no layer, or bad shapes raise
+        LoRAError and change nothing. Before the transformer is loaded, the LoRA is applied when it loads.
+        """
+        if self.parallel == "tensor" and self.world_size > 1:
+            raise LoRAError("LoRAs are not supported with tensor parallelism yet (its layers are split across "
+                            "processes); use parallel='data' or 'cfg'")
+        name = adapter_name
+        n = len(self._lora.adapters)
+        while name is None or (adapter_name is None and name in self._lora.adapters):
+            name, n = f"default_{n}", n + 1
+        loaded = self._models.get("transformer")
+        reference = loaded if loaded is not None else build_model("transformer", self._config("transformer"))
+        source = pretrained_model_name_or_path_or_dict
+        if not isinstance(source, dict):
+            source = resolve_file(source)
+        adapter = load_adapter(source, reference, self._lora_dtype(), name)
+        if loaded is not None and self._lora.model is not loaded:
+            self._lora.attach(loaded)
+        self._lora.add(adapter)
+        return name
+
+    def set_adapters(self, adapter_names: str | Sequence[str], adapter_weights=None) -> None:
+        """Activate these adapters with these weights (one float for all, or one per name; default 1.0); the
+        other loaded adapters get weight 0. Never reloads the base model."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        if adapter_weights is None or isinstance(adapter_weights, (int, float)):
+            weights = [1.0 if adapter_weights is None else float(adapter_weights)] * len(names)
+        else:
+            weights = [float(w) for w in adapter_weights]
+            if len(weights) != len(names):
+                raise ValueError(f"{len(weights)} adapter weights for {len(names)} adapters")
+        self._lora.set_weights(dict(zip(names, weights)))
+
+    def get_active_adapters(self) -> list[str]:
+        return [n for n, a in self._lora.adapters.items() if a.weight != 0.0]
+
+    def unload_lora_weights(self) -> None:
+        """Remove every LoRA: the transformer is exactly the base model again."""
+        self._lora.clear()
+
+    def fuse_lora(self, lora_scale: float = 1.0, adapter_names: Sequence[str] | None = None) -> None:
+        """Merge the active LoRAs into the (float) weights for slightly faster steps; `unfuse_lora` undoes it.
+        Quantized layers are refused: their LoRAs stay side branches."""
+        self.transformer  # noqa: B018 - load (and attach) first
+        self._lora.fuse(adapter_names, lora_scale)
+
+    def unfuse_lora(self) -> None:
+        self._lora.unfuse()
+
+    @property
+    def loras(self) -> list[dict]:
+        """The loaded LoRAs: name, file, sha256 and weight (what PNG metadata records)."""
+        return [{"name": a.name, "file": a.source, "sha256": a.sha256, "weight": a.weight}
+                for a in self._lora.adapters.values()]
+
+    def _lora_dtype(self) -> mx.Dtype:
+        loaded = self._models.get("transformer")
+        return loaded.dtype if loaded is not None else self.dtype
 
     # ----------------------------------------------------------------- text
     def encode_prompt(self, prompts: str | Sequence[str], max_sequence_length: int = 512) -> list[mx.array]:

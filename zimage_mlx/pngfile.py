@@ -17,8 +17,9 @@ from PIL.PngImagePlugin import PngInfo
 from . import __version__
 
 PNG_KEYS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "size", "model", "quantization",
-            "dtype", "image", "strength", "mask", "control_image", "control_type", "control_scale", "controlnet",
-            "version")
+            "dtype", "image", "strength", "loras", "mask", "control_image", "control_type", "control_scale",
+            "controlnet", "version")
+SHA_PREFIX = 12   # hex digits of a LoRA file's sha256 kept in the metadata
 
 
 def _umask() -> int:
@@ -27,20 +28,32 @@ def _umask() -> int:
     return mask
 
 
+def describe_loras(loras) -> str | None:
+    """"style.safetensors:0.8 (sha256 0123456789ab), …" for the LoRAs in use ({file, sha256, weight} dicts)."""
+    parts = [f"{lo['file']}:{lo['weight']:g}" + (f" (sha256 {lo['sha256'][:SHA_PREFIX]})" if lo.get("sha256") else "")
+             for lo in loras or () if lo["weight"] != 0]
+    return ", ".join(parts) or None
+
+
 def png_params(prompt, negative_prompt, seed, steps, guidance, size, model, quantization, dtype,
-               image=None, strength=None, extra: dict | None = None) -> dict[str, str]:
+               image=None, strength=None, loras=None, extra: dict | None = None) -> dict[str, str]:
     """The text chunks of one image: one per parameter, plus an A1111-style "parameters" summary that
-    image viewers and sites that show generation settings already understand. extra: more PNG_KEYS
-    (mask, control_image, control_type, control_scale, controlnet)."""
+    image viewers and sites that show generation settings already understand. `loras`: the pipeline's
+    `loras` list (file, sha256, weight); those with weight 0 are left out. extra: more PNG_KEYS (mask,
+    control_image, control_type, control_scale, controlnet)."""
+    lora_text = describe_loras(loras)
     params = {"prompt": prompt, "negative_prompt": negative_prompt or None, "seed": seed, "steps": steps,
               "guidance": guidance, "size": size, "model": model, "quantization": quantization, "dtype": dtype,
-              "image": image, "strength": strength, **(extra or {}), "version": f"zimage-mlx {__version__}"}
+              "image": image, "strength": strength, "loras": lora_text, **(extra or {}),
+              "version": f"zimage-mlx {__version__}"}
     params = {k: str(v) for k, v in params.items() if v is not None}
     a1111 = prompt + (f"\nNegative prompt: {negative_prompt}" if negative_prompt else "")
     a1111 += (f"\nSteps: {steps}, Sampler: Euler (flow matching), CFG scale: {guidance}, Seed: {seed}, "
               f"Size: {size}, Model: {model}, Quantization: {quantization}, Version: zimage-mlx {__version__}")
     if image is not None:
         a1111 += f", Denoising strength: {strength}"
+    if lora_text:
+        a1111 += f", LoRAs: {lora_text}"
     return {**params, "parameters": a1111}
 
 

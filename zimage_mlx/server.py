@@ -331,7 +331,8 @@ class Worker:
                 img = out.images[0]
                 meta = png_params(req.prompt, negative, s, steps, g, f"{img.width}x{img.height}", cfg.model,
                                   pipe.quantization, pipe.dtype_name,
-                                  image="upload" if req.image is not None else None, strength=strength)
+                                  image="upload" if req.image is not None else None, strength=strength,
+                                  loras=getattr(pipe, "loras", None))
                 job.emit(("image", k, s, img.size, _encode(img, req, meta)))
                 self.stats["images"] += 1
         finally:
