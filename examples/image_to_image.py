@@ -20,12 +20,11 @@ parser.add_argument("--height", type=int, default=None)
 parser.add_argument("--steps", type=int, default=None, help="steps of the full schedule (strength runs a part)")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--dtype", choices=["bfloat16", "float32"], default=None, help="default: bfloat16 on a GPU")
-parser.add_argument("--quantize", choices=["auto", "none", "4", "8"], default="auto")
+parser.add_argument("--quantize", default="auto", help="auto | none | 4 | 8 | transformer=4,text_encoder=8")
 parser.add_argument("--output", default="image_to_image.png")
 args = parser.parse_args()
 
-quantize = {"auto": "auto", "none": None, "4": 4, "8": 8}[args.quantize]
-pipe = ZImagePipeline.from_pretrained(args.model, dtype=args.dtype, quantize=quantize)
+pipe = ZImagePipeline.from_pretrained(args.model, dtype=args.dtype, quantize=args.quantize)
 out = pipe(prompt=args.prompt, image=args.image, strength=args.strength, width=args.width, height=args.height,
            num_inference_steps=args.steps, seed=args.seed)
 image = out.images[0]

@@ -34,7 +34,7 @@ parser.add_argument("--preview", default="preview.png", help="preview file; {ste
 parser.add_argument("--preview-scale", type=int, default=2, help="downsample the latents by this before decoding")
 parser.add_argument("--time-limit", type=float, default=None, help="cancel after this many seconds")
 parser.add_argument("--dtype", choices=["bfloat16", "float32"], default=None, help="default: bfloat16 on a GPU")
-parser.add_argument("--quantize", choices=["auto", "none", "4", "8"], default="auto")
+parser.add_argument("--quantize", default="auto", help="auto | none | 4 | 8 | transformer=4,text_encoder=8")
 parser.add_argument("--output", default="preview_callback.png")
 args = parser.parse_args()
 
@@ -71,8 +71,7 @@ class Preview:
         return args.time_limit is None or elapsed < args.time_limit
 
 
-quantize = {"auto": "auto", "none": None, "4": 4, "8": 8}[args.quantize]
-pipe = ZImagePipeline.from_pretrained(args.model, dtype=args.dtype, quantize=quantize)
+pipe = ZImagePipeline.from_pretrained(args.model, dtype=args.dtype, quantize=args.quantize)
 callback = Preview(pipe)
 previous = signal.signal(signal.SIGINT, callback.on_sigint)
 try:

@@ -19,9 +19,13 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTH
 
 
 @pytest.fixture(scope="module")
-def fast(tmp_path_factory, qwen_tokenizer_dir) -> list[str]:
-    root, _ = save_tiny_pipeline(tmp_path_factory.mktemp("examples") / "Z-Image-Turbo-tiny", qwen_tokenizer_dir)
-    return ["--model", str(root), "--dtype", "float32", "--quantize", "none"]
+def tiny(tmp_path_factory, qwen_tokenizer_dir):
+    return save_tiny_pipeline(tmp_path_factory.mktemp("examples") / "Z-Image-Turbo-tiny", qwen_tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def fast(tiny) -> list[str]:
+    return ["--model", str(tiny[0]), "--dtype", "float32", "--quantize", "none"]
 
 
 def example(name: str, *args, cwd: Path) -> str:
@@ -79,3 +83,50 @@ def test_preview_cancelled_by_ctrl_c(fast, tmp_path):
     assert proc.returncode == 0, err
     assert "cancelled" in rest and time.perf_counter() - t0 < 30
     assert not (tmp_path / "preview_callback.png").exists()
+
+
+def test_lora_with_and_without(tiny, fast, tmp_path):
+    from make_lora import as_peft, peft_metadata, random_lora, save
+
+    lora = random_lora(tiny[1]["transformer"], rank=4, alpha=6.0, seed=3, strength=0.5)
+    save(tmp_path / "style.safetensors", as_peft(lora), peft_metadata(lora))
+    out = example("lora.py", "a red fox", "style.safetensors:0.8", *fast, "--width", 64, "--height", 48, "--steps", 2,
+                  cwd=tmp_path)
+    assert "saved lora-with.png (with style:0.8" in out and "saved lora-without.png" in out
+    with_, without = (np.asarray(Image.open(tmp_path / f"lora-{k}.png"), np.float32) for k in ("with", "without"))
+    assert with_.shape == (48, 64, 3) and np.abs(with_ - without).mean() > 1.0   # the LoRA changed the image
+
+
+def test_inpaint_with_and_without_controlnet(tiny, fast, tmp_path):
+    from make_controlnet import make_tiny_controlnet, save_tiny_controlnet
+
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(tmp_path / "room.png")
+    mask = np.zeros((48, 64), np.uint8)
+    mask[:, 32:] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    out = example("inpaint.py", "room.png", "mask.png", "a red armchair", *fast, "--steps", 2, cwd=tmp_path)
+    assert "saved inpaint.png (64x48" in out
+    save_tiny_controlnet(tmp_path / "cn", make_tiny_controlnet(5, "2.1"))
+    out = example("inpaint.py", "room.png", "mask.png", "a red armchair", *fast, "--steps", 2, "--controlnet", "cn",
+                  "--output", "controlled.png", cwd=tmp_path)
+    assert "saved controlled.png (64x48, canny ControlNet" in out
+    plain, controlled = (np.asarray(Image.open(tmp_path / f), np.float32) for f in ("inpaint.png", "controlled.png"))
+    assert np.abs(plain - controlled).mean() > 1.0            # the canny hints changed the repainted content
+
+
+def test_openai_client_against_a_live_server(tiny, tmp_path):
+    from live_server import LiveServer
+
+    from zimage_mlx import ZImagePipeline
+    from zimage_mlx.server import create_app
+
+    pipe = ZImagePipeline.from_pretrained(tiny[0], dtype="float32", keep_text_encoder=True)
+    with LiveServer(create_app(pipe)) as server:
+        r = subprocess.run([sys.executable, str(EXAMPLES / "openai_client.py"), "a lighthouse", "--url",
+                            f"{server.url}/v1", "--size", "64x48", "-n", "2", "--seed", "7", "--steps", "2"],
+                           cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.split() == ["saved", "openai-7.png", "saved", "openai-8.png"]
+    ours = pipe(prompt="a lighthouse", width=64, height=48, num_inference_steps=2, seed=8).images[0]
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "openai-8.png")), np.asarray(ours))

@@ -134,6 +134,24 @@ def test_prepared_captions_and_compiled_kernels(case, torch_models):
     assert rel_err(compiled, torch_ref(tm, lat, t, caps)) <= FP32_TOL
 
 
+def test_two_cpu_streams_are_bit_identical(torch_models):
+    """On the CPU backend attention (halves of the heads) and SwiGLU (halves of the tokens) run on two streams:
+    exactly the single-stream result."""
+    from zimage_mlx import transformer as tr
+
+    seed, overrides, batch, h, w, cap_lens = CASES["batch2_caps_differ_buckets"]
+    tm = torch_models(seed, overrides)
+    lat, t, caps = make_inputs(seed + 10, batch, h, w, cap_lens, tm.config.cap_feat_dim)
+    model = mlx_from_torch(tm, mx.float32)
+    assert mx.default_device() == mx.cpu
+    split = mlx_out(model, lat, t, caps)
+    one_stream = tr.Kernels(swiglu=tr.swiglu, attention=tr.scaled_dot_product_attention)
+    for _, m in model.named_modules():
+        if hasattr(m, "kernels"):
+            m.kernels = one_stream
+    np.testing.assert_array_equal(mlx_out(model, lat, t, caps), split)
+
+
 def test_rope_is_the_complex_multiply_bit_for_bit():
     """apply_rope's 3-pass form gives exactly diffusers' interleaved complex multiply in float32."""
     from zimage_mlx.transformer import apply_rope

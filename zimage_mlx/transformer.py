@@ -9,6 +9,7 @@ The output is float32.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field, fields
 from typing import Callable
@@ -100,19 +101,56 @@ def gated_residual(x: mx.array, gate: mx.array, y: mx.array) -> mx.array:
     return x + mx.tanh(gate) * y
 
 
+def scaled_dot_product_attention(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
+    """(B, heads, S, head_dim) attention with the 1/sqrt(head_dim) scale."""
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5)
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_streams() -> tuple:
+    return mx.new_stream(mx.cpu), mx.new_stream(mx.cpu)
+
+
+def _halves_on_two_cpu_streams(fn, axis: int, *arrays) -> mx.array:
+    """fn over the two halves of `arrays` along `axis`, each half on its own CPU stream, concatenated.
+
+    MLX's CPU backend runs each op on one thread, and the exponentials of softmax and SiLU dominate a step there;
+    two streams keep both cores busy. The same ops on the same values: bit-identical results.
+    """
+    n = arrays[0].shape[axis] // 2
+    out = []
+    for part, stream in zip((slice(0, n), slice(n, None)), _cpu_streams()):
+        index = (slice(None),) * axis + (part,)
+        with mx.stream(stream):
+            out.append(fn(*(a[index] for a in arrays)))
+    return mx.concatenate(out, axis=axis)
+
+
+def _split_on_cpu(fn, axis: int):
+    """fn, or on MLX's CPU backend fn over two halves on two CPU streams (_halves_on_two_cpu_streams)."""
+    def run(*arrays):
+        if mx.default_device() != mx.cpu or arrays[0].shape[axis] < 2:
+            return fn(*arrays)
+        return _halves_on_two_cpu_streams(fn, axis, *arrays)
+    return run
+
+
 @dataclass(frozen=True)
 class Kernels:
-    """The elementwise chains of a block. `mx.compile` fuses each into one kernel on a GPU (shape-specialized: it
-    recompiles only when the size or batch changes); on MLX's CPU backend compiling measured slower, so the plain
-    functions are the default there (ZImageTransformer.set_compile)."""
+    """The elementwise chains and the attention of a block. `mx.compile` fuses each chain into one kernel on a GPU
+    (shape-specialized: it recompiles only when the size or batch changes); on MLX's CPU backend compiling measured
+    slower, so the plain functions are the default there (ZImageTransformer.set_compile). On the CPU backend the
+    attention (over heads) and SwiGLU (over tokens) run as two halves on two CPU streams."""
 
     rope: Callable = apply_rope
-    swiglu: Callable = swiglu
+    swiglu: Callable = _split_on_cpu(swiglu, axis=1)                              # over tokens
     gated_residual: Callable = gated_residual
+    attention: Callable = _split_on_cpu(scaled_dot_product_attention, axis=1)     # over heads
 
     @classmethod
     def compiled(cls) -> "Kernels":
-        return cls(mx.compile(apply_rope), mx.compile(swiglu), mx.compile(gated_residual))
+        return cls(mx.compile(apply_rope), mx.compile(swiglu), mx.compile(gated_residual),
+                   _split_on_cpu(scaled_dot_product_attention, axis=1))
 
 
 PLAIN_KERNELS = Kernels()
@@ -144,7 +182,7 @@ class Attention(nn.Module):
         # cos/sin: (S, head_dim) -> broadcast over (B, H, S, head_dim)
         q = self.kernels.rope(q.transpose(0, 2, 1, 3), cos, sin)
         k = self.kernels.rope(k.transpose(0, 2, 1, 3), cos, sin)
-        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5)
+        o = self.kernels.attention(q, k, v)
         return self.to_out[0](o.transpose(0, 2, 1, 3).reshape(B, S, -1))
 
 
