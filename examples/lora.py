@@ -8,6 +8,7 @@ ai-toolkit, kohya/musubi, ComfyUI, LoKr); a hub file is given as "owner/repo/fil
 """
 
 import argparse
+from pathlib import Path
 
 from zimage_mlx import ZImagePipeline
 
@@ -38,7 +39,7 @@ def path_and_weight(spec: str) -> tuple[str, float]:
 
 names, weights = [], []
 for path, weight in map(path_and_weight, args.loras):
-    names.append(pipe.load_lora_weights(path))
+    names.append(pipe.load_lora_weights(path, adapter_name=Path(path).stem))
     weights.append(weight)
 pipe.set_adapters(names, adapter_weights=weights)
 

@@ -9,8 +9,8 @@ The output is float32.
 
 from __future__ import annotations
 
-import functools
 import math
+import threading
 from dataclasses import dataclass, field, fields
 from typing import Callable
 
@@ -106,9 +106,14 @@ def scaled_dot_product_attention(q: mx.array, k: mx.array, v: mx.array) -> mx.ar
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5)
 
 
-@functools.lru_cache(maxsize=None)
+_THREAD = threading.local()
+
+
 def _cpu_streams() -> tuple:
-    return mx.new_stream(mx.cpu), mx.new_stream(mx.cpu)
+    """Two CPU streams of the calling thread (MLX streams belong to the thread that made them)."""
+    if not hasattr(_THREAD, "cpu_streams"):
+        _THREAD.cpu_streams = mx.new_stream(mx.cpu), mx.new_stream(mx.cpu)
+    return _THREAD.cpu_streams
 
 
 def _halves_on_two_cpu_streams(fn, axis: int, *arrays) -> mx.array:
