@@ -150,9 +150,9 @@ class ZImageControlNet(nn.Module):
         elif cfg.add_control_noise_refiner is None:
             self.control_noise_refiner = [TransformerBlock(bcfg, True) for _ in range(cfg.n_refiner_layers)]
 
-    def set_compile(self, enabled: bool) -> None:
+    def set_compile(self, enabled: bool, cpu_streams: bool = True) -> None:
         """mx.compile the control blocks' elementwise chains, as ZImageTransformer.set_compile does for its own."""
-        ZImageTransformer.set_compile(self, enabled)
+        ZImageTransformer.set_compile(self, enabled, cpu_streams)
 
     @property
     def dtype(self) -> mx.Dtype:

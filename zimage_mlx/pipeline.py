@@ -225,7 +225,7 @@ class ZImagePipeline:
         # mx.compile the DiT's elementwise chains: on a GPU by default; on MLX's CPU backend it measured slower
         self.compile = (mx.default_device() == mx.gpu) if compile is None else bool(compile)
         if transformer is not None and hasattr(transformer, "set_compile"):
-            transformer.set_compile(self.compile)
+            transformer.set_compile(self.compile, cpu_streams=self.group is None)
         self.timings: dict[str, float] = {}
         self._prompt_cache: OrderedDict[tuple[str, int], mx.array] = OrderedDict()
         self._lora = LoRAState()
@@ -395,7 +395,7 @@ class ZImagePipeline:
             t0 = time.perf_counter()
             model = self._loaders[name]()
             if hasattr(model, "set_compile"):
-                model.set_compile(self.compile)
+                model.set_compile(self.compile, cpu_streams=self.group is None)
             self.timings[f"load_{name}"] = self.timings.get(f"load_{name}", 0.0) + time.perf_counter() - t0
             self._models[name] = model
         if name == "transformer" and self._lora.model is not model and self._lora.adapters:

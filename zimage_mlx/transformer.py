@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import threading
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Callable
 
 import mlx.core as mx
@@ -300,9 +300,13 @@ class ZImageTransformer(nn.Module):
         """The activation dtype (pad tokens are never quantized)."""
         return self.x_pad_token.dtype
 
-    def set_compile(self, enabled: bool) -> None:
-        """Run the blocks' elementwise chains through `mx.compile` (see Kernels) or plainly."""
+    def set_compile(self, enabled: bool, cpu_streams: bool = True) -> None:
+        """Run the blocks' elementwise chains through `mx.compile` (see Kernels) or plainly. cpu_streams=False keeps
+        every op on the default stream (runs with mx.distributed collectives use that: a collective that fails
+        while two CPU streams wait on each other was seen to hang instead of raising)."""
         kernels = Kernels.compiled() if enabled else PLAIN_KERNELS
+        if not cpu_streams:
+            kernels = replace(kernels, swiglu=swiglu, attention=scaled_dot_product_attention)
         for _, m in self.named_modules():
             if isinstance(m, (Attention, FeedForward, TransformerBlock)):
                 m.kernels = kernels
