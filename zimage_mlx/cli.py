@@ -256,6 +256,12 @@ def run_guarded(fn, verbose: bool, who: str = "") -> None:
             msg += " (another process of the launch failed or was stopped)"
         hint = "" if verbose else " (--verbose for the traceback)"
         click.echo(f"error: {who}{msg}{hint}", err=True)
+        if who:
+            # Under mlx.launch a dead peer can leave MLX's communication threads blocked, and the interpreter's
+            # normal shutdown would wait for them: leave at once (nothing is half-written: images are atomic).
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
         sys.exit(1)
 
 
