@@ -184,7 +184,10 @@ def test_a_killed_process_stops_the_others(tiny, tmp_path):
         try:
             _, err = procs[0].communicate(timeout=60)
         except subprocess.TimeoutExpired:
-            pytest.fail("rank 0 still runs 60 s after rank 1 was killed")
+            os.killpg(procs[0].pid, signal.SIGKILL)
+            _, err = procs[0].communicate()
+            tail = "\n".join(line for line in err.splitlines() if not line.startswith("[ring]"))[-2000:]
+            pytest.fail(f"rank 0 still runs 60 s after rank 1 was killed; its stderr (without [ring] lines):\n{tail}")
     finally:
         for p in procs:
             if p.poll() is None:
