@@ -167,7 +167,7 @@ def test_a_killed_process_stops_the_others(tiny, tmp_path):
     hostfile.write_text(f'[["127.0.0.1:{port}"], ["127.0.0.1:{port + 1}"]]')
     cmd = [sys.executable, "-m", "zimage_mlx.generate", "a red fox", "-m", str(tiny), "--steps", "1000", "-W", "64",
            "-H", "64", "--dtype", "float32", "-q", "none", "--seed", "1", "--parallel", "tensor",
-           "-o", str(tmp_path / "fox.png")]
+           "-o", str(tmp_path / "fox.png"), "--preview", str(tmp_path / "step.png")]
     procs = [subprocess.Popen(cmd, cwd=REPO, env=_env() | {"MLX_RANK": str(r), "MLX_HOSTFILE": str(hostfile)},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
              for r in (0, 1)]
@@ -179,7 +179,12 @@ def test_a_killed_process_stops_the_others(tiny, tmp_path):
             if line.startswith("Z-Image"):
                 break
         assert lines and lines[-1].startswith("Z-Image"), "".join(lines)
-        time.sleep(1.0)
+        # mid-run: rank 0 refreshes its step preview, so both ranks are in the denoising loop
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "step.png").exists() and time.monotonic() < deadline and procs[0].poll() is None:
+            time.sleep(0.05)
+        assert (tmp_path / "step.png").exists(), "rank 0 never reached the denoising loop"
+        time.sleep(0.5)
         procs[1].kill()
         try:
             _, err = procs[0].communicate(timeout=60)
