@@ -302,8 +302,9 @@ class ZImageTransformer(nn.Module):
 
     def set_compile(self, enabled: bool, cpu_streams: bool = True) -> None:
         """Run the blocks' elementwise chains through `mx.compile` (see Kernels) or plainly. cpu_streams=False keeps
-        every op on the default stream (runs with mx.distributed collectives use that: a collective that fails
-        while two CPU streams wait on each other was seen to hang instead of raising)."""
+        every op on the default stream. Runs with mx.distributed collectives use that as a precaution: a rank whose
+        peer died was seen to hang in MLX's ring backend (cause not pinned down; it also happened with one stream),
+        and fewer streams waiting on a failed collective is the simpler state to fail from."""
         kernels = Kernels.compiled() if enabled else PLAIN_KERNELS
         if not cpu_streams:
             kernels = replace(kernels, swiglu=swiglu, attention=scaled_dot_product_attention)
