@@ -8,13 +8,16 @@ Random weights (float32 on the CPU backend, bfloat16 on a GPU), a 77-token capti
   per-call   the caption path (embedding, context refiner, RoPE tables) recomputed inside every step (the old way)
   prepared   `ZImageTransformer.prepare` once per generation, reused by every step (what the pipeline does)
   compiled   prepared + `mx.compile`d elementwise chains (ZImageTransformer.set_compile)
+  fused      prepared + q/k/v and w1/w3 as one matmul each (ZImageTransformer.fuse_projections): what the pipeline
+             runs on the CPU
+  fused-compiled  fused + compiled: what the pipeline runs on a GPU
 A baseline revision runs in a subprocess from a `git worktree` of that commit. Prints a table and writes JSON.
 
 Side by side with mflux (issue 16): --mflux-python runs benchmarks/mflux_step.py under that interpreter, once per
 --mflux-modes entry, each in its own process, with the same config, size, caption, repeats and device, and adds the
 rows "mflux 0.24" (one eager forward of mflux's ZImageTransformer, which recomputes its caption path every call) and
 "mflux 0.24 compiled" (the forward under mx.compile, as mflux's own denoising loop runs it), a "÷ mflux" column (each
-row's step over mflux's eager step) and the ratios of our "prepared"/"compiled" steps to mflux's. mflux is never a
+row's step over mflux's eager step) and the ratios of our prepared/compiled/fused steps to mflux's. mflux is never a
 dependency of zimage_mlx: give it its own venv. On Linux its wheel pins mlx[cuda13]==0.32.2, so install it without
 dependencies over the system's MLX, plus the three small modules its transformer's imports need:
 
@@ -76,16 +79,25 @@ def run_variants(cfg: dict, size: int, caption_tokens: int, repeats: int, varian
     model = ZImageTransformer(ZImageTransformerConfig(**cfg))
     params = [(k, (mx.random.normal(v.shape) * 0.02).astype(dtype)) for k, v in tree_flatten(model.parameters())]
     model.update(tree_unflatten(params))
+    del params     # the model holds the only references (fuse_projections frees the separate projections)
     mx.eval(model.parameters())
     lat = mx.random.normal((1, 16, size // 8, size // 8), key=mx.random.key(0))
     cap = [mx.random.normal((caption_tokens, 2560), key=mx.random.key(1)).astype(dtype)]
     t = mx.array([0.5])
     out = {}
-    for variant in variants:
+    order = ["per-call", "prepared", "compiled", "fused", "fused-compiled"]   # fusing cannot be undone: last
+    unknown = [v for v in variants if v not in order]
+    if unknown:
+        raise SystemExit(f"--variants: unknown {', '.join(unknown)} (choose from {', '.join(order)})")
+    for variant in sorted(variants, key=order.index):
         if variant != "per-call" and not hasattr(model, "prepare"):
             continue
+        if variant.startswith("fused"):
+            if not hasattr(model, "fuse_projections"):
+                continue
+            model.fuse_projections()
         if hasattr(model, "set_compile"):
-            model.set_compile(variant == "compiled")
+            model.set_compile(variant.endswith("compiled"))
         mx.clear_cache()
         mx.reset_peak_memory()
         t0 = time.perf_counter()
@@ -158,7 +170,7 @@ def main():
     ap.add_argument("--size", type=int, default=512, help="image side in pixels")
     ap.add_argument("--caption-tokens", type=int, default=77)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--variants", default="per-call,prepared,compiled")
+    ap.add_argument("--variants", default="per-call,prepared,compiled,fused,fused-compiled")
     ap.add_argument("--baseline-rev", default=None, help="git revision to time as 'before' (per-call variant)")
     ap.add_argument("--device", choices=["cpu", "gpu"], default=None)
     ap.add_argument("--mflux-python", default=None, metavar="PATH",
@@ -194,12 +206,12 @@ def main():
         print(f"{name:<22}{r['step_s']:>9.3f}{r['min_s']:>9.3f}{r['warmup_s']:>11.3f}{r['gflops']:>10.1f}"
               f"{r['peak_gb']:>9.2f}" + (f"{r['step_s'] / ref:>9.2f}" if ref else ""))
     ratios = {}
-    for ours in ("prepared", "compiled"):
+    for ours in ("prepared", "compiled", "fused", "fused-compiled"):
         for theirs in mflux:
             if ours in results:
                 ratios[f"{ours} / {theirs}"] = results[ours]["step_s"] / mflux[theirs]["step_s"]
     if ratios:
-        print("step ratios (issue 16 goal: prepared ≤ 0.90 × mflux): "
+        print("step ratios (issue 16 goal: ours ≤ 0.90 × mflux): "
               + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
     if args.json:
         args.json.write_text(json.dumps({"config": cfg, "size": args.size, "machine": machine, "results": results,

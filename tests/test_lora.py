@@ -22,6 +22,7 @@ from make_pipeline import diffusers_pipelines, save_tiny_pipeline
 from zimage_mlx import ZImagePipeline
 from zimage_mlx.hub import resolve_file
 from zimage_mlx.lora import LoRAError, LoRALinear, LoRAState, load_adapter
+from zimage_mlx.transformer import FUSED_PROJECTIONS
 from zimage_mlx.weights import WeightError
 
 H, W, STEPS = 64, 48, 8
@@ -365,6 +366,25 @@ class ExactBranch(nn.Module):
         return self.base(x) + x @ self.delta.T
 
 
+def _layer_deltas(layers: dict, lora: dict) -> dict:
+    """{layer path: ΔW} of a LoRA given per diffusers target; a target inside a fused layer of the pipeline's
+    transformer (to_q in to_qkv, w1 in w13) fills its rows of that layer's ΔW (zeros elsewhere)."""
+    out = {}
+    for tg, (a, b, alpha) in lora.items():
+        delta = alpha / a.shape[0] * (b @ a)
+        stem, _, proj = tg.rpartition(".")
+        fused = [(f, parts) for f, parts in FUSED_PROJECTIONS.items() if proj in parts and f"{stem}.{f}" in layers]
+        if not fused:
+            out[tg] = delta
+            continue
+        name, parts = fused[0]
+        n = delta.shape[0]
+        full = out.setdefault(f"{stem}.{name}", np.zeros((n * len(parts), delta.shape[1]), np.float32))
+        i = parts.index(proj)
+        full[i * n:(i + 1) * n] += delta
+    return out
+
+
 def _quantized_pipe(t, bits):
     from zimage_mlx.quantize import should_quantize
 
@@ -396,19 +416,20 @@ def test_quantized_keeps_the_full_effect(tiny, bits):
     path = save(t.tmp / "q.safetensors", as_kohya(lora))
     pipe = _quantized_pipe(t, bits)
     model = pipe.transformer
-    assert sum(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules()) >= 20
+    assert sum(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules()) >= 15
     base = ours(t, pipe)
     pipe.load_lora_weights(str(path))
     with_lora = ours(t, pipe)
-    assert isinstance(pipe.transformer.layers[0].attention.to_q.base, nn.QuantizedLinear)
+    assert isinstance(pipe.transformer.layers[0].attention.to_qkv.base, nn.QuantizedLinear)
     with pytest.raises(ValueError, match="quantized"):
         pipe.fuse_lora()
     pipe.unload_lora_weights()
     np.testing.assert_array_equal(ours(t, pipe), base)
 
     layers = dict(model.named_modules())
-    for tg, (a, b, alpha) in lora.items():                        # the exact run-time branch, by hand
-        _swap(model, tg, ExactBranch(layers[tg], mx.array(alpha / a.shape[0] * (b @ a))))
+    deltas = _layer_deltas(layers, lora)
+    for path, delta in deltas.items():                            # the exact run-time branch, by hand
+        _swap(model, path, ExactBranch(layers[path], mx.array(delta)))
     exact = ours(t, pipe)
     cos, ratio = _cos_ratio(with_lora - base, exact - base)
     print(f"{bits}-bit: LoRA effect vs exact branch: cosine {cos:.5f}, norm ratio {ratio:.4f}; "
@@ -417,19 +438,39 @@ def test_quantized_keeps_the_full_effect(tiny, bits):
     assert cos >= 0.999 and 0.99 <= ratio <= 1.01
 
     if bits == 4:   # baking the LoRA into the weights and re-quantizing at 4 bits loses it
-        for tg, (a, b, alpha) in lora.items():
-            q = layers[tg]
-            _swap(model, tg, q)
+        for path, delta in deltas.items():
+            q = layers[path]
+            _swap(model, path, q)
             if isinstance(q, nn.QuantizedLinear):
                 w = mx.dequantize(q.weight, q.scales, q.biases, q.group_size, q.bits)
-                q.weight, q.scales, q.biases = mx.quantize(w + mx.array(alpha / a.shape[0] * (b @ a)),
-                                                           q.group_size, q.bits)
+                q.weight, q.scales, q.biases = mx.quantize(w + mx.array(delta), q.group_size, q.bits)
             else:
-                q.weight = q.weight + mx.array(alpha / a.shape[0] * (b @ a))
+                q.weight = q.weight + mx.array(delta)
         baked = ours(t, pipe)
         cos_b, ratio_b = _cos_ratio(baked - base, exact - base)
         print(f"4-bit bake + requantize: cosine {cos_b:.4f}, norm ratio {ratio_b:.3f}")
         assert cos_b < 0.999 or not 0.99 <= ratio_b <= 1.01
+
+
+def test_full_delta_on_a_quantized_fused_layer(tiny):
+    """A `.diff` on ComfyUI's fused qkv over the pipeline's quantized to_qkv: a dense side branch on its rows,
+    equal to the exact ΔW·x added by hand."""
+    t = tiny
+    tensors, diffs = _deltas(t)
+    path = save(t.tmp / "qkv-diff.safetensors", {k: v for k, v in tensors.items() if ".qkv." in k})
+    pipe = _quantized_pipe(t, 8)
+    model = pipe.transformer
+    assert isinstance(model.layers[1].attention.to_qkv, nn.QuantizedLinear)
+    base = ours(t, pipe)
+    pipe.load_lora_weights(str(path))
+    got = ours(t, pipe)
+    pipe.unload_lora_weights()
+    delta = np.concatenate([diffs[f"layers.1.attention.to_{p}.weight"][0] for p in "qkv"])
+    _swap(model, "layers.1.attention.to_qkv", ExactBranch(model.layers[1].attention.to_qkv, mx.array(delta)))
+    exact = ours(t, pipe)
+    err = rel_err(got, exact)
+    print(f"qkv .diff on a quantized to_qkv: rel err vs exact {err:.2e}, effect {effect(exact, base):.1%}")
+    assert effect(exact, base) >= 0.01 and err <= 1e-5
 
 
 def test_branch_keeps_the_activation_dtype():
@@ -446,7 +487,7 @@ def test_branch_keeps_the_activation_dtype():
 
 
 class _Toy(nn.Module):
-    """A model with one linear, or with q/k/v fused into one `attention.to_qkv` (a later layout)."""
+    """A model with one linear, or with q/k/v fused into one `attention.to_qkv` (as the pipeline's transformer)."""
 
     def __init__(self, lin=None, fused_dim=None):
         super().__init__()

@@ -3,6 +3,7 @@
 import json
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
@@ -150,6 +151,37 @@ def test_two_cpu_streams_are_bit_identical(torch_models):
         if hasattr(m, "kernels"):
             m.kernels = one_stream
     np.testing.assert_array_equal(mlx_out(model, lat, t, caps), split)
+
+
+@pytest.mark.parametrize("bits", [None, 4, 8])
+def test_fused_projections(bits, torch_models):
+    """q/k/v as one `to_qkv` and w1/w3 as one `w13` (float and quantized) give the unfused model's velocity, and a
+    quantized fused weight is exactly the quantization of the stacked float weights (group quantization is
+    row-wise)."""
+    seed, overrides, batch, h, w, cap_lens = CASES["dim128_seed2"]
+    tm = torch_models(seed, overrides)
+    lat, t, caps = make_inputs(seed + 10, batch, h, w, cap_lens, tm.config.cap_feat_dim)
+    model = mlx_from_torch(tm, mx.float32)
+    att = model.layers[0].attention
+    stacked = mx.concatenate([att.to_q.weight, att.to_k.weight, att.to_v.weight])
+    if bits:
+        nn.quantize(model, group_size=32, bits=bits,
+                    class_predicate=lambda p, m: isinstance(m, nn.Linear) and m.weight.shape[1] % 32 == 0)
+    before = mlx_out(model, lat, t, caps)
+    cfg = model.config
+    assert model.fuse_projections() == 2 * (cfg.n_layers + 2 * cfg.n_refiner_layers)
+    assert "to_q" not in att and "w1" not in model.layers[0].feed_forward
+    assert "to_qkv" in att and "w13" in model.layers[0].feed_forward
+    after = mlx_out(model, lat, t, caps)
+    err = rel_err(after, before)
+    print(f"bits={bits}: fused vs separate projections, rel diff {err:.1e}")
+    assert err <= 1e-6
+    if bits:
+        assert isinstance(att.to_qkv, nn.QuantizedLinear)
+        for got, want in zip((att.to_qkv.weight, att.to_qkv.scales, att.to_qkv.biases),
+                             mx.quantize(stacked, 32, bits)):
+            np.testing.assert_array_equal(np.array(got), np.array(want))
+    assert model.fuse_projections() == 0       # already fused
 
 
 def test_rope_is_the_complex_multiply_bit_for_bit():
@@ -366,4 +398,11 @@ def test_loading_is_lean(tmp_path):
     print(f"load peak {peak / 1e6:.1f} MB; bf16 weights {bf16_bytes / 1e6:.1f} MB, largest fp32 {largest_fp32 / 1e6:.1f} MB")
     assert peak >= bf16_bytes  # the measurement sees the loaded weights
     assert peak <= 1.2 * (bf16_bytes + largest_fp32)  # a non-lazy load holds 3x bf16 (fp32 + bf16 copies)
+    # fusing q/k/v and w1/w3 (as the pipeline does after loading) frees each module's parts as it goes: the model
+    # keeps one copy, and the peak grows by at most one module's fused weights
+    model.fuse_projections()
+    active = mx.get_active_memory() - base
+    print(f"after fusing: active {active / 1e6:.1f} MB, peak {(mx.get_peak_memory() - base) / 1e6:.1f} MB")
+    assert active <= 1.05 * bf16_bytes
+    assert mx.get_peak_memory() - base <= 1.2 * (bf16_bytes + largest_fp32)
     del model

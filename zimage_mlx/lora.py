@@ -10,6 +10,8 @@ Each adapter is applied as a side branch: y = base(x) + Σᵢ wᵢ·sᵢ·Bᵢ(A
 the activation dtype. The base layer may be `nn.Linear` or `nn.QuantizedLinear`: a 4-bit model keeps the full
 effect of the LoRA, which merging into the 4-bit codes would mostly erase. A fused-qkv LoRA computes A·x once for
 to_q, to_k and to_v. Full deltas on float tensors (norms, biases, float weights) are merged and undone exactly.
+The pipeline's transformer runs q/k/v as one `to_qkv` and w1/w3 as one `w13` (transformer.FUSED_PROJECTIONS): a
+target inside a fused layer is that layer's row slice, for branches, merges and fuse_lora alike.
 The math follows diffusers' `ZImageLoraLoaderMixin` (diffusers/loaders/lora_pipeline.py) and its converter
 `_convert_non_diffusers_z_image_lora_to_diffusers` (diffusers/loaders/lora_conversion_utils.py); LoKr follows
 LyCORIS `lycoris/functional/lokr.py` (ΔW = kron(w1, w2)·alpha/rank).
@@ -29,6 +31,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
+from .transformer import FUSED_PROJECTIONS
 from .weights import WeightError, safetensors_keys
 
 
@@ -214,6 +217,7 @@ class LoRALinear(nn.Module):
 
     def __call__(self, x):
         y = self.base(x)
+        by_rows = {}
         for b in self.branches:
             c = b.factor()
             if c == 0.0:
@@ -222,8 +226,20 @@ class LoRALinear(nn.Module):
             if b.rows is None:
                 y = b.patch.add(y, h, b.part, c)
             else:
-                y = y.at[..., b.rows[0]:b.rows[1]].add(b.patch.delta(h, b.part, c))
-        return y
+                d = b.patch.delta(h, b.part, c)
+                by_rows[b.rows] = d if b.rows not in by_rows else by_rows[b.rows] + d
+        return _add_rows_out(y, by_rows) if by_rows else y
+
+
+def _add_rows_out(y: mx.array, deltas: dict) -> mx.array:
+    """y plus deltas for slices of its last axis ({(start, stop): delta}): one add when the slices tile it (a LoRA
+    on each of q, k and v of a fused to_qkv), else one scatter-add per slice."""
+    spans = sorted(deltas)
+    if spans[0][0] == 0 and spans[-1][1] == y.shape[-1] and all(a[1] == b[0] for a, b in zip(spans, spans[1:])):
+        return y + mx.concatenate([deltas[s] for s in spans], axis=-1)
+    for (r0, r1), d in deltas.items():
+        y = y.at[..., r0:r1].add(d)
+    return y
 
 
 def _is_linear(m) -> bool:
@@ -268,21 +284,37 @@ def _tensor_shapes(model: nn.Module, modules: dict) -> dict:
         if isinstance(base, nn.QuantizedLinear):
             out.pop(f"{path}.scales", None)
             out.pop(f"{path}.biases", None)
+        stem, _, leaf = path.rpartition(".")
+        if _is_linear(base) and leaf in FUSED_PROJECTIONS:     # the parts of a fused layer, by their own names
+            parts = FUSED_PROJECTIONS[leaf]
+            rows, cols = out[f"{path}.weight"]
+            for part in parts:
+                out[f"{stem}.{part}.weight"] = (rows // len(parts), cols)
     return out
 
 
 def _resolve_layer(shapes: dict, target: str):
     """(layer path, output rows or None) for a diffusers target name: the layer itself or, in a model whose
-    attention fuses q/k/v into `to_qkv`, that layer's row slice."""
+    projections are fused (transformer.FUSED_PROJECTIONS: q/k/v in `to_qkv`, w1/w3 in `w13`), that layer's rows."""
     if target in shapes:
         return target, None
     stem, _, proj = target.rpartition(".")
-    fused = f"{stem}.to_qkv"
-    if proj in ("to_q", "to_k", "to_v") and fused in shapes:
-        n = shapes[fused][0] // 3
-        i = ("to_q", "to_k", "to_v").index(proj)
-        return fused, (i * n, (i + 1) * n)
+    for fused_name, parts in FUSED_PROJECTIONS.items():
+        fused = f"{stem}.{fused_name}"
+        if proj in parts and fused in shapes:
+            n = shapes[fused][0] // len(parts)
+            i = parts.index(proj)
+            return fused, (i * n, (i + 1) * n)
     return None, None
+
+
+def _resolve_tensor(shapes: dict, path: str):
+    """(tensor path, rows or None) for a tensor name: `….to_q.weight` of a fused model is rows of `….to_qkv.weight`."""
+    layer, _, attr = path.rpartition(".")
+    real, rows = _resolve_layer(shapes, layer)
+    if rows is None:
+        return path, None
+    return f"{real}.{attr}", rows
 
 
 def _target_shape(shapes: dict, target: str):
@@ -710,7 +742,7 @@ class LoRAState:
             p = adapter.patches[i] = _cast(p, dtype) if _patch_dtype(p) != dtype else p
             if isinstance(p, Delta):
                 layer = p.targets[0].rpartition(".")[0]
-                base = modules.get(layer)
+                base = modules.get(_resolve_layer(shapes, layer)[0] or layer)
                 base = base.base if isinstance(base, LoRALinear) else base
                 if isinstance(base, nn.QuantizedLinear) and p.targets[0].endswith(".weight"):
                     self._branch(adapter, p, 0, _Once(p.first, 1), layer, shapes, modules)
@@ -730,16 +762,24 @@ class LoRAState:
         wrapper.branches.append(Branch(adapter, patch, part, first, rows))
 
     def _remerge(self) -> None:
-        values = []
+        if not self._merges:
+            return
+        shapes = _linear_shapes(_modules(self.model))
+        values = {}
         for path, merges in self._merges.items():
-            owner, attr = _tensor_owner(self.model, path)
-            value = self._originals.setdefault(path, owner[attr])
+            real, rows = _resolve_tensor(shapes, path)    # a part of a fused layer: rows of its tensor
+            if real not in values:
+                owner, attr = _tensor_owner(self.model, real)
+                values[real] = self._originals.setdefault(real, owner[attr])
             for adapter, d in merges:
                 if adapter.weight != 0.0:
-                    value = value + (adapter.weight * d.scale) * d.tensor
+                    delta = (adapter.weight * d.scale) * d.tensor
+                    values[real] = values[real] + delta if rows is None else \
+                        values[real].at[rows[0]:rows[1]].add(delta)
+        for real, value in values.items():
+            owner, attr = _tensor_owner(self.model, real)
             owner[attr] = value
-            values.append(value)
-        mx.eval(values)
+        mx.eval(list(values.values()))
 
 
 def _patch_dtype(p):

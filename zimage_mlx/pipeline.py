@@ -35,7 +35,7 @@ from .quantize import describe_bits, parse_quantize
 from .sampler import VARIANT_DEFAULTS, SchedulerConfig, check_variant, detect_variant
 from .text_encoder import encode_prompts
 from .tokenizer import ZImageTokenizer
-from .transformer import ZImageTransformerConfig
+from .transformer import ZImageTransformerConfig, fuse_projections
 from .weights import WeightError, component_files, default_dtype, dtype_name, parse_dtype, read_config, \
     safetensors_keys
 
@@ -394,6 +394,8 @@ class ZImagePipeline:
                 raise RuntimeError(f"this pipeline has no {name}")
             t0 = time.perf_counter()
             model = self._loaders[name]()
+            if name in ("transformer", "controlnet"):
+                fuse_projections(model)    # q/k/v and w1/w3 as one matmul each (LoRAs address the row slices)
             if hasattr(model, "set_compile"):
                 model.set_compile(self.compile, cpu_streams=self.group is None)
             self.timings[f"load_{name}"] = self.timings.get(f"load_{name}", 0.0) + time.perf_counter() - t0

@@ -17,6 +17,7 @@ from typing import Callable
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.nn.layers.distributed import AllToShardedLinear, QuantizedAllToShardedLinear
 
 from .weights import WeightError
 
@@ -160,6 +161,63 @@ class Kernels:
 
 PLAIN_KERNELS = Kernels()
 
+# Projections that read the same input, run as one matmul after loading (`fuse_projections`): {fused: parts}.
+# Checkpoints, conversions and LoRAs keep naming the parts (lora.py addresses a part as a row slice of the fused
+# layer).
+FUSED_PROJECTIONS = {"to_qkv": ("to_q", "to_k", "to_v"), "w13": ("w1", "w3")}
+_FLOAT_LINEARS = (nn.Linear, AllToShardedLinear)
+_QUANTIZED_LINEARS = (nn.QuantizedLinear, QuantizedAllToShardedLinear)
+
+
+def fuse_linears(parts: list) -> nn.Module | None:
+    """One layer whose output is the parts' outputs concatenated, or None when they cannot be fused.
+
+    Float weights are stacked by rows. Quantized weights are too: group quantization runs along each row, so the
+    stacked codes, scales and biases are exactly those of quantizing the stacked float weight. Tensor-parallel
+    "all-to-sharded" parts (mlx.nn.layers.distributed) fuse into a plain layer: at inference their forward is the
+    plain matmul over this rank's rows.
+    """
+    first = parts[0]
+    if any("bias" in p for p in parts):
+        return None
+    if all(type(p) in _FLOAT_LINEARS for p in parts):
+        fused = nn.Linear(1, 1, bias=False)
+        fused.weight = mx.concatenate([p.weight for p in parts])
+        return fused
+    quantized = all(type(p) in _QUANTIZED_LINEARS for p in parts)
+    if not quantized or any((p.bits, p.group_size, p.mode) != (first.bits, first.group_size, first.mode)
+                            or p.weight.shape[1] != first.weight.shape[1] for p in parts):
+        return None
+    in_dims = first.weight.shape[1] * 32 // first.bits
+    fused = nn.QuantizedLinear(in_dims, 1, bias=False, group_size=first.group_size, bits=first.bits, mode=first.mode)
+    fused.weight = mx.concatenate([p.weight for p in parts])
+    fused.scales = mx.concatenate([p.scales for p in parts])
+    if first.get("biases") is not None:
+        fused.biases = mx.concatenate([p.biases for p in parts])
+    return fused
+
+
+def fuse_projections(model: nn.Module) -> int:
+    """Replace every Attention's to_q/to_k/to_v by one `to_qkv` and every FeedForward's w1/w3 by one `w13`
+    (FUSED_PROJECTIONS), one module at a time (the parts are freed as each fused weight is made). Modules whose parts
+    differ (bits, group size, a bias) keep them. Returns the number of fused layers."""
+    count = 0
+    # (named_modules' list also holds the Linear parts themselves: keep only their parents, so each part is freed
+    # as soon as its module is fused)
+    for module in [m for _, m in model.named_modules() if isinstance(m, (Attention, FeedForward))]:
+        for name, part_names in FUSED_PROJECTIONS.items():
+            if name in module or not all(p in module for p in part_names):
+                continue
+            fused = fuse_linears([module[p] for p in part_names])
+            if fused is None:
+                continue
+            mx.eval(fused.parameters())
+            for p in part_names:
+                del module[p]
+            module[name] = fused
+            count += 1
+    return count
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: ZImageTransformerConfig):
@@ -179,9 +237,14 @@ class Attention(nn.Module):
 
     def __call__(self, x, cos, sin):
         B, S, _ = x.shape
-        q = self.to_q(x).reshape(B, S, self.n_heads, self.head_dim)
-        k = self.to_k(x).reshape(B, S, self.n_heads, self.head_dim)
-        v = self.to_v(x).reshape(B, S, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
+        if "to_qkv" in self:     # fuse_projections
+            qkv = self.to_qkv(x).reshape(B, S, 3, self.n_heads, self.head_dim)
+            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        else:
+            q = self.to_q(x).reshape(B, S, self.n_heads, self.head_dim)
+            k = self.to_k(x).reshape(B, S, self.n_heads, self.head_dim)
+            v = self.to_v(x).reshape(B, S, self.n_heads, self.head_dim)
+        v = v.transpose(0, 2, 1, 3)
         if self.qk_norm:
             q, k = self.norm_q(q), self.norm_k(k)
         # cos/sin: (S, head_dim) -> broadcast over (B, H, S, head_dim)
@@ -200,6 +263,10 @@ class FeedForward(nn.Module):
         self.kernels = PLAIN_KERNELS
 
     def __call__(self, x):
+        if "w13" in self:       # fuse_projections
+            h = self.w13(x)
+            n = h.shape[-1] // 2
+            return self.w2(self.kernels.swiglu(h[..., :n], h[..., n:]))
         return self.w2(self.kernels.swiglu(self.w1(x), self.w3(x)))
 
 
@@ -311,6 +378,11 @@ class ZImageTransformer(nn.Module):
         for _, m in self.named_modules():
             if isinstance(m, (Attention, FeedForward, TransformerBlock)):
                 m.kernels = kernels
+
+    def fuse_projections(self) -> int:
+        """q/k/v and w1/w3 as one matmul each (module-level `fuse_projections`); the pipeline does it after loading.
+        The fused model's parameters carry the fused names: save (convert) an unfused model."""
+        return fuse_projections(self)
 
     def sanitize(self, weights: dict) -> dict:
         """Checkpoint keys -> module keys. Diffusers/official names pass through unchanged; ComfyUI single-file
