@@ -34,8 +34,10 @@ def run(root: str, name: str) -> dict:
     transformer_bytes = mx.get_active_memory() - before
     out = pipe(prompt="a red fox in the snow", negative_prompt="blurry", height=64, width=64, num_inference_steps=2,
                guidance_scale=case["guidance_scale"], seed=3, output_type="latent")
+    attention = pipe.transformer.layers[0].attention
     result = {name: np.array(out.images), f"{name}/peak": mx.get_peak_memory(),
-              f"{name}/transformer_bytes": transformer_bytes}
+              f"{name}/transformer_bytes": transformer_bytes,
+              f"{name}/fused": "to_qkv" in attention and "to_q" not in attention}
     del pipe, out
     return result
 

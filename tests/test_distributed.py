@@ -130,6 +130,8 @@ def test_cfg_and_tensor_parallel_match_one_process(tiny, tmp_path):
     assert all(r["cfg-without-guidance"] for r in ranks)     # CFG-parallel refuses a call without guidance
     for case in cases:
         assert rel_err(ranks[0][case], ref[case]) <= 1e-4, case
+        # tensor-parallel ranks fuse their shards of q/k/v (all-to-sharded layers) like one process does
+        assert ref[f"{case}/fused"] and all(r[f"{case}/fused"] for r in ranks), case
         np.testing.assert_array_equal(ranks[1][case], ranks[0][case])
     for r in ranks:
         for case in ("tensor", "tensor-cfg-4bit"):
