@@ -303,6 +303,10 @@ def test_convert_controlnet_and_memory_plan(tiny, tmp_path):
     pipe.load_controlnet(q8)
     got = np.array(pipe(**kw).images)
     assert any(isinstance(m, nn.QuantizedLinear) for _, m in pipe.controlnet.named_modules())
+    # the control blocks run q/k/v and w1/w3 fused, like the transformer's (quantized here)
+    block = pipe.controlnet.control_layers[0]
+    assert isinstance(block.attention.to_qkv, nn.QuantizedLinear) and "to_q" not in block.attention
+    assert "w13" in block.feed_forward
     assert 0 < rel_err(got, ref) < 0.05
     convert_controlnet(tmp_path / "cn-q8", tiny["tmp"] / "controlnet-2.1", dtype="float32", overwrite=True,
                        log=print)   # replaces an earlier conversion
