@@ -312,10 +312,13 @@ class _NormSiLU:
 
 
 class _Chunks:
-    """A materialized activation held as row chunks [(r0, r1, array)]; old chunks can be released."""
+    """A materialized activation (B, h, w, C) held as row chunks [(r0, r1, array)]; old chunks can be released."""
 
-    def __init__(self, chunks):
-        self.chunks = list(chunks)
+    def __init__(self, chunks, h: int = 0, w: int = 0):
+        self.chunks, self.h, self.w = list(chunks), h, w
+
+    def append(self, r0, r1, x):
+        self.chunks.append((r0, r1, x))
 
     def rows(self, a, b):
         parts = [x[:, max(a, r0) - r0 : min(b, r1) - r0] for r0, r1, x in self.chunks if r0 < b and r1 > a]
@@ -428,6 +431,173 @@ class _StripDecoder:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Whole-activation strip decode (the default tiled decode). The decoder runs op by op over the whole image and
+# keeps each op's whole output, held as row chunks (_Chunks) so that an input is released strip by strip as its
+# consumer passes; only the 3x3 convolutions run in row strips with one halo row each side, which bounds their
+# temporaries. GroupNorm statistics are reductions over the stored whole input, so nothing is recomputed: the work
+# is the untiled decode's. The 3x3 convolution is nine shifted matmuls over the zero-padded, flattened strip
+# (no im2col copy), and a nearest 2x upsample followed by a 3x3 convolution (diffusers `Upsample2D`) is four 2x2
+# convolutions at the input resolution, one per output phase, whose kernels sum the 3x3 taps that land on the same
+# input pixel (4/9 of the multiply-adds, no upsampled input).
+
+
+def _conv_taps(conv: nn.Conv2d) -> mx.array:
+    """Conv weight (O, kh, kw, I) -> matmul taps (kh, kw, I, O)."""
+    w = conv.weight.transpose(1, 2, 3, 0)
+    mx.eval(w)
+    return w
+
+
+def _up_taps(conv: nn.Conv2d) -> mx.array:
+    """Taps of a 3x3 conv applied after a nearest 2x upsample -> (2, 2, 2, 2, I, O) 2x2 taps per output phase:
+    output pixel (2i+a, 2j+b) = sum over u, v of input pixel (i-1+a+u, j-1+b+v) @ taps[a, b, u, v]. Upsampled rows
+    2i-1, 2i, 2i+1 are input rows i-1, i, i (a = 0) and 2i, 2i+1, 2i+2 are i, i, i+1 (a = 1); columns alike."""
+    def phase(t, a):  # the 3 taps along axis 0 -> the 2 input positions they fall on
+        return (t[0], t[1] + t[2]) if a == 0 else (t[0] + t[1], t[2])
+
+    w = conv.weight.transpose(1, 2, 3, 0)
+    taps = mx.stack([mx.stack([mx.stack([mx.stack(phase(rows, b)) for rows in phase(w, a)])
+                                for b in range(2)]) for a in range(2)])  # (a, b, u, v, I, O)
+    mx.eval(taps)
+    return taps
+
+
+def _shifted_matmuls(xp: mx.array, taps, offsets, n: int) -> mx.array:
+    """sum_k xp[off_k : off_k + n] @ taps[k] for a flattened (positions, C) input."""
+    out = None
+    for w, off in zip(taps, offsets):
+        xs = xp[off : off + n]
+        out = xs @ w if out is None else mx.addmm(out, xs, w)
+    return out
+
+
+def _conv3x3_strip(x: mx.array, taps: mx.array, bias: mx.array, top: bool, bottom: bool) -> mx.array:
+    """3x3 conv (stride 1, zero padding 1) of rows x (B, r, W, C) -> (B, r - 2 + top + bottom, W, O): rows that
+    are not at the image border (top/bottom False) are halo rows, consumed and not output."""
+    b, r, w, c = x.shape
+    xp = mx.pad(x, [(0, 0), (int(top), int(bottom) + 1), (1, 1), (0, 0)])  # +1 row: the last shifts overrun
+    rows = r - 2 + top + bottom
+    n, wp = rows * (w + 2), w + 2
+    flat = [tp for dy in range(3) for tp in taps[dy]]
+    offsets = [dy * wp + dx for dy in range(3) for dx in range(3)]
+    outs = [_shifted_matmuls(xp[i].reshape(-1, c), flat, offsets, n) for i in range(b)]
+    out = mx.stack(outs).reshape(b, rows, wp, -1)[:, :, :w]
+    return out + bias
+
+
+def _upconv_strip(x: mx.array, taps: mx.array, bias: mx.array, top: bool, bottom: bool) -> mx.array:
+    """conv3x3(upsample_nearest(x)) for input rows x (B, r, W, C) with halo rows like `_conv3x3_strip`: output
+    2 * (r - 2 + top + bottom) rows."""
+    b, r, w, c = x.shape
+    xp = mx.pad(x, [(0, 0), (int(top), int(bottom) + 1), (1, 1), (0, 0)])
+    rows = r - 2 + top + bottom
+    n, wp = rows * (w + 2), w + 2
+    out = []
+    for i in range(b):
+        flat = xp[i].reshape(-1, c)
+        phases = [[_shifted_matmuls(flat, [taps[a, bb, u, v] for u in range(2) for v in range(2)],
+                                    [(a + u) * wp + bb + v for u in range(2) for v in range(2)], n)
+                   .reshape(rows, wp, -1)[:, :w] for bb in range(2)] for a in range(2)]
+        out.append(mx.stack([mx.stack(p, axis=2) for p in phases], axis=1))  # (rows, 2, W, 2, O)
+    return (mx.stack(out).reshape(b, 2 * rows, 2 * w, -1)) + bias
+
+
+def _group_stats(x: "_Chunks", norm: GroupNorm) -> tuple[mx.array, mx.array]:
+    """Mean and 1/std per (image, group) of the whole stored activation, two-pass like `GroupNorm`."""
+    g = norm.num_groups
+    chunks = [a.reshape(a.shape[0], -1, g, a.shape[-1] // g).astype(mx.float32) for *_, a in x.chunks]
+    count = sum(a.shape[1] * a.shape[3] for a in chunks)
+    mean = sum(mx.sum(a, axis=(1, 3), keepdims=True) for a in chunks) / count
+    var = sum(mx.sum(mx.square(a - mean), axis=(1, 3), keepdims=True) for a in chunks) / count
+    stats = mean[:, None], mx.rsqrt(var + norm.eps)[:, None]  # (B, 1, 1, G, 1)
+    mx.eval(*stats)
+    return stats
+
+
+def _norm_silu(x: mx.array, norm: GroupNorm, stats) -> mx.array:
+    b, r, w, c = x.shape
+    mean, rstd = stats
+    y = ((x.reshape(b, r, w, norm.num_groups, -1).astype(mx.float32) - mean) * rstd).reshape(x.shape)
+    return nn.silu(y.astype(x.dtype) * norm.weight + norm.bias)
+
+
+class _WholeDecoder:
+    """Runs `Decoder` op by op on whole activations with strip-wise convolutions of about `positions` pixels."""
+
+    def __init__(self, dec: Decoder, positions: int):
+        self.dec, self.positions = dec, positions
+
+    def _strips(self, h, w):
+        rows = max(1, self.positions // w)
+        return [(s, min(s + rows, h)) for s in range(0, h, rows)]
+
+    def _conv(self, x: "_Chunks", conv, norm=None, up=False, residual: "_Chunks | None" = None,
+              shortcut=None, release=True) -> "tuple[_Chunks, _Chunks | None]":
+        """conv(silu(norm(x))) (+ residual), strip by strip; with `shortcut` (a 1x1 conv) also shortcut(x).
+        Input rows (unless `release` is False) and residual rows are released once no later strip reads them."""
+        h, w = x.h, x.w
+        stats = _group_stats(x, norm) if norm is not None else None
+        taps = _up_taps(conv) if up else _conv_taps(conv)
+        f = 2 if up else 1
+        out, sc = _Chunks([], f * h, f * w), (_Chunks([], h, w) if shortcut is not None else None)
+        strips = self._strips(h, f * w)
+        for i, (o0, o1) in enumerate(strips):
+            a, b = max(o0 - 1, 0), min(o1 + 1, h)
+            xs = x.rows(a, b)
+            y = xs if norm is None else _norm_silu(xs, norm, stats)
+            y = (_upconv_strip if up else _conv3x3_strip)(y, taps, conv.bias, o0 == 0, o1 == h)
+            if residual is not None:
+                y = residual.rows(f * o0, f * o1) + y
+            new = [y]
+            if shortcut is not None:
+                s = x.rows(o0, o1)
+                new.append(s @ shortcut.weight.reshape(shortcut.weight.shape[0], -1).T + shortcut.bias)
+            mx.eval(*new)
+            out.append(f * o0, f * o1, y)
+            if sc is not None:
+                sc.append(o0, o1, new[1])
+            if i + 1 < len(strips):
+                if release:
+                    x.release_below(strips[i + 1][0] - 1)
+                if residual is not None:
+                    residual.release_below(f * strips[i + 1][0])
+        return out, sc
+
+    def _resnet(self, x: "_Chunks", r: ResnetBlock2D) -> "_Chunks":
+        shortcut = r.conv_shortcut if "conv_shortcut" in r else None
+        # identity shortcut: x stays until conv2's strips have added it
+        h, sc = self._conv(x, r.conv1, r.norm1, shortcut=shortcut, release=shortcut is not None)
+        sc = x if sc is None else sc
+        out, _ = self._conv(h, r.conv2, r.norm2, residual=sc)
+        return out
+
+    def __call__(self, z: mx.array) -> mx.array:
+        dec = self.dec
+        x, _ = self._conv(_Chunks([(0, z.shape[1], z)], z.shape[1], z.shape[2]), dec.conv_in)
+        mid = dec.mid_block
+        x = self._resnet(x, mid.resnets[0])
+        for att in mid.attentions:
+            y = att(x.full())
+            mx.eval(y)
+            x = _Chunks([(0, y.shape[1], y)], y.shape[1], y.shape[2])
+        x = self._resnet(x, mid.resnets[1])
+        for blk in dec.up_blocks:
+            for r in blk.resnets:
+                x = self._resnet(x, r)
+            for u in blk.upsamplers:
+                x, _ = self._conv(x, u.conv, up=True)
+        x, _ = self._conv(x, dec.conv_out, dec.conv_norm_out)
+        return x.full()
+
+
+def largest_decoder_activation(cfg: VAEConfig, batch: int, h: int, w: int, itemsize: int) -> int:
+    """Bytes of the decoder's largest activation for (h, w) latents: the input of each up block's first resnet
+    (the previous block's channels, upsampled) or its output."""
+    ch = tuple(reversed(cfg.block_out_channels))
+    return batch * itemsize * max(max(ch[max(i - 1, 0)], c) * (h << i) * (w << i) for i, c in enumerate(ch))
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # LDM (FLUX ae.safetensors) key names -> diffusers'
 
 
@@ -458,25 +628,31 @@ class AutoencoderKL(nn.Module):
     def dtype(self):
         return self.decoder.conv_in.weight.dtype
 
-    def decode(self, latents, tile: int | str | None = "auto", checkpoint_bytes: int | None = 1 << 29) -> mx.array:
+    def decode(self, latents, tile: int | str | None = "auto", checkpoint_bytes: int | None = None) -> mx.array:
         """DiT latents (B, C, h, w) -> images (B, H, W, 3) float32, raw decoder output (about [-1, 1]).
 
         tile: strip height in output pixels for the tiled decode (same result up to float rounding, bounded
-        memory); None/0 = untiled; "auto" = tiled when the image is larger than 256x256, with strips of
-        max(16, 32768 // width) rows (32 rows at width 1024; lower-resolution layers use at least 8 rows).
-        checkpoint_bytes: largest intermediate activation the tiled decode keeps whole (None = no limit); above
-        it the strips are recomputed from the last kept activation instead (bounded memory, more compute).
+        temporaries); None/0 = untiled; "auto" = tiled when the image is larger than 256x256, with strips of
+        max(8, 32768 // width) rows. The tiled decode keeps every activation whole (the largest, at full
+        resolution, is 256 channels: 1 GiB at 1024² in float32) and convolves it in strips of `tile` x width
+        pixels (lower-resolution stages: the same number of pixels per strip, so more rows).
+        checkpoint_bytes: largest activation the tiled decode may keep whole (None = no limit). When a whole
+        activation would be larger, the decode falls back to recomputing strips from the last activation kept
+        (memory grows with the width only, not the area; several times the compute).
         """
         cfg = self.config
         z = mx.array(latents) if not isinstance(latents, mx.array) else latents
         z = z.astype(self.dtype).transpose(0, 2, 3, 1)
         z = z / cfg.scaling_factor + cfg.shift_factor
         f = cfg.scale_factor
+        width = z.shape[2] * f
         if tile == "auto":
-            tile = max(16, 32768 // (z.shape[2] * f)) if z.shape[1] * z.shape[2] * f * f > 256 * 256 else None
+            tile = max(8, 32768 // width) if z.shape[1] * z.shape[2] * f * f > 256 * 256 else None
         dec = self.decoder
         if not tile:
             out = dec(z)
+        elif checkpoint_bytes is None or largest_decoder_activation(cfg, *z.shape[:3], z.itemsize) <= checkpoint_bytes:
+            out = _WholeDecoder(dec, int(tile) * width)(z)
         else:
             x = dec.mid_block(dec.conv_in(z))
             mx.eval(x)
