@@ -11,7 +11,8 @@ from conftest import rel_err, to_numpy
 from make_vae import make_tiny_vae, save_tiny_vae, save_tiny_vae_ldm
 from zimage_mlx.components import load_component
 from zimage_mlx.convert import vae_config_from_shapes
-from zimage_mlx.vae import AutoencoderKL, VAEConfig
+from zimage_mlx import vae as vae_module
+from zimage_mlx.vae import AutoencoderKL, VAEConfig, largest_decoder_activation
 from zimage_mlx.weights import safetensors_keys
 from zimage_mlx.weights import WeightError
 
@@ -89,6 +90,58 @@ def test_tiled_decode_matches_untiled(oracle, paths, checkpoint_bytes):
     assert rel_err(tiled, ref) <= 1e-4
 
 
+@pytest.mark.parametrize("tile", [1, 3])
+def test_whole_activation_tiled_decode_matches_untiled(oracle, paths, monkeypatch, tile):
+    """The default tiled decode (whole activations, strip convolutions); tile=1: several strips at every stage. The
+    latents ramp from +2 (top) to -2 (bottom) so that statistics of a strip instead of the whole image, or a wrong
+    halo row, would be far off."""
+    vae = load_component("vae", paths / "diffusers")
+    lat = _latents((2, 16, 14, 9), seed=6) + torch.linspace(2, -2, 14)[:, None]
+    strips = []
+    real = vae_module._WholeDecoder._strips
+    monkeypatch.setattr(vae_module._WholeDecoder, "_strips", lambda self, *a: strips.append(real(self, *a)) or strips[-1])
+    tiled = np.array(vae.decode(lat.numpy(), tile=tile))
+    assert len(strips) > 10 and len(strips[-1]) > 1  # every convolution; the last at full size
+    assert tile != 1 or all(len(s) > 1 for s in strips)
+    full = np.array(vae.decode(lat.numpy(), tile=None))
+    assert tiled.shape == full.shape == (2, 112, 72, 3)
+    assert np.abs(tiled - full).max() <= 1e-4
+    with torch.no_grad():
+        ref = oracle.decode(lat / SCALE + SHIFT).sample.permute(0, 2, 3, 1).numpy()
+    assert rel_err(tiled, ref) <= 1e-4
+
+
+@pytest.mark.parametrize("up", [False, True])
+def test_strip_convolution_matches_conv2d(up):
+    """A 3x3 conv (after a nearest 2x upsample when `up`) computed in row strips with one halo row each side,
+    concatenated, is the whole-image convolution."""
+    x = mx.random.normal((2, 7, 5, 6), key=mx.random.key(1))
+    conv = vae_module.Upsample2D(4).conv if up else vae_module.nn.Conv2d(6, 4, 3, padding=1)
+    conv.update({"weight": mx.random.normal((4, 3, 3, 6), key=mx.random.key(2)),
+                 "bias": mx.random.normal((4,), key=mx.random.key(3))})
+    ref = conv(vae_module.upsample_nearest(x) if up else x)
+    taps = vae_module._up_taps(conv) if up else vae_module._conv_taps(conv)
+    strip = vae_module._upconv_strip if up else vae_module._conv3x3_strip
+    parts = [strip(x[:, max(a - 1, 0) : min(b + 1, 7)], taps, conv.bias, a == 0, b == 7) for a, b in ((0, 1), (1, 4), (4, 7))]
+    out = mx.concatenate(parts, axis=1)
+    assert out.shape == ref.shape
+    assert np.abs(np.array(out) - np.array(ref)).max() <= 1e-5
+
+
+def test_checkpoint_bytes_below_the_largest_activation_recomputes_strips(paths, monkeypatch):
+    vae = load_component("vae", paths / "diffusers")
+    lat = _latents((1, 16, 6, 5), seed=8).numpy()
+    largest = largest_decoder_activation(vae.config, 1, 6, 5, 4)
+    assert largest == 32 * 48 * 40 * 4  # the last up block's input: the 32 channels before it, at full size
+    used = []
+    for cls in (vae_module._WholeDecoder, vae_module._StripDecoder):
+        real = cls.__call__
+        monkeypatch.setattr(cls, "__call__", lambda self, x, real=real, cls=cls: used.append(cls) or real(self, x))
+    vae.decode(lat, tile=8, checkpoint_bytes=largest)
+    vae.decode(lat, tile=8, checkpoint_bytes=largest - 1)
+    assert used == [vae_module._WholeDecoder, vae_module._StripDecoder]
+
+
 def test_auto_tiling_is_used_for_large_images(paths):
     vae = load_component("vae", paths / "diffusers")
     lat = _latents((1, 16, 40, 36), seed=4).numpy()  # 320 x 288 image > 256^2 -> tiled automatically
@@ -162,23 +215,31 @@ def test_single_file_without_config_is_refused(paths):
         load_component("vae", paths / "ae.safetensors")
 
 
-def test_tiled_decode_memory_grows_with_width_not_area(tmp_path):
-    """Doubling the side quadruples an untiled decode's activations; a strip-tiled decode's grow ~2x (the strip
-    is full-width), so large images (2048², 4096²) stay bounded by the strip, not the area."""
+def test_tiled_decode_memory(tmp_path, monkeypatch):
+    """Doubling the side quadruples an untiled decode's activations. The default tiled decode keeps whole
+    activations but no convolution temporaries of the whole image: a few times the largest activation. With a
+    `checkpoint_bytes` below that, the recomputing strip decoder's memory grows ~2x (the strip is full-width), so
+    large images (2048², 4096²) stay bounded by the strip, not the area."""
     save_tiny_vae(tmp_path, make_tiny_vae(seed=5, block_out_channels=(8, 8, 8, 8), norm_num_groups=4))
     model = load_component("vae", tmp_path)
+    attention = vae_module.Attention.__call__  # at most 1 MB of scores (not 67 MB): the convolutions' memory shows
+    monkeypatch.setattr(vae_module.Attention, "__call__", lambda self, x: attention(self, x, max_score_elems=1 << 18))
 
-    def peak(px, tile):
+    def peak(px, tile, checkpoint_bytes=1 << 20):
         z = mx.random.normal((1, 16, px // 8, px // 8), key=mx.random.key(0))
         mx.eval(z)
         mx.clear_cache()
         base = mx.get_active_memory()
         mx.reset_peak_memory()
-        mx.eval(model.decode(z, tile=tile, checkpoint_bytes=1 << 20))
+        mx.eval(model.decode(z, tile=tile, checkpoint_bytes=checkpoint_bytes))
         return mx.get_peak_memory() - base
 
     tiled_256, tiled_512, untiled_512 = peak(256, 64), peak(512, 64), peak(512, None)
-    print(f"decode activations: tiled 256² {tiled_256 / 1e6:.0f} MB, 512² {tiled_512 / 1e6:.0f} MB; "
-          f"untiled 512² {untiled_512 / 1e6:.0f} MB")
+    whole_512 = peak(512, 16, None)
+    largest = largest_decoder_activation(model.config, 1, 64, 64, 4)
+    print(f"decode activations: strip-recompute 256² {tiled_256 / 1e6:.1f} MB, 512² {tiled_512 / 1e6:.1f} MB; "
+          f"whole-activation tiled 512² {whole_512 / 1e6:.1f} MB (largest activation {largest / 1e6:.1f} MB); "
+          f"untiled 512² {untiled_512 / 1e6:.1f} MB")
     assert tiled_512 < 3 * tiled_256          # area grew 4x
     assert tiled_512 < untiled_512 / 3
+    assert whole_512 < 2.5 * largest and whole_512 < untiled_512 / 3

@@ -503,12 +503,23 @@ def _upconv_strip(x: mx.array, taps: mx.array, bias: mx.array, top: bool, bottom
 
 
 def _group_stats(x: "_Chunks", norm: GroupNorm) -> tuple[mx.array, mx.array]:
-    """Mean and 1/std per (image, group) of the whole stored activation, two-pass like `GroupNorm`."""
+    """Mean and 1/std per (image, group) of the whole stored activation, two-pass like `GroupNorm`; one chunk at a
+    time (evaluated per chunk, so the centered temporaries never exist for the whole image at once)."""
     g = norm.num_groups
-    chunks = [a.reshape(a.shape[0], -1, g, a.shape[-1] // g).astype(mx.float32) for *_, a in x.chunks]
-    count = sum(a.shape[1] * a.shape[3] for a in chunks)
-    mean = sum(mx.sum(a, axis=(1, 3), keepdims=True) for a in chunks) / count
-    var = sum(mx.sum(mx.square(a - mean), axis=(1, 3), keepdims=True) for a in chunks) / count
+
+    def grouped(a):
+        return a.reshape(a.shape[0], -1, g, a.shape[-1] // g).astype(mx.float32)
+
+    def total(f):
+        acc = None
+        for *_, a in x.chunks:
+            acc = f(grouped(a)) if acc is None else acc + f(grouped(a))
+            mx.eval(acc)
+        return acc
+
+    count = x.h * x.w * (x.chunks[0][2].shape[-1] // g)
+    mean = total(lambda a: mx.sum(a, axis=(1, 3), keepdims=True)) / count
+    var = total(lambda a: mx.sum(mx.square(a - mean), axis=(1, 3), keepdims=True)) / count
     stats = mean[:, None], mx.rsqrt(var + norm.eps)[:, None]  # (B, 1, 1, G, 1)
     mx.eval(*stats)
     return stats
@@ -522,13 +533,14 @@ def _norm_silu(x: mx.array, norm: GroupNorm, stats) -> mx.array:
 
 
 class _WholeDecoder:
-    """Runs `Decoder` op by op on whole activations with strip-wise convolutions of about `positions` pixels."""
+    """Runs `Decoder` op by op on whole activations; each convolution in row strips of about `elems` input
+    elements (positions x input channels), so that a strip's temporaries are about the same size at every stage."""
 
-    def __init__(self, dec: Decoder, positions: int):
-        self.dec, self.positions = dec, positions
+    def __init__(self, dec: Decoder, elems: int):
+        self.dec, self.elems = dec, elems
 
-    def _strips(self, h, w):
-        rows = max(1, self.positions // w)
+    def _strips(self, h, w, channels):
+        rows = max(1, self.elems // (w * channels))
         return [(s, min(s + rows, h)) for s in range(0, h, rows)]
 
     def _conv(self, x: "_Chunks", conv, norm=None, up=False, residual: "_Chunks | None" = None,
@@ -540,7 +552,7 @@ class _WholeDecoder:
         taps = _up_taps(conv) if up else _conv_taps(conv)
         f = 2 if up else 1
         out, sc = _Chunks([], f * h, f * w), (_Chunks([], h, w) if shortcut is not None else None)
-        strips = self._strips(h, f * w)
+        strips = self._strips(h, f * w, conv.weight.shape[-1])
         for i, (o0, o1) in enumerate(strips):
             a, b = max(o0 - 1, 0), min(o1 + 1, h)
             xs = x.rows(a, b)
@@ -634,8 +646,9 @@ class AutoencoderKL(nn.Module):
         tile: strip height in output pixels for the tiled decode (same result up to float rounding, bounded
         temporaries); None/0 = untiled; "auto" = tiled when the image is larger than 256x256, with strips of
         max(8, 32768 // width) rows. The tiled decode keeps every activation whole (the largest, at full
-        resolution, is 256 channels: 1 GiB at 1024² in float32) and convolves it in strips of `tile` x width
-        pixels (lower-resolution stages: the same number of pixels per strip, so more rows).
+        resolution, is 256 channels: 1 GiB at 1024² in float32) and convolves it in strips of `tile` rows at the
+        output's channel count (the first of `block_out_channels`); other stages use strips of the same number of
+        elements (positions x input channels), so their temporaries are the same size.
         checkpoint_bytes: largest activation the tiled decode may keep whole (None = no limit). When a whole
         activation would be larger, the decode falls back to recomputing strips from the last activation kept
         (memory grows with the width only, not the area; several times the compute).
@@ -652,7 +665,7 @@ class AutoencoderKL(nn.Module):
         if not tile:
             out = dec(z)
         elif checkpoint_bytes is None or largest_decoder_activation(cfg, *z.shape[:3], z.itemsize) <= checkpoint_bytes:
-            out = _WholeDecoder(dec, int(tile) * width)(z)
+            out = _WholeDecoder(dec, int(tile) * width * cfg.block_out_channels[0])(z)
         else:
             x = dec.mid_block(dec.conv_in(z))
             mx.eval(x)
