@@ -99,7 +99,8 @@ def test_whole_activation_tiled_decode_matches_untiled(oracle, paths, monkeypatc
     lat = _latents((2, 16, 14, 9), seed=6) + torch.linspace(2, -2, 14)[:, None]
     strips = []
     real = vae_module._WholeDecoder._strips
-    monkeypatch.setattr(vae_module._WholeDecoder, "_strips", lambda self, *a: strips.append(real(self, *a)) or strips[-1])
+    monkeypatch.setattr(vae_module._WholeDecoder, "_strips", 
+                        lambda self, *a: strips.append(real(self, *a)) or strips[-1])
     tiled = np.array(vae.decode(lat.numpy(), tile=tile))
     assert len(strips) > 10 and len(strips[-1]) > 1  # every convolution; the last at full size
     assert tile != 1 or all(len(s) > 1 for s in strips)
@@ -122,7 +123,8 @@ def test_strip_convolution_matches_conv2d(up):
     ref = conv(vae_module.upsample_nearest(x) if up else x)
     taps = vae_module._up_taps(conv) if up else vae_module._conv_taps(conv)
     strip = vae_module._upconv_strip if up else vae_module._conv3x3_strip
-    parts = [strip(x[:, max(a - 1, 0) : min(b + 1, 7)], taps, conv.bias, a == 0, b == 7) for a, b in ((0, 1), (1, 4), (4, 7))]
+    parts = [strip(x[:, max(a - 1, 0) : min(b + 1, 7)], taps, conv.bias, a == 0, b == 7)
+             for a, b in ((0, 1), (1, 4), (4, 7))]
     out = mx.concatenate(parts, axis=1)
     assert out.shape == ref.shape
     assert np.abs(np.array(out) - np.array(ref)).max() <= 1e-5
@@ -131,7 +133,7 @@ def test_strip_convolution_matches_conv2d(up):
 def test_checkpoint_bytes_below_the_largest_activation_recomputes_strips(paths, monkeypatch):
     vae = load_component("vae", paths / "diffusers")
     lat = _latents((1, 16, 6, 5), seed=8).numpy()
-    largest = largest_decoder_activation(vae.config, 1, 6, 5, 4)
+    largest = largest_decoder_activation(vae.config.block_out_channels, 1, 6, 5, 4)
     assert largest == 32 * 48 * 40 * 4  # the last up block's input: the 32 channels before it, at full size
     used = []
     for cls in (vae_module._WholeDecoder, vae_module._StripDecoder):
@@ -236,7 +238,7 @@ def test_tiled_decode_memory(tmp_path, monkeypatch):
 
     tiled_256, tiled_512, untiled_512 = peak(256, 64), peak(512, 64), peak(512, None)
     whole_512 = peak(512, 16, None)
-    largest = largest_decoder_activation(model.config, 1, 64, 64, 4)
+    largest = largest_decoder_activation(model.config.block_out_channels, 1, 64, 64, 4)
     print(f"decode activations: strip-recompute 256² {tiled_256 / 1e6:.1f} MB, 512² {tiled_512 / 1e6:.1f} MB; "
           f"whole-activation tiled 512² {whole_512 / 1e6:.1f} MB (largest activation {largest / 1e6:.1f} MB); "
           f"untiled 512² {untiled_512 / 1e6:.1f} MB")

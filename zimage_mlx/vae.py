@@ -602,10 +602,10 @@ class _WholeDecoder:
         return x.full()
 
 
-def largest_decoder_activation(cfg: VAEConfig, batch: int, h: int, w: int, itemsize: int) -> int:
+def largest_decoder_activation(block_out_channels, batch: int, h: int, w: int, itemsize: int) -> int:
     """Bytes of the decoder's largest activation for (h, w) latents: the input of each up block's first resnet
     (the previous block's channels, upsampled) or its output."""
-    ch = tuple(reversed(cfg.block_out_channels))
+    ch = tuple(reversed(block_out_channels))
     return batch * itemsize * max(max(ch[max(i - 1, 0)], c) * (h << i) * (w << i) for i, c in enumerate(ch))
 
 
@@ -662,9 +662,10 @@ class AutoencoderKL(nn.Module):
         if tile == "auto":
             tile = max(8, 32768 // width) if z.shape[1] * z.shape[2] * f * f > 256 * 256 else None
         dec = self.decoder
+        largest = largest_decoder_activation(cfg.block_out_channels, *z.shape[:3], z.itemsize)
         if not tile:
             out = dec(z)
-        elif checkpoint_bytes is None or largest_decoder_activation(cfg, *z.shape[:3], z.itemsize) <= checkpoint_bytes:
+        elif checkpoint_bytes is None or largest <= checkpoint_bytes:
             out = _WholeDecoder(dec, int(tile) * width * cfg.block_out_channels[0])(z)
         else:
             x = dec.mid_block(dec.conv_in(z))
