@@ -4,9 +4,11 @@ Ports diffusers 0.42.1 `autoencoders/autoencoder_kl.py`, `autoencoders/vae.py` (
 `resnet.py` (ResnetBlock2D, Upsample2D, Downsample2D) and the VAE's mid-block attention. Module names follow the
 diffusers checkpoint, so loading is only `sanitize` (LDM renames + the conv transpose [O,I,kh,kw] -> [O,kh,kw,I]).
 
-The tiled decode (`decode(..., tile=rows)`) runs the decoder in horizontal strips with halo rows and gives the
-same result as the untiled one: every GroupNorm uses statistics of the whole image, gathered in a first pass over
-strips and applied in a second (see `_StripDecoder`).
+The tiled decode (`decode(..., tile=rows)`) gives the same result as the untiled one up to float rounding: it runs
+the decoder op by op on whole activations, with each convolution in horizontal strips with halo rows, so every
+GroupNorm takes its statistics from the stored whole input (`_WholeDecoder`). With a `checkpoint_bytes` limit
+below the largest activation it instead recomputes strips from the last activation kept, gathering GroupNorm
+statistics in a first pass over strips and applying them in a second (`_StripDecoder`).
 """
 
 from __future__ import annotations
@@ -235,7 +237,7 @@ class Decoder(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Strip-tiled decode. The decoder after its mid block is a flat list of row-local ops; output rows [o0, o1) of an
+# Strip-recompute decode (`checkpoint_bytes` below the largest activation). The decoder after its mid block is a flat list of row-local ops; output rows [o0, o1) of an
 # op need input rows `need(o0, o1, h)`. Residuals use a stack (Save ... Add). GroupNorm+SiLU ops get whole-image
 # statistics computed beforehand by streaming their input in strips. Activations are materialized ("checkpoints",
 # kept as lists of row chunks and released as soon as no later strip needs them) after each resnet when they fit
