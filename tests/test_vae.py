@@ -1,6 +1,7 @@
 """FLUX VAE: parity with diffusers' AutoencoderKL (both checkpoint layouts), tiled decode, loading errors."""
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
@@ -99,7 +100,7 @@ def test_whole_activation_tiled_decode_matches_untiled(oracle, paths, monkeypatc
     lat = _latents((2, 16, 14, 9), seed=6) + torch.linspace(2, -2, 14)[:, None]
     strips = []
     real = vae_module._WholeDecoder._strips
-    monkeypatch.setattr(vae_module._WholeDecoder, "_strips", 
+    monkeypatch.setattr(vae_module._WholeDecoder, "_strips",
                         lambda self, *a: strips.append(real(self, *a)) or strips[-1])
     tiled = np.array(vae.decode(lat.numpy(), tile=tile))
     assert len(strips) > 10 and len(strips[-1]) > 1  # every convolution; the last at full size
@@ -117,7 +118,7 @@ def test_strip_convolution_matches_conv2d(up):
     """A 3x3 conv (after a nearest 2x upsample when `up`) computed in row strips with one halo row each side,
     concatenated, is the whole-image convolution."""
     x = mx.random.normal((2, 7, 5, 6), key=mx.random.key(1))
-    conv = vae_module.Upsample2D(4).conv if up else vae_module.nn.Conv2d(6, 4, 3, padding=1)
+    conv = vae_module.Upsample2D(4).conv if up else nn.Conv2d(6, 4, 3, padding=1)
     conv.update({"weight": mx.random.normal((4, 3, 3, 6), key=mx.random.key(2)),
                  "bias": mx.random.normal((4,), key=mx.random.key(3))})
     ref = conv(vae_module.upsample_nearest(x) if up else x)
@@ -131,6 +132,8 @@ def test_strip_convolution_matches_conv2d(up):
 
 
 def test_checkpoint_bytes_below_the_largest_activation_recomputes_strips(paths, monkeypatch):
+    """`checkpoint_bytes` is the largest activation the tiled decode may keep whole: below it, the recomputing
+    strip decoder runs (its agreement with the untiled decode: test_tiled_decode_matches_untiled)."""
     vae = load_component("vae", paths / "diffusers")
     lat = _latents((1, 16, 6, 5), seed=8).numpy()
     largest = largest_decoder_activation(vae.config.block_out_channels, 1, 6, 5, 4)
@@ -219,7 +222,7 @@ def test_single_file_without_config_is_refused(paths):
 
 def test_tiled_decode_memory(tmp_path, monkeypatch):
     """Doubling the side quadruples an untiled decode's activations. The default tiled decode keeps whole
-    activations but no convolution temporaries of the whole image: a few times the largest activation. With a
+    activations but no convolution temporaries of the whole image: under 2.5x the largest activation. With a
     `checkpoint_bytes` below that, the recomputing strip decoder's memory grows ~2x (the strip is full-width), so
     large images (2048², 4096²) stay bounded by the strip, not the area."""
     save_tiny_vae(tmp_path, make_tiny_vae(seed=5, block_out_channels=(8, 8, 8, 8), norm_num_groups=4))
