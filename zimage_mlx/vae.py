@@ -647,8 +647,8 @@ class AutoencoderKL(nn.Module):
 
         tile: strip height in output pixels for the tiled decode (same result up to float rounding, bounded
         temporaries); None/0 = untiled; "auto" = tiled when the image is larger than 256x256, with strips of
-        max(8, 32768 // width) rows. The tiled decode keeps every activation whole (the largest, at full
-        resolution, is 256 channels: 1 GiB at 1024² in float32) and convolves it in strips of `tile` rows at the
+        max(8, 32768 // width) rows. The tiled decode keeps every activation whole (FLUX's largest, the last up
+        block's 256-channel input, is 1 GiB at 1024² in float32) and convolves it in strips of `tile` rows at the
         output's channel count (the first of `block_out_channels`); other stages use strips of the same number of
         elements (positions x input channels), so their temporaries are the same size.
         checkpoint_bytes: largest activation the tiled decode may keep whole (None = no limit). When a whole
