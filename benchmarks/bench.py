@@ -36,8 +36,13 @@ benchmarks/results/other_measurements.md → benchmarks/RESULTS.md (measurements
 --report-only rebuilds the markdown from the kept JSON without measuring. On a quiet machine:
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \
-        python benchmarks/bench.py --suite --device cpu --sizes 1024 --repeats 3 --baseline-rev dbdd36f \
-        --mflux-python /tmp/mflux-venv/bin/python --readme
+        python benchmarks/bench.py --suite --device cpu --repeats 3 --baseline-rev dbdd36f \
+        --mflux-python /tmp/mflux-venv/bin/python --sizes 1024 --warmup 0 --te-repeats 1 --vae-repeats 1 --readme
+
+(on this 2-core CPU: the two step runs ~30 minutes with the baseline and mflux rows, the full-size text encoder at
+512 tokens ~1 minute plus writing its 16 GB of float32 weights, the tiled 1024² VAE decode ~7 minutes). Small
+settings to check that it works: --step-runs issue16@256:1 --repeats 1 --config reduced --sizes 256 --results
+/tmp/RESULTS.md --readme /tmp/README-copy.md.
 """
 
 from __future__ import annotations
