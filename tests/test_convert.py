@@ -365,6 +365,24 @@ def test_four_bit_1024_fits_under_4_5_gb_on_a_gpu():
     assert tight.stages["weights_text_encoder"] < float_te["weights_text_encoder"] / 3
 
 
+def test_plan_predicts_what_the_calls_do_with_the_text_encoder(tiny):
+    """keep_text_encoder False (free it after encoding, the pipeline's default) / True / None (keep it when it fits,
+    the server's choice): the plan's stage order, and so its predicted peak, is the one the calls run."""
+    kw = dict(available=int(96e9), source="t", cpu=False)
+    auto = memory.plan_memory(_real_configs(), mx.bfloat16, None, 1024, 1024, keep_text_encoder=None, **kw)
+    freed = memory.plan_memory(_real_configs(), mx.bfloat16, None, 1024, 1024, keep_text_encoder=False, **kw)
+    assert not auto.free_text_encoder_first and freed.free_text_encoder_first
+    assert freed.predicted_peak < auto.predicted_peak
+    kept = memory.plan_memory(_real_configs(), mx.bfloat16, "auto", 1024, 1024, keep_text_encoder=True,
+                              available=int(16e9), source="t", cpu=False)
+    assert not kept.free_text_encoder_first and kept.bits != {"transformer": None, "text_encoder": None}
+    _, root, _, _, _ = tiny
+    default = ZImagePipeline.from_pretrained(root, dtype="float32")
+    assert default.plan.free_text_encoder_first and not default.keep_text_encoder
+    planned = ZImagePipeline.from_pretrained(root, dtype="float32", keep_text_encoder=None)
+    assert not planned.plan.free_text_encoder_first and planned.keep_text_encoder is True
+
+
 def test_pipeline_frees_the_transformer_before_decoding_when_planned(tiny):
     _, root, _, _, _ = tiny
     pipe = ZImagePipeline.from_pretrained(root, dtype="float32")

@@ -609,8 +609,9 @@ def serve(model, host, port, api_key, max_queue, quantize, dtype, lora, url_ttl,
         _note(f"warning: listening on {host} without --api-key: anyone who can reach this port can use it")
 
     def start():
-        pipe = ZImagePipeline.from_pretrained(model, dtype=dtype, quantize=quantize, verbose=True)
-        pipe.keep_text_encoder = not pipe.plan.free_text_encoder_first   # warm between requests when it fits
+        # keep_text_encoder=None: the plan keeps it warm between requests when that fits
+        pipe = ZImagePipeline.from_pretrained(model, dtype=dtype, quantize=quantize, verbose=True,
+                                              keep_text_encoder=None)
         _note(f"Z-Image {pipe.variant.capitalize()}, {pipe.dtype_name}; {pipe.plan.summary()}")
         names = {}
         if lora:

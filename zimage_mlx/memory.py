@@ -257,14 +257,25 @@ def _largest_square(configs: dict, peak, budget: float) -> int:
     return lo * m
 
 
-# Stage orders (free the text encoder before the transformer loads, free the transformer before the VAE decode).
-ORDERS = ((False, False), (True, False), (True, True))
+# Stage orders (free the text encoder before the transformer loads, free the transformer before the VAE decode),
+# by what the caller does with the text encoder (`keep_text_encoder`: True keeps it, False frees it after encoding,
+# None lets the plan keep it when it fits); per entry: the orders tried first, then the last resorts (a transformer
+# reload per image).
+ORDERS = {
+    None: (((False, False), (True, False)), ((True, True),)),
+    False: (((True, False),), ((True, True),)),
+    True: (((False, False),), ((False, True),)),
+}
 
 
 def plan_memory(configs: dict, dtype: mx.Dtype, requested="auto", height: int = 1024, width: int = 1024,
                 group_size: int = 64, available: int | None = None, source: str | None = None,
-                cpu: bool | None = None, shards: dict[str, int] | None = None) -> MemoryPlan:
+                cpu: bool | None = None, shards: dict[str, int] | None = None,
+                keep_text_encoder: bool | None = None) -> MemoryPlan:
     """Choose bits per component (for "auto") and the stage order (ORDERS) that fit the memory.
+
+    keep_text_encoder: what the pipeline will do with the text encoder after encoding (False: free it, True: keep
+    it, None: keep it when that fits), so the plan predicts the stages the calls run.
 
     requested: anything `quantize.parse_quantize` reads ("auto", None, 4, 8, per-model dict). Raises MemoryError with a
     clear message when even 4-bit cannot fit an "auto" plan. cpu: plan for MLX's CPU backend (default: whether it
@@ -284,7 +295,7 @@ def plan_memory(configs: dict, dtype: mx.Dtype, requested="auto", height: int = 
     best = None
     # Quality first: every precision with the models kept through the decode; freeing the transformer before the
     # decode (a reload per image) only when nothing fits otherwise.
-    for orders in (ORDERS[:2], ORDERS[2:]):
+    for orders in ORDERS[keep_text_encoder]:
         for bits, w in zip(candidates, weights):
             for order in orders:
                 st = _stages(configs, dtype, w, height, width, order, 1, cpu, shards)

@@ -252,7 +252,7 @@ class ZImagePipeline:
         quantize=None,
         *,
         revision: str | None = None,
-        keep_text_encoder: bool = False,
+        keep_text_encoder: bool | None = False,
         variant: str | None = None,
         height: int = DEFAULT_SIZE,
         width: int = DEFAULT_SIZE,
@@ -274,6 +274,9 @@ class ZImagePipeline:
         Nothing heavy is read here (every file's header is checked): each model loads on first use.
         compile: mx.compile the transformer's elementwise chains (default: on a GPU yes, on the CPU backend no).
         verbose: report the one-time conversion of a hub model on stderr. `pipe.plan.summary()` describes the plan.
+        keep_text_encoder: False frees the text encoder after each call's encoding (the least memory); True keeps
+        it loaded between calls; None keeps it when the memory plan says it fits (what the server does). The plan
+        predicts the stages for that choice.
         parallel: under `mlx.launch` with N processes (one per Mac), "data" (image k of a batch on process k mod N),
         "cfg" (the two guidance branches on 2 processes) or "tensor" (the transformer and text encoder split across
         the processes: each holds and reads about 1/N of their weights); every process makes the same calls and
@@ -318,7 +321,10 @@ class ZImagePipeline:
         # The text encoder is split too when its heads allow it; otherwise every process holds all of it.
         shards = {n: world for n in QUANTIZABLE
                   if tensor and world in tensor_parallel_sizes(n, configs[n], up_to=world)}
-        plan = plan_memory(configs, mx_dtype, requested=requested, height=height, width=width, shards=shards)
+        plan = plan_memory(configs, mx_dtype, requested=requested, height=height, width=width, shards=shards,
+                           keep_text_encoder=keep_text_encoder)
+        if keep_text_encoder is None:
+            keep_text_encoder = not plan.free_text_encoder_first     # keep it between calls when that fits
         bits, group_size = plan.bits, plan.group_size
         if tensor:
             check_tensor_parallel(configs["transformer"], world, bits["transformer"], group_size)
