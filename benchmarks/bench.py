@@ -468,7 +468,8 @@ def generation_child(args) -> dict:
                          free_transformer=plan.free_transformer_before_decode, cpu=cpu)
     # The target: a 4-bit 1024² generation on a GPU (bfloat16) within an 8 GB machine's budget.
     gpu = {s: plan_memory(pipe.configs, mx.bfloat16, requested=bits, height=s, width=s, group_size=plan.group_size,
-                          available=int(8e9), source="8 GB machine", cpu=False) for s in (size, 1024)}
+                          available=int(8e9), source="8 GB machine", cpu=False,
+                          keep_text_encoder=pipe.keep_text_encoder) for s in (size, 1024)}
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
         "mlx_version": mx.__version__, "mlx_device": str(mx.default_device()), "dtype": args.dtype,

@@ -2,7 +2,7 @@
 # Full-size checks on a CUDA machine with torch (CUDA) and mlx-cuda installed (e.g. one H200):
 #   1. the torch parity tier at the real sizes in bfloat16 (random weights unless ZIMAGE_WEIGHTS is set),
 #   2. the benchmark: MLX vs diffusers, bf16, full configs, 512² and 1024²,
-#   3. one full-size DiT step at 1024² with and without the prepared caption path and mx.compile.
+#   3. one full-size DiT step at 1024² with and without the prepared caption path, mx.compile and fused projections.
 # Budget: about 8 minutes on an H200 (parity ~3 min: 21 GB of random weights drawn on the GPU, saved and
 # loaded back; bench ~4 min). Results go to $OUT (default ./gpu_check_out): parity.json, bench.json, logs.
 #
@@ -40,7 +40,7 @@ rc=${PIPESTATUS[0]}
 [ "$rc" -ne 0 ] && { echo "gpu_check: benchmark failed (exit $rc)"; status=1; }
 echo "bench: $(( $(date +%s) - start )) s"
 
-# 3. one full-size DiT step at 1024²: per-call vs prepared captions vs mx.compile'd kernels (step_bench.py).
+# 3. one full-size DiT step at 1024²: per-call / prepared / compiled / fused / fused-compiled (step_bench.py).
 start=$(date +%s)
 timeout 180 python benchmarks/step_bench.py --device gpu --config full-width --layers 30 --size 1024 --repeats 5 \
     --json "$OUT/step.json" 2>&1 | tee "$OUT/step.log"

@@ -28,7 +28,7 @@ def run(root: str, name: str) -> dict:
     mx.clear_cache()
     mx.reset_peak_memory()
     pipe = ZImagePipeline.from_pretrained(root, dtype="float32", quantize=case["quantize"], parallel=case["parallel"],
-                                          height=64, width=64)
+                                          height=64, width=64, fused_projections=True)
     before = mx.get_active_memory()
     pipe.transformer  # noqa: B018 - load it alone to weigh it
     transformer_bytes = mx.get_active_memory() - before

@@ -15,7 +15,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from conftest import psnr
+from conftest import psnr, rel_err
 from make_pipeline import save_tiny_pipeline
 from make_vae import save_tiny_vae_ldm
 
@@ -381,6 +381,18 @@ def test_plan_predicts_what_the_calls_do_with_the_text_encoder(tiny):
     assert default.plan.free_text_encoder_first and not default.keep_text_encoder
     planned = ZImagePipeline.from_pretrained(root, dtype="float32", keep_text_encoder=None)
     assert not planned.plan.free_text_encoder_first and planned.keep_text_encoder is True
+
+
+def test_fused_projections_option(tiny):
+    """Separate projections by default on the CPU backend (fusing measured slower there), fused on request: the
+    same latents up to float32 rounding."""
+    _, root, _, _, _ = tiny
+    kw = dict(prompt="x", height=H, width=W, seed=0, num_inference_steps=2, output_type="latent")
+    plain = ZImagePipeline.from_pretrained(root, dtype="float32")
+    assert not plain.fused_projections and "to_q" in plain.transformer.layers[0].attention
+    fused = ZImagePipeline.from_pretrained(root, dtype="float32", fused_projections=True)
+    assert "to_qkv" in fused.transformer.layers[0].attention and "w13" in fused.transformer.layers[0].feed_forward
+    assert rel_err(np.array(fused(**kw).images), np.array(plain(**kw).images)) <= 1e-6
 
 
 def test_pipeline_frees_the_transformer_before_decoding_when_planned(tiny):

@@ -288,7 +288,8 @@ def test_convert_controlnet_and_memory_plan(tiny, tmp_path):
     from zimage_mlx.memory import component_weight_bytes
     from zimage_mlx.weights import WeightError
 
-    pipe = ZImagePipeline.from_pretrained(tiny["root"], dtype="float32", quantize=None, keep_text_encoder=True)
+    pipe = ZImagePipeline.from_pretrained(tiny["root"], dtype="float32", quantize=None, keep_text_encoder=True,
+                                          fused_projections=True)
     kw = dict(prompt=PROMPT, num_inference_steps=2, guidance_scale=0.0, seed=5, output_type="latent",
               control_image=_image(32, 32, seed=30))
     pipe.load_controlnet(tiny["tmp"] / "controlnet-2.1")

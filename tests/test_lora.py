@@ -34,7 +34,8 @@ def tiny(tmp_path_factory, qwen_tokenizer_dir):
     tmp = tmp_path_factory.mktemp("lora")
     root, models = save_tiny_pipeline(tmp / "Z-Image-Turbo-tiny", qwen_tokenizer_dir)
     t2i, _ = diffusers_pipelines(models, qwen_tokenizer_dir)
-    pipe = ZImagePipeline.from_pretrained(root, dtype="float32", keep_text_encoder=True)
+    # fused q/k/v and w1/w3 (the GPU default): every format's targets as row slices of the fused layers
+    pipe = ZImagePipeline.from_pretrained(root, dtype="float32", keep_text_encoder=True, fused_projections=True)
     lat = torch.randn((1, 16, 2 * (H // 16), 2 * (W // 16)), generator=torch.Generator().manual_seed(0))
     embeds = pipe.encode_prompt([PROMPT])
     ref_embeds, _ = t2i.encode_prompt([PROMPT], do_classifier_free_guidance=False)
@@ -388,7 +389,7 @@ def _layer_deltas(layers: dict, lora: dict) -> dict:
 def _quantized_pipe(t, bits):
     from zimage_mlx.quantize import should_quantize
 
-    pipe = ZImagePipeline.from_pretrained(t.root, dtype="float32")
+    pipe = ZImagePipeline.from_pretrained(t.root, dtype="float32", fused_projections=True)
     nn.quantize(pipe.transformer, group_size=32, bits=bits, class_predicate=lambda p, m: should_quantize(p, m, 32))
     return pipe
 

@@ -290,7 +290,8 @@ def _generate(o: dict) -> None:
     height = o["height"] or (image_size[1] if image_size else DEFAULT_SIZE)
     t0 = time.perf_counter()
     pipe = ZImagePipeline.from_pretrained(o["model"], dtype=o["dtype"], quantize=o["quantize"], height=height,
-                                          width=width, compile=o["compile"], verbose=main, parallel=o["parallel"],
+                                          width=width, compile=o["compile"],
+                                          fused_projections=o["fused_projections"], verbose=main, parallel=o["parallel"],
                                           controlnet=o["controlnet"], controlnet_semantics=o["controlnet_semantics"])
     # Everything the pipeline would refuse is checked now, before a weight is read.
     try:
@@ -394,6 +395,8 @@ def _generate(o: dict) -> None:
               help="Compute dtype; auto = bfloat16 on a GPU, float32 on the CPU.")
 @click.option("--compile/--no-compile", default=None,
               help="mx.compile the transformer's elementwise chains  [default: on a GPU yes, on the CPU no]")
+@click.option("--fused-projections/--separate-projections", default=None,
+              help="Run q/k/v and w1/w3 as one matmul each (exact)  [default: on a GPU yes, on the CPU no]")
 @click.option("--image", "-i", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Input image: image-to-image instead of text-to-image.")
 @click.option("--strength", type=click.FloatRange(0.0, 1.0, min_open=True), default=None, callback=_finite,

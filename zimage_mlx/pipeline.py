@@ -203,6 +203,7 @@ class ZImagePipeline:
         quantization: str = "none",
         plan: MemoryPlan | None = None,
         compile: bool | None = None,
+        fused_projections: bool | None = None,
         parallel: str | None = None,
         group=None,
         controlnet=None,
@@ -224,6 +225,13 @@ class ZImagePipeline:
         self.group = group if group is not None and group.size() > 1 else None   # None: one process
         # mx.compile the DiT's elementwise chains: on a GPU by default; on MLX's CPU backend it measured slower
         self.compile = (mx.default_device() == mx.gpu) if compile is None else bool(compile)
+        # q/k/v and w1/w3 as one matmul each (transformer.fuse_projections): on a GPU by default (fewer, larger
+        # matmuls, fewer launches); on MLX's CPU backend it measured no faster (benchmarks/fuse_ab.py: 0.99-1.00x),
+        # so the CPU keeps the separate layers (and LoRA branches add to whole outputs, not row slices)
+        self.fused_projections = (mx.default_device() == mx.gpu) if fused_projections is None \
+            else bool(fused_projections)
+        if transformer is not None and self.fused_projections:
+            fuse_projections(transformer)
         if transformer is not None and hasattr(transformer, "set_compile"):
             transformer.set_compile(self.compile, cpu_streams=self.group is None)
         self.timings: dict[str, float] = {}
@@ -257,6 +265,7 @@ class ZImagePipeline:
         height: int = DEFAULT_SIZE,
         width: int = DEFAULT_SIZE,
         compile: bool | None = None,
+        fused_projections: bool | None = None,
         verbose: bool = False,
         parallel: str | None = None,
         controlnet: str | Path | None = None,
@@ -273,6 +282,8 @@ class ZImagePipeline:
         A hub model is converted once to the MLX layout and cached (hub.py), so later starts skip the conversion.
         Nothing heavy is read here (every file's header is checked): each model loads on first use.
         compile: mx.compile the transformer's elementwise chains (default: on a GPU yes, on the CPU backend no).
+        fused_projections: run the transformer's (and ControlNet's) q/k/v and w1/w3 as one matmul each, fused after
+        loading (exact; LoRAs still address each projection). Default: on a GPU yes, on the CPU backend no.
         verbose: report the one-time conversion of a hub model on stderr. `pipe.plan.summary()` describes the plan.
         keep_text_encoder: False frees the text encoder after each call's encoding (the least memory); True keeps
         it loaded between calls; None keeps it when the memory plan says it fits (what the server does). The plan
@@ -355,7 +366,7 @@ class ZImagePipeline:
         pipe = cls(tokenizer=ZImageTokenizer.from_dir(root / "tokenizer"), scheduler_config=scheduler,
                    loaders=loaders, configs=configs, variant=variant, keep_text_encoder=keep_text_encoder,
                    source=str(src), dtype=mx_dtype, quantization=describe_bits(bits), plan=plan, compile=compile,
-                   parallel=parallel, group=group, controlnet_semantics=controlnet_semantics)
+                   fused_projections=fused_projections, parallel=parallel, group=group, controlnet_semantics=controlnet_semantics)
         if controlnet is not None:
             pipe.load_controlnet(controlnet)
         return pipe
@@ -400,7 +411,7 @@ class ZImagePipeline:
                 raise RuntimeError(f"this pipeline has no {name}")
             t0 = time.perf_counter()
             model = self._loaders[name]()
-            if name in ("transformer", "controlnet"):
+            if name in ("transformer", "controlnet") and self.fused_projections:
                 fuse_projections(model)    # q/k/v and w1/w3 as one matmul each (LoRAs address the row slices)
             if hasattr(model, "set_compile"):
                 model.set_compile(self.compile, cpu_streams=self.group is None)
