@@ -499,19 +499,22 @@ def process_rss_gb(measured: dict) -> float:
                                                        if s in measured])
 
 
+def generation_rows(r: dict) -> list[tuple]:
+    """(stage, predicted GB, measured MLX peak GB, max RSS GB, wall s) per stage the call ran, then the whole call
+    (predicted: the plan for the order the call ran; the whole call's RSS is the process's)."""
+    m, p = r["measured"], r["predicted"]["as_run"]
+    rows = [(s, p[s], m[s]["peak_gb"], m[s]["max_rss_gb"], m[s]["wall_s"]) for s in STAGES if s in m]
+    whole, peak = max(p[s] for s in STAGES), max(row[2] for row in rows)
+    return rows + [("whole", whole, peak, process_rss_gb(m), m["call"]["wall_s"])]
+
+
 def generation_table(r: dict) -> str:
     """Predicted (the plan, for the order the call ran) vs measured MLX peak per stage."""
-    m, p = r["measured"], r["predicted"]["as_run"]
     lines = [f"{'stage':<9} {'predicted GB':>12} {'MLX peak GB':>11} {'meas/pred':>9} {'max RSS GB':>10} "
              f"{'wall s':>8}"]
     lines.append("-" * len(lines[0]))
-    for s in STAGES:
-        if s in m:
-            lines.append(f"{s:<9} {p[s]:>12.2f} {m[s]['peak_gb']:>11.2f} {m[s]['peak_gb'] / p[s]:>9.2f} "
-                         f"{m[s]['max_rss_gb'] or 0:>10.2f} {m[s]['wall_s']:>8.1f}")
-    whole, peak = max(p[s] for s in STAGES), max(m[s]["peak_gb"] for s in STAGES if s in m)
-    lines.append(f"{'whole':<9} {whole:>12.2f} {peak:>11.2f} {peak / whole:>9.2f} {process_rss_gb(m):>10.2f} "
-                 f"{m['call']['wall_s']:>8.1f}")
+    for stage, pred, peak, rss, wall in generation_rows(r):
+        lines.append(f"{stage:<9} {pred:>12.2f} {peak:>11.2f} {peak / pred:>9.2f} {rss or 0:>10.2f} {wall:>8.1f}")
     for key in ("plan", *[k for k in r["predicted"] if k.startswith("gpu_")]):
         lines.append(f"{key}: {r['predicted'][key]['summary']}")
     return "\n".join(lines)
@@ -652,8 +655,7 @@ def results_markdown(suite: dict, generation: dict | None, other_rows: str | Non
                            f"{r['peak_above_weights_gb']:.2f} | {stage['weights_gb']:.2f} | {stage['load_s']:.2f} |")
         out.append("")
     if generation:
-        g, p = generation, generation["predicted"]["as_run"]
-        m = g["measured"]
+        g = generation
         out += [f"**Full-size generation** ({g['quantization']}, {g['dtype']}, {g['size']}², {g['steps']} step; "
                 f"`benchmarks/bench.py --generation`, run {g['date']} on {g['machine']}, MLX {g['mlx_version']}): "
                 "the real pipeline on a random-weight model in the MLX layout; each stage's MLX peak from its own "
@@ -661,13 +663,11 @@ def results_markdown(suite: dict, generation: dict | None, other_rows: str | Non
                 "predicted = the memory plan for the same configuration and stage order:", "",
                 "| stage | predicted GB | measured MLX peak GB | measured ÷ predicted | max RSS GB | wall s |",
                 "|---|---|---|---|---|---|"]
-        for s in STAGES:
-            if s in m:
-                out.append(f"| {s} | {p[s]:.2f} | {m[s]['peak_gb']:.2f} | {m[s]['peak_gb'] / p[s]:.2f} | "
-                           f"{_f(m[s]['max_rss_gb'])} | {m[s]['wall_s']:.1f} |")
-        whole, peak = max(p[s] for s in STAGES), max(m[s]["peak_gb"] for s in STAGES if s in m)
-        out.append(f"| whole call | {whole:.2f} | {peak:.2f} | {peak / whole:.2f} | "
-                   f"{process_rss_gb(m):.2f} (process) | {m['call']['wall_s']:.1f} |")
+        rows = generation_rows(g)
+        for stage, pred, peak, rss, wall in rows[:-1]:
+            out.append(f"| {stage} | {pred:.2f} | {peak:.2f} | {peak / pred:.2f} | {_f(rss)} | {wall:.1f} |")
+        _, whole, peak, rss, wall = rows[-1]
+        out.append(f"| whole call | {whole:.2f} | {peak:.2f} | {peak / whole:.2f} | {rss:.2f} (process) | {wall:.1f} |")
         plan = g["predicted"]["plan"]
         chosen = max(plan[s] for s in STAGES)
         if abs(chosen - whole) > 0.005:
