@@ -206,6 +206,87 @@ def test_a_killed_process_stops_the_others(tiny, tmp_path):
     assert not (tmp_path / "fox.png").exists()
 
 
+# A collective that waits forever: after MLX's ring gives up on a dead peer's connection (it fails the transfers then
+# queued and stops that connection's worker), the next transfer on it is never served. Rank 1 leaves at once; rank 0's
+# first all_sums raise, a later one waits forever -- without the watch this script hangs.
+WAITS_FOREVER = """
+import os, sys
+import mlx.core as mx
+from zimage_mlx.distributed import watch_for_lost_peers
+group = mx.distributed.init(strict=True, backend="ring")
+if group.rank() == 1:
+    os._exit(0)
+watch_for_lost_peers(lambda: (print("lost", flush=True), os._exit(3)), grace_s=1.0)
+print("python's stderr still works", file=sys.stderr)
+for i in range(8):
+    try:
+        mx.eval(mx.distributed.all_sum(mx.ones((4,)), group=group))
+    except RuntimeError as e:
+        print("raised:", e, flush=True)
+print("never waited", flush=True)
+"""
+
+
+def test_a_collective_waiting_on_a_dead_peer_ends(tmp_path):
+    """The case behind `test_a_killed_process_stops_the_others`' rare hang, made certain: the watch calls back shortly
+    after MLX reports that it gave up on the peer, and everything written to the standard error still arrives."""
+    script = tmp_path / "waits.py"
+    script.write_text(WAITS_FOREVER)
+    port = _free_port()
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(f'[["127.0.0.1:{port}"], ["127.0.0.1:{port + 1}"]]')
+    procs = [subprocess.Popen([sys.executable, str(script)], cwd=REPO,
+                              env=_env() | {"MLX_RANK": str(r), "MLX_HOSTFILE": str(hostfile)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+             for r in (1, 0)]
+    rc, out, err = _finish(procs[1], timeout=60)
+    procs[0].communicate()
+    assert rc == 3, (out, err[-2000:])
+    assert out.splitlines()[0] == "raised: [ring] connection to a peer was lost" and out.splitlines()[-1] == "lost"
+    assert "python's stderr still works" in err
+    assert "[ring] Too many send/recv errors" in err        # MLX's own lines are copied through
+
+
+WATCH_ONLY = """
+import os, sys, time
+from zimage_mlx.distributed import watch_for_lost_peers
+watch_for_lost_peers(lambda: (print("lost", flush=True), os._exit(3)), grace_s=0.3)
+print("tty" if sys.stderr.isatty() else "not a tty", flush=True)
+os.write(2, sys.argv[1].encode() + b"\\n")
+time.sleep(1.5)
+print("done", flush=True)
+"""
+
+
+@pytest.mark.parametrize("line, lost", [("[ring] Sending to socket 4 failed with errno 4", False),
+                                        ("[ring] Too many send/recv errors. Failing pending tasks...", True)])
+def test_the_watch_calls_back_only_when_mlx_gives_up(tmp_path, line, lost):
+    """One failed transfer is retried by MLX (no call back); its giving up on the connection is. The standard error
+    of a terminal stays a terminal for Python (the progress line), and MLX's lines reach it."""
+    import pty
+
+    script = tmp_path / "watch.py"
+    script.write_text(WATCH_ONLY)
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, str(script), line], cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                            stderr=follower, text=True)
+    os.close(follower)
+    out, _ = proc.communicate(timeout=60)
+    terminal = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        terminal += chunk
+    os.close(leader)
+    assert out.splitlines() == (["tty", "lost"] if lost else ["tty", "done"])
+    assert proc.returncode == (3 if lost else 0)
+    assert line.encode() in terminal
+
+
 def test_memory_plan_counts_one_process_share():
     """A 1024² bf16 generation on 16 GB Macs (12.7 GB working set): one Mac must quantize, two tensor-parallel Macs
     run bf16, each holding about half the split weights."""

@@ -25,7 +25,7 @@ from . import __version__
 from .control_maps import CONTROL_TYPES
 from .controlnet import SEMANTICS
 from .convert import check_output, convert, convert_controlnet
-from .distributed import PARALLEL_MODES, init_group, shared_random_seed
+from .distributed import PARALLEL_MODES, init_group, shared_random_seed, watch_for_lost_peers
 from .hub import DEFAULT_REPO
 from .pipeline import DEFAULT_INPAINT_STRENGTH, DEFAULT_SIZE, DEFAULT_STRENGTH, MAX_SEED, ZImagePipeline, expand_seeds
 from .pngfile import describe_loras, png_params, read_png_params, save_png
@@ -238,9 +238,17 @@ def _note(msg: str) -> None:
     click.echo(msg, err=True)
 
 
+PEER_LOST = "[ring] connection to a peer was lost"
+PEER_LOST_HINT = " (another process of the launch failed or was stopped)"
+
+
 def run_guarded(fn, verbose: bool, who: str = "") -> None:
     """Run fn; a runtime failure prints one line and exits 1 (the traceback first with --verbose).
     who: "process R of N: " under mlx.launch, so each process's line says which one failed."""
+    hint = "" if verbose else " (--verbose for the traceback)"
+    if who:
+        # a collective that waits forever on a dead peer (distributed.watch_for_lost_peers) ends the same way
+        watch_for_lost_peers(lambda: _exit_launched(f"error: {who}{PEER_LOST}{PEER_LOST_HINT}"))
     try:
         fn()
     except (click.ClickException, click.exceptions.Exit, click.Abort):
@@ -253,16 +261,21 @@ def run_guarded(fn, verbose: bool, who: str = "") -> None:
             traceback.print_exc()
         msg = " ".join(str(e).split()) or type(e).__name__
         if who and "connection to a peer was lost" in msg:
-            msg += " (another process of the launch failed or was stopped)"
-        hint = "" if verbose else " (--verbose for the traceback)"
-        click.echo(f"error: {who}{msg}{hint}", err=True)
+            msg += PEER_LOST_HINT
         if who:
-            # Under mlx.launch a dead peer can leave MLX's communication threads blocked, and the interpreter's
-            # normal shutdown would wait for them: leave at once (nothing is half-written: images are atomic).
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(1)
+            _exit_launched(f"error: {who}{msg}{hint}")
+        click.echo(f"error: {msg}{hint}", err=True)
         sys.exit(1)
+
+
+def _exit_launched(line: str) -> None:
+    """Under mlx.launch a dead peer can leave MLX's communication threads blocked, and the interpreter's normal
+    shutdown would wait for them: print the error line and leave at once (nothing is half-written: images are
+    atomic)."""
+    click.echo(line, err=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 # ---------------------------------------------------------------------------------------------- generate

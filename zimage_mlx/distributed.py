@@ -14,6 +14,10 @@ launch `mx.distributed.init(strict=False)` gives a group of one and every helper
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import mlx.core as mx
@@ -100,6 +104,47 @@ def gather_batches(local: mx.array, group: mx.distributed.Group) -> mx.array:
     # rank r's j-th image is row r*m + j of `everything` and image j*N + r of the batch
     order = [r * m + j for j in range(m) for r in range(n) if j < counts[r]]
     return everything[mx.array(order)]
+
+
+# --------------------------------------------------------------------------- a lost peer
+# MLX's ring backend gives up on a connection after ten failed transfers: it prints this line, fails the transfers
+# then queued and stops that connection's worker thread (mlx/distributed/ring/ring.cpp, `SocketThread::worker`). A
+# transfer queued on that connection afterwards is never served, so a collective can wait forever instead of raising
+# "connection to a peer was lost" -- a race seen when a peer is killed mid-step.
+RING_GAVE_UP = b"[ring] Too many send/recv errors"
+
+
+def watch_for_lost_peers(on_lost: Callable[[], None], grace_s: float = 5.0) -> None:
+    """Call on_lost (from another thread) grace_s seconds after MLX's ring backend gives up on a peer, unless the
+    process has ended by then: the normal path is the collective raising, which the entry point turns into its error
+    line; this catches the collective that waits forever instead.
+
+    For a process's entry point only: MLX reports on the C++ standard error, so file descriptor 2 becomes a pipe that
+    a daemon thread copies to the real standard error while it looks for RING_GAVE_UP. Python's sys.stderr writes to
+    the real one directly (a terminal stays a terminal for the progress line)."""
+    sys.stderr.flush()
+    real = os.dup(2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    sys.stderr = os.fdopen(real, "w", buffering=1, encoding=sys.stderr.encoding, errors=sys.stderr.errors)
+    threading.Thread(target=_copy_and_watch, args=(read_end, real, on_lost, grace_s), daemon=True,
+                     name="zimage-mlx-peer-watch").start()
+
+
+def _copy_and_watch(read_end: int, real: int, on_lost: Callable[[], None], grace_s: float) -> None:
+    seen = b""
+    armed = False
+    while chunk := os.read(read_end, 65536):
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(real, view):]
+        seen = seen[-len(RING_GAVE_UP):] + chunk
+        if not armed and RING_GAVE_UP in seen:
+            armed = True
+            timer = threading.Timer(grace_s, on_lost)
+            timer.daemon = True
+            timer.start()
 
 
 # --------------------------------------------------------------------------- which sizes work
