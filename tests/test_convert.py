@@ -477,6 +477,43 @@ def test_offline_without_cache_is_one_clear_line(tmp_path):
     assert len(lines) == 1 and "not in the local Hugging Face cache" in lines[0], proc.stderr
 
 
+@pytest.mark.parametrize("error, says", [
+    ("LocalEntryNotFoundError", "not in the local Hugging Face cache with downloading off"),
+    ("GatedRepoError", "gated repository; accept its licence"),
+    ("RepositoryNotFoundError", "no such repository on the hub"),
+    ("RevisionNotFoundError", "revision 'v9' not found on the hub"),
+    ("RemoteEntryNotFoundError", "the hub repository has no file sub/lora.safetensors"),
+    ("ConnectionError", "download failed (no route); check the network or pass a local"),
+])
+def test_hub_failures_are_one_line_each(monkeypatch, error, says):
+    """Each failure of huggingface_hub's downloads (models and single files, e.g. LoRAs) becomes a WeightError
+    naming what was asked for and the way out -- the subclasses (a gated repo is also "not found", a missing cache
+    entry is also an OSError) caught before their bases."""
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    from zimage_mlx.hub import resolve_file, resolve_source
+
+    exc = ConnectionError("no route") if error == "ConnectionError" else getattr(errors, error).__new__(
+        getattr(errors, error))      # (their constructors want an HTTP response; the mapping looks at the class)
+
+    def fail(*args, **kwargs):
+        raise exc
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fail)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fail)
+    for call, spec in ((lambda: resolve_source("someone/model", revision="v9"), "someone/model"),
+                       (lambda: resolve_file("someone/lora/sub/lora.safetensors"), "someone/lora/sub/lora.safetensors")):
+        if error == "RevisionNotFoundError" and "lora" in spec:
+            continue                                   # single files take no revision
+        if error == "RemoteEntryNotFoundError" and "lora" not in spec:
+            continue                                   # a snapshot asks for patterns, not one file
+        with pytest.raises(WeightError) as info:
+            call()
+        assert str(info.value).startswith(f"{spec}: ") and says in str(info.value), str(info.value)
+        assert info.value.__cause__ is None and "\n" not in str(info.value)
+
+
 def test_maintainer_variants_script(tiny, tmp_path):
     _, root, _, _, _ = tiny
     script = Path(__file__).resolve().parents[1] / "convert" / "make_variants.py"

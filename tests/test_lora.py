@@ -581,7 +581,7 @@ def test_bad_lora_is_one_clear_error_and_changes_nothing(tiny, case, monkeypatch
     elif case == "hub-offline":
         monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
         monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(t.tmp / "empty-hub-cache"))
-        src, match = "someone/some-lora/lora.safetensors", "not in the Hugging Face cache"
+        src, match = "someone/some-lora/lora.safetensors", "not in the local Hugging Face cache"
     else:
         tensors, match = _bad_cases(t)[case]
         src = str(save(t.tmp / f"bad-{case}.safetensors", tensors))

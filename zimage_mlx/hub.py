@@ -49,26 +49,11 @@ def resolve_source(src: str | Path, revision: str | None = None, offline: bool |
     if not looks_like_repo_id(str(src)):
         raise WeightError(f"{src}: no such directory, and not a hub id like {DEFAULT_REPO}")
     from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
 
     local_only = constants.HF_HUB_OFFLINE if offline is None else offline
-    try:
-        return Path(snapshot_download(str(src), revision=revision, allow_patterns=HUB_ALLOW_PATTERNS,
-                                      local_files_only=local_only))
-    except LocalEntryNotFoundError:
-        raise WeightError(
-            f"{src} is not in the local Hugging Face cache and downloading is off (offline or no network): "
-            f"run once online, or `hf download {src}`, or pass a local directory"
-        ) from None
-    except GatedRepoError:
-        raise WeightError(f"{src}: gated repository; accept its licence on the hub and log in (`hf auth login`)") from None
-    except RepositoryNotFoundError:
-        raise WeightError(f"{src}: no such repository on the hub (or it is private)") from None
-    except RevisionNotFoundError:
-        raise WeightError(f"{src}: revision {revision!r} not found") from None
-    except OSError as e:
-        raise WeightError(f"{src}: download failed ({e}); check the network or pass a local directory") from None
+    return _download(lambda: snapshot_download(str(src), revision=revision, allow_patterns=HUB_ALLOW_PATTERNS,
+                                               local_files_only=local_only),
+                     str(src), "pass a local directory", revision=revision)
 
 
 def resolve_file(spec: str | Path, offline: bool | None = None) -> Path:
@@ -78,21 +63,34 @@ def resolve_file(spec: str | Path, offline: bool | None = None) -> Path:
     if path.exists() or len(str(spec).split("/")) < 3 or str(spec).startswith((".", "/", "~")):
         return path
     from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     owner, repo, filename = str(spec).split("/", 2)
     local_only = constants.HF_HUB_OFFLINE if offline is None else offline
+    return _download(lambda: hf_hub_download(f"{owner}/{repo}", filename, local_files_only=local_only),
+                     str(spec), "pass a local path", filename=filename)
+
+
+def _download(fetch, spec: str, fix: str, revision: str | None = None, filename: str | None = None) -> Path:
+    """Run a huggingface_hub download; each of its failures becomes one WeightError line naming `spec` and `fix`."""
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
     try:
-        return Path(hf_hub_download(f"{owner}/{repo}", filename, local_files_only=local_only))
-    except LocalEntryNotFoundError:
-        raise WeightError(f"{spec}: not a local file, and not in the Hugging Face cache with downloading off "
-                          "(offline or no network): download it once online, or pass a local path") from None
-    except EntryNotFoundError:
-        raise WeightError(f"{spec}: the hub repository {owner}/{repo} has no file {filename}") from None
+        return Path(fetch())
+    except LocalEntryNotFoundError:      # before OSError and EntryNotFoundError, which it also is
+        why = ("not a local path, and not in the local Hugging Face cache with downloading off (offline or no "
+               f"network): download it once online (`hf download`), or {fix}")
+    except GatedRepoError:               # before RepositoryNotFoundError, which it also is
+        why = "gated repository; accept its licence on the hub and log in (`hf auth login`)"
     except RepositoryNotFoundError:
-        raise WeightError(f"{spec}: not a local file, and {owner}/{repo} is not a hub repository") from None
+        why = f"no such repository on the hub (or it is private); or {fix}"
+    except RevisionNotFoundError:
+        why = f"revision {revision!r} not found on the hub"
+    except EntryNotFoundError:
+        why = f"the hub repository has no file {filename}"
     except OSError as e:
-        raise WeightError(f"{spec}: download failed ({e}); check the network or pass a local path") from None
+        why = f"download failed ({e}); check the network or {fix}"
+    raise WeightError(f"{spec}: {why}")
 
 
 def download_tokenizer(repo: str = DEFAULT_REPO) -> Path:

@@ -712,37 +712,13 @@ class ZImagePipeline:
                               timings=dict(out.timings if out else self.timings),
                               peak_memory_gb=mx.get_peak_memory() / 1e9)
 
-    def _generate(
-        self,
-        prompt=None,
-        height=None,
-        width=None,
-        num_inference_steps=None,
-        guidance_scale=None,
-        negative_prompt=None,
-        cfg_normalization=False,
-        cfg_truncation=1.0,
-        num_images_per_prompt=1,
-        seed=None,
-        latents=None,
-        prompt_embeds=None,
-        negative_prompt_embeds=None,
-        image=None,
-        strength=None,
-        output_type="pil",
-        callback=None,
-        max_sequence_length=512,
-        noise=None,
-        image_noise=None,
-        mask_image=None,
-        mask_blur=0.0,
-        paste_back=False,
-        control_image=None,
-        control_type=None,
-        controlnet_conditioning_scale=0.75,
-        image_seed=None,
-    ) -> PipelineOutput:
-        """`__call__` on this process; image_seed: the seed of img2img's VAE-sample key (default: the first image's)."""
+    def _generate(self, *, prompt, height, width, num_inference_steps, guidance_scale, negative_prompt,
+                  cfg_normalization, cfg_truncation, num_images_per_prompt, seed, latents, prompt_embeds,
+                  negative_prompt_embeds, image, strength, output_type, callback, max_sequence_length, noise,
+                  image_noise, mask_image, mask_blur, paste_back, control_image, control_type,
+                  controlnet_conditioning_scale, image_seed=None) -> PipelineOutput:
+        """`__call__` on this process, every argument of `__call__` given (its defaults live there only);
+        image_seed: the seed of img2img's VAE-sample key (default: the first image's)."""
         t_start = time.perf_counter()
         self.timings = {k: v for k, v in self.timings.items() if k.startswith("load_")}
         mx.reset_peak_memory()
