@@ -490,19 +490,24 @@ def generate(**o):
     group = init_group() if o["parallel"] else None
     o["rank"] = group.rank() if group is not None else 0
     who = f"process {group.rank()} of {group.size()}: " if group is not None and group.size() > 1 else ""
-    try:
-        seeds = list(o["seed"]) if len(o["seed"]) > 1 else o["seed"][0] if o["seed"] else None
-        if seeds is None and who:
-            seeds = shared_random_seed(group)        # every process must use the same seeds
-        o["seeds"] = expand_seeds(seeds, max(o["num_images"], len(o["seed"])))
-    except ValueError as e:
-        raise click.UsageError(f"--seed: {e} (with --num-images {o['num_images']})") from None
-    o["paths"] = output_paths(o["output"], o["seeds"])
-    if o["overwrite"] and len(set(o["paths"])) < len(o["paths"]):
-        raise click.UsageError(f"{o['output']!r} gives the same file name to several images")
-    if o["rank"] == 0:
-        check_writable(o["paths"] + ([Path(o["preview"])] if o["preview"] else []))
-    run_guarded(lambda: _generate(o), o["verbose"], who)
+
+    def seeds_then_generate():
+        # inside run_guarded: under mlx.launch the seed exchange is already a collective (a lost peer: one line)
+        try:
+            seeds = list(o["seed"]) if len(o["seed"]) > 1 else o["seed"][0] if o["seed"] else None
+            if seeds is None and who:
+                seeds = shared_random_seed(group)        # every process must use the same seeds
+            o["seeds"] = expand_seeds(seeds, max(o["num_images"], len(o["seed"])))
+        except ValueError as e:
+            raise click.UsageError(f"--seed: {e} (with --num-images {o['num_images']})") from None
+        o["paths"] = output_paths(o["output"], o["seeds"])
+        if o["overwrite"] and len(set(o["paths"])) < len(o["paths"]):
+            raise click.UsageError(f"{o['output']!r} gives the same file name to several images")
+        if o["rank"] == 0:
+            check_writable(o["paths"] + ([Path(o["preview"])] if o["preview"] else []))
+        _generate(o)
+
+    run_guarded(seeds_then_generate, o["verbose"], who)
 
 
 # ---------------------------------------------------------------------------------------------- info
