@@ -436,6 +436,12 @@ def metered(pipe, meter: StageMeter):
         encode_prompt, free_text_encoder, _component, decode_latents
 
 
+def unmetered(pipe) -> None:
+    """Undo `metered`: the pipeline's own methods again."""
+    for name in ("encode_prompt", "free_text_encoder", "_component", "decode_latents"):
+        pipe.__dict__.pop(name, None)
+
+
 def plan_record(plan_or_stages, **extra) -> dict:
     stages = getattr(plan_or_stages, "stages", plan_or_stages)
     return {**extra, **{k: stages[k] / GB for k in STAGES},
@@ -459,6 +465,15 @@ def generation_child(args) -> dict:
     out = pipe(args.prompt, height=size, width=size, num_inference_steps=args.steps, seed=0)
     wall = time.perf_counter() - t0
     meter.stop()
+    unmetered(pipe)
+    # later calls (--calls): models loaded and compiled, a new prompt each (encoded, not from the prompt cache)
+    again = []
+    for i in range(1, args.calls):
+        t0 = time.perf_counter()
+        later = pipe(f"{args.prompt}, take {i + 1}", height=size, width=size, num_inference_steps=args.steps, seed=i)
+        again.append({"wall_s": time.perf_counter() - t0, "timings_s": later.timings})
+        print(f"[call {i + 1}] {again[-1]['wall_s']:.3f} s: "
+              + ", ".join(f"{k} {v:.3f}" for k, v in later.timings.items()), flush=True)
     cpu = mx.default_device() == mx.cpu
     plan, bits = pipe.plan, pipe.plan.bits
     # The plan as chosen may keep the text encoder loaded through the denoise; the call frees it unless
@@ -480,7 +495,8 @@ def generation_child(args) -> dict:
         "measured": {**meter.stages, "call": {"peak_gb": max(v["peak_gb"] for v in meter.stages.values()),
                                               "wall_s": wall},
                      "process": {"max_rss_gb": meter.process_max_rss_gb(),
-                                 "from_pretrained_s": init_s}},
+                                 "from_pretrained_s": init_s},
+                     "later_calls": again},
         "pipeline_timings_s": out.timings,
         "predicted": {
             "as_run": plan_record(ran, dtype=args.dtype, cpu=cpu, free_text_encoder=not pipe.keep_text_encoder,
@@ -534,7 +550,7 @@ def generation(args) -> dict:
         child = [sys.executable, str(Path(__file__).resolve()), "--generation-child", "--model-dir", str(root),
                  "--dtype", args.dtype, "--device", args.device, "--config", args.config,
                  "--generation-size", str(args.generation_size), "--steps", str(args.steps),
-                 "--prompt", args.prompt, "--json", str(out)]
+                 "--prompt", args.prompt, "--calls", str(args.calls), "--json", str(out)]
         print("running the generation in a fresh process:", " ".join(child), flush=True)
         subprocess.run(child, check=True)
     finally:
@@ -785,7 +801,7 @@ def main(argv=None):
     ap.add_argument("--config", choices=["full", "reduced"], default="full")
     ap.add_argument("--sizes", default="512,1024", help="comma-separated square image sizes (multiples of 16)")
     ap.add_argument("--stages", default=None,
-                    help="comma-separated (default: all three; with --suite on a CPU text_encoder,vae — the DiT step "
+                    help="comma-separated text_encoder, transformer, vae (default: all three; with --suite on a CPU text_encoder,vae — the DiT step "
                          "comes from step_bench.py; '' skips the stage table)")
     ap.add_argument("--caption-tokens", type=int, default=64, help="caption length for the DiT step")
     ap.add_argument("--prompt-tokens", type=int, default=512, help="prompt length for the text encoder")
@@ -807,6 +823,9 @@ def main(argv=None):
     gen.add_argument("--generation-size", type=int, default=256)
     gen.add_argument("--steps", type=int, default=1)
     gen.add_argument("--prompt", default="a lighthouse on a cliff at dusk")
+    gen.add_argument("--calls", type=int, default=1,
+                     help="pipeline calls; the first is metered per stage, later ones (new prompts, models warm) "
+                          "are timed end to end")
     suite_args = ap.add_argument_group("README suite (--suite)")
     suite_args.add_argument("--suite", action="store_true",
                             help="the DiT step comparisons (step_bench.py per --step-runs entry), the stage table and "
@@ -835,6 +854,9 @@ def main(argv=None):
     mx.set_default_device(mx.gpu if args.device == "gpu" else mx.cpu)
     if args.stages is None:
         args.stages = "text_encoder,vae" if args.suite and args.device == "cpu" else "text_encoder,transformer,vae"
+    unknown = [s for s in args.stages.split(",") if s and s not in ("text_encoder", "transformer", "vae")]
+    if unknown:
+        ap.error(f"--stages: unknown {', '.join(unknown)} (choose from text_encoder, transformer, vae)")
     if args.suite:
         return suite(args)
     if args.generation_child:

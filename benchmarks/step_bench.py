@@ -4,7 +4,8 @@
     python benchmarks/step_bench.py --config full-width --size 1024 --layers 2
     python benchmarks/step_bench.py --baseline-rev dbdd36f       # also time an older commit's transformer (before)
 
-Random weights (float32 on the CPU backend, bfloat16 on a GPU), a 77-token caption, batch 1. Variants:
+Random weights (float32 on the CPU backend, bfloat16 on a GPU; --bits 4/8 quantizes them with the pipeline's policy),
+a 77-token caption, batch 1. Variants:
   per-call   the caption path (embedding, context refiner, RoPE tables) recomputed inside every step (the old way)
   prepared   `ZImageTransformer.prepare` once per generation, reused by every step (what the pipeline does)
   compiled   prepared + `mx.compile`d elementwise chains (ZImageTransformer.set_compile)
@@ -69,10 +70,13 @@ def step_flops(cfg: dict, image_tokens: int, caption_tokens: int, per_call: bool
     return float(flops)
 
 
-def run_variants(cfg: dict, size: int, caption_tokens: int, repeats: int, variants: list[str]) -> dict:
+def run_variants(cfg: dict, size: int, caption_tokens: int, repeats: int, variants: list[str],
+                 bits: int | None = None, group_size: int = 64) -> dict:
     import mlx.core as mx
+    import mlx.nn as nn
     from mlx.utils import tree_flatten, tree_unflatten
 
+    from zimage_mlx.quantize import should_quantize
     from zimage_mlx.transformer import ZImageTransformer, ZImageTransformerConfig
 
     dtype = mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
@@ -81,6 +85,10 @@ def run_variants(cfg: dict, size: int, caption_tokens: int, repeats: int, varian
     model.update(tree_unflatten(params))
     del params     # the model holds the only references (fuse_projections frees the separate projections)
     mx.eval(model.parameters())
+    if bits:       # the pipeline's policy (zimage_mlx/quantize.py), one layer at a time as the loader does
+        nn.quantize(model, group_size=group_size, bits=bits,
+                    class_predicate=lambda path, m: should_quantize(path, m, group_size))
+        mx.eval(model.parameters())
     lat = mx.random.normal((1, 16, size // 8, size // 8), key=mx.random.key(0))
     cap = [mx.random.normal((caption_tokens, 2560), key=mx.random.key(1)).astype(dtype)]
     t = mx.array([0.5])
@@ -173,6 +181,8 @@ def main():
     ap.add_argument("--variants", default="per-call,prepared,compiled,fused,fused-compiled")
     ap.add_argument("--baseline-rev", default=None, help="git revision to time as 'before' (per-call variant)")
     ap.add_argument("--device", choices=["cpu", "gpu"], default=None)
+    ap.add_argument("--bits", type=int, choices=[4, 8], default=None,
+                    help="quantize the DiT (the pipeline's policy, group size 64) before timing")
     ap.add_argument("--mflux-python", default=None, metavar="PATH",
                     help="python of a venv with mflux (e.g. /tmp/mflux-venv/bin/python): also time mflux's step")
     ap.add_argument("--mflux-modes", default="eager,compiled",
@@ -180,15 +190,19 @@ def main():
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--json-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.bits and (args.baseline_rev or args.mflux_python):
+        ap.error("--bits times our quantized step only: not with --baseline-rev or --mflux-python")
 
     import mlx.core as mx
 
+    if args.device == "gpu" and not mx.is_available(mx.gpu):
+        ap.error("--device gpu: MLX has no GPU backend here (install mlx-cuda on Linux, or use --device cpu)")
     if args.device:
         mx.set_default_device(mx.cpu if args.device == "cpu" else mx.gpu)
     cfg = dict(CONFIGS[args.config])
     if args.layers:
         cfg["n_layers"] = args.layers
-    results = run_variants(cfg, args.size, args.caption_tokens, args.repeats, args.variants.split(","))
+    results = run_variants(cfg, args.size, args.caption_tokens, args.repeats, args.variants.split(","), args.bits)
     if args.json_only:
         print(json.dumps(results))
         return
@@ -198,7 +212,8 @@ def main():
     results.update(mflux)
     ref = next((r["step_s"] for name, r in mflux.items() if not name.endswith("compiled")), None)
     machine = f"{platform.machine()} {os.cpu_count()} CPUs, MLX {mx.__version__} {mx.default_device()}"
-    print(f"\nDiT step, {args.config} config ({cfg['dim']} dim, {cfg['n_layers']} layers), {args.size}², "
+    print(f"\nDiT step, {args.config} config ({cfg['dim']} dim, {cfg['n_layers']} layers"
+          f"{f', {args.bits}-bit' if args.bits else ''}), {args.size}², "
           f"{args.caption_tokens}-token caption, batch 1 — {machine}")
     print(f"{'variant':<22}{'step s':>9}{'min s':>9}{'warm-up s':>11}{'GFLOP/s':>10}{'peak GB':>9}"
           + (f"{'÷ mflux':>9}" if ref else ""))
@@ -214,9 +229,8 @@ def main():
         print("step ratios (issue 16 goal: ours ≤ 0.90 × mflux): "
               + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
     if args.json:
-        args.json.write_text(json.dumps({"config": cfg, "size": args.size, "machine": machine, "results": results,
-                                         "ratios": ratios},
-                                        indent=2))
+        args.json.write_text(json.dumps({"config": cfg, "size": args.size, "bits": args.bits, "machine": machine,
+                                         "results": results, "ratios": ratios}, indent=2))
 
 
 if __name__ == "__main__":
