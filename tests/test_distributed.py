@@ -181,6 +181,8 @@ def test_a_killed_process_stops_the_others(tiny, tmp_path):
             if line.startswith("Z-Image"):
                 break
         assert lines and lines[-1].startswith("Z-Image"), "".join(lines)
+        # before MLX's silent wait for every process to connect, rank 0 says what it waits for
+        assert lines[0] == f"connecting the processes of the launch ({hostfile}); this waits for all of them\n"
         # mid-run: rank 0 refreshes its step preview, so both ranks are in the denoising loop
         deadline = time.monotonic() + 60
         while not (tmp_path / "step.png").exists() and time.monotonic() < deadline and procs[0].poll() is None:

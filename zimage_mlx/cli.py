@@ -487,6 +487,9 @@ def generate(**o):
     if len(o["seed"]) > 1 and o["num_images"] not in (1, len(o["seed"])):
         raise click.UsageError(f"{len(o['seed'])} seeds but --num-images {o['num_images']}: give one seed or "
                                f"{o['num_images']}")
+    if o["parallel"] and os.environ.get("MLX_HOSTFILE") and os.environ.get("MLX_RANK", "0") == "0":
+        # MLX waits without a word (and holding the interpreter) until every process of the launch has connected
+        _note(f"connecting the processes of the launch ({os.environ['MLX_HOSTFILE']}); this waits for all of them")
     group = init_group() if o["parallel"] else None
     o["rank"] = group.rank() if group is not None else 0
     who = f"process {group.rank()} of {group.size()}: " if group is not None and group.size() > 1 else ""

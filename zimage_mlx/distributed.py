@@ -103,7 +103,11 @@ def gather_batches(local: mx.array, group: mx.distributed.Group) -> mx.array:
     everything = mx.distributed.all_gather(local, group=group)
     # rank r's j-th image is row r*m + j of `everything` and image j*N + r of the batch
     order = [r * m + j for j in range(m) for r in range(n) if j < counts[r]]
-    return everything[mx.array(order)]
+    batch = everything[mx.array(order)]
+    # evaluated here: a lost peer then raises, whereas converting the lazy array with np.array was seen to swallow
+    # the error and hand back whatever the buffer held (MLX 0.32.4)
+    mx.eval(batch)
+    return batch
 
 
 # --------------------------------------------------------------------------- a lost peer
