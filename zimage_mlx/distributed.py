@@ -104,7 +104,7 @@ def gather_batches(local: mx.array, group: mx.distributed.Group) -> mx.array:
     # rank r's j-th image is row r*m + j of `everything` and image j*N + r of the batch
     order = [r * m + j for j in range(m) for r in range(n) if j < counts[r]]
     batch = everything[mx.array(order)]
-    # evaluated here: a lost peer then raises, whereas converting the lazy array with np.array was seen to swallow
+    # evaluated here: a lost peer then raises, whereas np.array of a lazy collective's result was seen to swallow
     # the error and hand back whatever the buffer held (MLX 0.32.4)
     mx.eval(batch)
     return batch
