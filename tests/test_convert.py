@@ -478,7 +478,8 @@ def test_offline_without_cache_is_one_clear_line(tmp_path):
 
 
 @pytest.mark.parametrize("error, says", [
-    ("LocalEntryNotFoundError", "not in the local Hugging Face cache with downloading off"),
+    ("LocalEntryNotFoundError", "not in the local Hugging Face cache with downloading off (offline or no network): "
+                                "download it once online (`hf download someone/"),
     ("GatedRepoError", "gated repository; accept its licence"),
     ("RepositoryNotFoundError", "no such repository on the hub"),
     ("RevisionNotFoundError", "revision 'v9' not found on the hub"),

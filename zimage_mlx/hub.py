@@ -53,7 +53,7 @@ def resolve_source(src: str | Path, revision: str | None = None, offline: bool |
     local_only = constants.HF_HUB_OFFLINE if offline is None else offline
     return _download(lambda: snapshot_download(str(src), revision=revision, allow_patterns=HUB_ALLOW_PATTERNS,
                                                local_files_only=local_only),
-                     str(src), "pass a local directory", revision=revision)
+                     str(src), str(src), "pass a local directory", revision=revision)
 
 
 def resolve_file(spec: str | Path, offline: bool | None = None) -> Path:
@@ -67,11 +67,12 @@ def resolve_file(spec: str | Path, offline: bool | None = None) -> Path:
     owner, repo, filename = str(spec).split("/", 2)
     local_only = constants.HF_HUB_OFFLINE if offline is None else offline
     return _download(lambda: hf_hub_download(f"{owner}/{repo}", filename, local_files_only=local_only),
-                     str(spec), "pass a local path", filename=filename)
+                     str(spec), f"{owner}/{repo}", "pass a local path", filename=filename)
 
 
-def _download(fetch, spec: str, fix: str, revision: str | None = None, filename: str | None = None) -> Path:
-    """Run a huggingface_hub download; each of its failures becomes one WeightError line naming `spec` and `fix`."""
+def _download(fetch, spec: str, repo: str, fix: str, revision: str | None = None, filename: str | None = None) -> Path:
+    """Run a huggingface_hub download of (a file of) `repo`; each of its failures becomes one WeightError line naming
+    `spec` and the way out (`fix` being the local alternative)."""
     from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError, RevisionNotFoundError)
 
@@ -79,7 +80,7 @@ def _download(fetch, spec: str, fix: str, revision: str | None = None, filename:
         return Path(fetch())
     except LocalEntryNotFoundError:      # before OSError and EntryNotFoundError, which it also is
         why = ("not a local path, and not in the local Hugging Face cache with downloading off (offline or no "
-               f"network): download it once online (`hf download`), or {fix}")
+               f"network): download it once online (`hf download {repo}`), or {fix}")
     except GatedRepoError:               # before RepositoryNotFoundError, which it also is
         why = "gated repository; accept its licence on the hub and log in (`hf auth login`)"
     except RepositoryNotFoundError:
