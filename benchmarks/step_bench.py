@@ -4,8 +4,9 @@
     python benchmarks/step_bench.py --config full-width --size 1024 --layers 2
     python benchmarks/step_bench.py --baseline-rev dbdd36f       # also time an older commit's transformer (before)
 
-Random weights (float32 on the CPU backend, bfloat16 on a GPU; --bits 4/8 quantizes them with the pipeline's policy),
-a 77-token caption, batch 1. Variants:
+Random weights (float32 on the CPU backend, bfloat16 on a GPU; --bits 4/8 quantizes them with the pipeline's policy
+and, on the CPU, multiplies by the dequantized weights as the pipeline does there -- ZIMAGE_QUANTIZED_MATMUL=1 keeps
+MLX's quantized_matmul instead), a 77-token caption, batch 1. Variants:
   per-call   the caption path (embedding, context refiner, RoPE tables) recomputed inside every step (the old way)
   prepared   `ZImageTransformer.prepare` once per generation, reused by every step (what the pipeline does)
   compiled   prepared + `mx.compile`d elementwise chains (ZImageTransformer.set_compile)
@@ -76,7 +77,7 @@ def run_variants(cfg: dict, size: int, caption_tokens: int, repeats: int, varian
     import mlx.nn as nn
     from mlx.utils import tree_flatten, tree_unflatten
 
-    from zimage_mlx.quantize import should_quantize
+    from zimage_mlx.quantize import dequantize_matmuls, should_quantize
     from zimage_mlx.transformer import ZImageTransformer, ZImageTransformerConfig
 
     dtype = mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
@@ -85,10 +86,11 @@ def run_variants(cfg: dict, size: int, caption_tokens: int, repeats: int, varian
     model.update(tree_unflatten(params))
     del params     # the model holds the only references (fuse_projections frees the separate projections)
     mx.eval(model.parameters())
-    if bits:       # the pipeline's policy (zimage_mlx/quantize.py), one layer at a time as the loader does
+    if bits:       # the pipeline's policy (zimage_mlx/quantize.py)
         nn.quantize(model, group_size=group_size, bits=bits,
                     class_predicate=lambda path, m: should_quantize(path, m, group_size))
         mx.eval(model.parameters())
+    dequantize = bits and mx.default_device() == mx.cpu and os.environ.get("ZIMAGE_QUANTIZED_MATMUL") != "1"
     lat = mx.random.normal((1, 16, size // 8, size // 8), key=mx.random.key(0))
     cap = [mx.random.normal((caption_tokens, 2560), key=mx.random.key(1)).astype(dtype)]
     t = mx.array([0.5])
@@ -104,6 +106,8 @@ def run_variants(cfg: dict, size: int, caption_tokens: int, repeats: int, varian
             if not hasattr(model, "fuse_projections"):
                 continue
             model.fuse_projections()
+        if dequantize:     # as the pipeline does on the CPU (after fusing: fused layers are new QuantizedLinears)
+            dequantize_matmuls(model)
         if hasattr(model, "set_compile"):
             model.set_compile(variant.endswith("compiled"))
         mx.clear_cache()

@@ -152,6 +152,91 @@ def test_8bit_and_4bit_quality(realistic):
     assert db8 >= 30 and db4 >= 18 and mixed >= 18
 
 
+@pytest.mark.parametrize("bits, bias", [(4, False), (8, True)])
+def test_dequantizing_linear_is_the_quantized_matmul(bits, bias):
+    """DequantizingLinear (the CPU backend's quantized layer) computes what QuantizedLinear's quantized_matmul does,
+    up to float rounding, and holds the same packed parameters."""
+    import mlx.nn as nn
+
+    lin = nn.Linear(128, 96, bias=bias)
+    lin.update({"weight": mx.random.normal((96, 128), key=mx.random.key(1)) * 0.1,
+                **({"bias": mx.random.normal((96,), key=mx.random.key(2))} if bias else {})})
+    ref = nn.QuantizedLinear.from_linear(lin, group_size=64, bits=bits)
+    layer = nn.QuantizedLinear.from_linear(lin, group_size=64, bits=bits)
+    model = nn.Sequential(layer)
+    assert q.dequantize_matmuls(model) == 1 and type(model.layers[0]) is q.DequantizingLinear
+    assert model.layers[0] is layer and q.quantized_layers(model) == ["layers.0"]   # same object, still quantized
+    x = mx.random.normal((2, 5, 128), key=mx.random.key(3))
+    want, got = np.array(ref(x)), np.array(layer(x))
+    assert rel_err(got, want) <= 1e-5
+    # the float weight it multiplies by is the dequantized one, not the original
+    assert rel_err(got, np.array(lin(x))) > 1e-4
+
+
+def test_quantized_pipeline_on_the_cpu_multiplies_in_float(realistic):
+    """On MLX's CPU backend a quantized pipeline's layers dequantize (quantize.DequantizingLinear): the images equal
+    those of MLX's quantized_matmul (the path Metal and CUDA keep) up to float rounding."""
+    import mlx.nn as nn
+
+    root, latents = realistic
+
+    def run(dequantize):
+        pipe = ZImagePipeline.from_pretrained(root, dtype="float32", quantize=4, fused_projections=True)
+        pipe.dequantize_matmuls = dequantize          # before any model loads (they load on first use)
+        images = pipe(prompt=PROMPT, height=64, width=64, latents=latents, num_inference_steps=2,
+                      output_type="np").images
+        kinds = {type(m) for name in ("transformer", "text_encoder")
+                 for _, m in getattr(pipe, name).named_modules() if isinstance(m, nn.QuantizedLinear)}
+        return images, kinds
+
+    assert ZImagePipeline.from_pretrained(root, dtype="float32", quantize=4).dequantize_matmuls   # the CPU default
+    floats, kinds = run(True)
+    assert kinds == {q.DequantizingLinear}                      # fused to_qkv / w13 and the text encoder's layers
+    quantized, kinds = run(False)
+    assert kinds == {nn.QuantizedLinear}
+    print(f"dequantized vs quantized_matmul pipeline: rel err {rel_err(floats, quantized):.1e}")
+    assert rel_err(floats, quantized) <= 2e-5
+
+
+def test_dequantized_weights_in_flight_do_not_grow_with_depth():
+    """The CPU's float copies of quantized weights are made when their matmul can run: the peak above the weights is
+    the same for 8 and 16 layers (without the dependency on the input, the breadth-first schedule made it grow with
+    depth), within memory.dequantized_weights_bytes; the plan adds that term on the CPU for quantized models only."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    from zimage_mlx.text_encoder import Qwen3Encoder, Qwen3EncoderConfig
+
+    def peak_above_weights(layers):
+        cfg = Qwen3EncoderConfig(hidden_size=512, intermediate_size=2048, num_attention_heads=4, num_key_value_heads=2,
+                                 head_dim=128, num_hidden_layers=layers, vocab_size=256)
+        model = Qwen3Encoder(cfg)
+        model.update(tree_unflatten([(k, mx.random.normal(v.shape, key=mx.random.key(i)) * 0.02)
+                                     for i, (k, v) in enumerate(tree_flatten(model.parameters()))]))
+        nn.quantize(model, group_size=64, bits=4, class_predicate=lambda p, m: q.should_quantize(p, m, 64))
+        q.dequantize_matmuls(model)
+        ids = mx.arange(16, dtype=mx.int32)[None]
+        mx.eval(model.parameters(), ids)
+        mx.clear_cache()
+        before = mx.get_active_memory()
+        mx.reset_peak_memory()
+        mx.eval(model(ids))
+        return mx.get_peak_memory() - before
+
+    shallow, deep = peak_above_weights(8), peak_above_weights(16)
+    bound = memory.dequantized_weights_bytes("text_encoder", {"hidden_size": 512, "intermediate_size": 2048},
+                                             mx.float32)
+    print(f"dequantized weights in flight: 8 layers {shallow / 1e6:.1f} MB, 16 layers {deep / 1e6:.1f} MB, "
+          f"estimate {bound / 1e6:.1f} MB")
+    assert deep <= 1.05 * shallow and deep <= bound        # (without the dependency: 44 MB, then 69 MB)
+    configs, bits = _real_configs(), {"transformer": 4, "text_encoder": 8}
+    cpu, gpu = (memory.predict_stages(configs, mx.float32, bits, 64, 512, 512, cpu=c) for c in (True, False))
+    plain_cpu, plain_gpu = (memory.predict_stages(configs, mx.float32, {}, 64, 512, 512, cpu=c) for c in (True, False))
+    assert cpu["encode"] - gpu["encode"] == memory.dequantized_weights_bytes(
+        "text_encoder", configs["text_encoder"], mx.float32)
+    assert plain_cpu["encode"] == plain_gpu["encode"]          # float models multiply as they are
+
+
 # ---------------------------------------------------------------------------- robustness
 def test_truncated_safetensors_is_a_clear_error(tiny, tmp_path):
     _, root, _, _, _ = tiny

@@ -31,7 +31,7 @@ from .distributed import (barrier, check_mode, check_tensor_parallel, failed_ran
 from .hub import DEFAULT_REPO, cache_dir, find_cached, looks_like_repo_id, resolve_file, resolve_source
 from .lora import LoRAError, LoRAState, load_adapter
 from .memory import MemoryPlan, check_fits, component_weight_bytes, plan_memory, size_multiple
-from .quantize import describe_bits, parse_quantize
+from .quantize import dequantize_matmuls, describe_bits, parse_quantize
 from .sampler import VARIANT_DEFAULTS, SchedulerConfig, check_variant, detect_variant
 from .text_encoder import encode_prompts
 from .tokenizer import ZImageTokenizer
@@ -230,10 +230,11 @@ class ZImagePipeline:
         # so the CPU keeps the separate layers (and LoRA branches add to whole outputs, not row slices)
         self.fused_projections = (mx.default_device() == mx.gpu) if fused_projections is None \
             else bool(fused_projections)
-        if transformer is not None and self.fused_projections:
-            fuse_projections(transformer)
-        if transformer is not None and hasattr(transformer, "set_compile"):
-            transformer.set_compile(self.compile, cpu_streams=self.group is None)
+        # quantized layers multiply by their dequantized weight on MLX's CPU backend, where quantized_matmul is
+        # ~58x slower than a float matmul (quantize.DequantizingLinear); Metal and CUDA keep their quantized kernels
+        self.dequantize_matmuls = mx.default_device() == mx.cpu
+        if transformer is not None:
+            self._prepare_model("transformer", transformer)
         self.timings: dict[str, float] = {}
         self._prompt_cache: OrderedDict[tuple[str, int], mx.array] = OrderedDict()
         self._lora = LoRAState()
@@ -410,15 +411,22 @@ class ZImagePipeline:
             if name not in self._loaders:
                 raise RuntimeError(f"this pipeline has no {name}")
             t0 = time.perf_counter()
-            model = self._loaders[name]()
-            if name in ("transformer", "controlnet") and self.fused_projections:
-                fuse_projections(model)    # q/k/v and w1/w3 as one matmul each (LoRAs address the row slices)
-            if hasattr(model, "set_compile"):
-                model.set_compile(self.compile, cpu_streams=self.group is None)
+            model = self._prepare_model(name, self._loaders[name]())
             self.timings[f"load_{name}"] = self.timings.get(f"load_{name}", 0.0) + time.perf_counter() - t0
             self._models[name] = model
         if name == "transformer" and self._lora.model is not model and self._lora.adapters:
             self._lora.attach(model)   # LoRAs loaded before the transformer
+        return model
+
+    def _prepare_model(self, name: str, model):
+        """What this backend runs: fused projections (q/k/v and w1/w3 as one matmul each; LoRAs address the row
+        slices), float matmuls for quantized layers on the CPU, compiled elementwise chains."""
+        if name in ("transformer", "controlnet") and self.fused_projections:
+            fuse_projections(model)
+        if self.dequantize_matmuls:
+            dequantize_matmuls(model)
+        if hasattr(model, "set_compile"):
+            model.set_compile(self.compile, cpu_streams=self.group is None)
         return model
 
     @property

@@ -7,10 +7,14 @@ quantized too, as mlx-lm does), except the embedders and the final layer of the 
 does not divide by the group size. Norms, pad tokens and the whole VAE stay in float.
 
 `parse_quantize` is the one reader of the quantization vocabulary, shared by the Python API and the CLI.
+
+On MLX's CPU backend `dequantize_matmuls` turns the quantized layers into `DequantizingLinear`: its
+`quantized_matmul` is far slower there than dequantizing the weight and multiplying in float (below).
 """
 
 from __future__ import annotations
 
+import mlx.core as mx
 import mlx.nn as nn
 from mlx.nn.layers.distributed import QuantizedAllToShardedLinear, QuantizedShardedToAllLinear
 
@@ -39,6 +43,36 @@ QUANTIZED = (nn.QuantizedLinear, QuantizedAllToShardedLinear, QuantizedShardedTo
 
 def quantized_layers(model: nn.Module) -> list[str]:
     return [p for p, m in model.named_modules() if isinstance(m, QUANTIZED)]
+
+
+class DequantizingLinear(nn.QuantizedLinear):
+    """A QuantizedLinear that multiplies by its dequantized weight instead of calling `mx.quantized_matmul`.
+
+    For MLX's CPU backend: there quantized_matmul runs at about 2 GFLOP/s on this project's 2-core test VM, the float
+    matmul (BLAS) at about 130 -- a 4-bit DiT step 58x slower than float32 (benchmarks/step_bench.py --bits 4; README,
+    Performance). The weight stays quantized at rest; the float copies of the few layers in flight cost under 7x one
+    feed-forward weight in float (memory.dequantized_weights_bytes). Same values up to float rounding (the products
+    are summed in another order)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        # made to depend on x, so the float weight is computed when its matmul can run: otherwise the breadth-first
+        # schedule of `mx.eval` dequantizes later layers' weights early (peak above the weights, 12-layer Qwen3
+        # encoder: 1.35 GB without, 0.61 GB with, whatever the depth)
+        packed = mx.depends(self["weight"], x)
+        w = mx.dequantize(packed, self["scales"], self.get("biases"), group_size=self.group_size, bits=self.bits,
+                          mode=self.mode)
+        y = x @ w.T
+        return y + self["bias"] if "bias" in self else y
+
+
+def dequantize_matmuls(model: nn.Module) -> int:
+    """Make every plain QuantizedLinear of `model` a DequantizingLinear, in place (the class alone changes: same
+    parameters, same module objects, so wrappers such as LoRA branches keep pointing at them). Tensor-parallel
+    quantized layers keep their own forward. Returns how many layers changed."""
+    layers = [m for _, m in model.named_modules() if type(m) is nn.QuantizedLinear]
+    for m in layers:
+        m.__class__ = DequantizingLinear
+    return len(layers)
 
 
 def prepare_for_quantized_load(model: nn.Module, bits: int, group_size: int) -> nn.Module:
