@@ -153,11 +153,13 @@ def test_two_cpu_streams_are_bit_identical(torch_models):
     np.testing.assert_array_equal(mlx_out(model, lat, t, caps), split)
 
 
-@pytest.mark.parametrize("bits", [None, 4, 8])
-def test_fused_projections(bits, torch_models):
+@pytest.mark.parametrize("bits, dequantize", [(None, False), (4, False), (8, False), (4, True)])
+def test_fused_projections(bits, dequantize, torch_models):
     """q/k/v as one `to_qkv` and w1/w3 as one `w13` (float and quantized) give the unfused model's velocity, and a
     quantized fused weight is exactly the quantization of the stacked float weights (group quantization is
-    row-wise)."""
+    row-wise). The CPU's dequantizing layers (quantize.DequantizingLinear) fuse into one too."""
+    from zimage_mlx.quantize import DequantizingLinear, dequantize_matmuls
+
     seed, overrides, batch, h, w, cap_lens = CASES["dim128_seed2"]
     tm = torch_models(seed, overrides)
     lat, t, caps = make_inputs(seed + 10, batch, h, w, cap_lens, tm.config.cap_feat_dim)
@@ -167,6 +169,8 @@ def test_fused_projections(bits, torch_models):
     if bits:
         nn.quantize(model, group_size=32, bits=bits,
                     class_predicate=lambda p, m: isinstance(m, nn.Linear) and m.weight.shape[1] % 32 == 0)
+    if dequantize:
+        dequantize_matmuls(model)
     before = mlx_out(model, lat, t, caps)
     cfg = model.config
     assert model.fuse_projections() == 2 * (cfg.n_layers + 2 * cfg.n_refiner_layers)
@@ -177,7 +181,7 @@ def test_fused_projections(bits, torch_models):
     print(f"bits={bits}: fused vs separate projections, rel diff {err:.1e}")
     assert err <= 1e-6
     if bits:
-        assert isinstance(att.to_qkv, nn.QuantizedLinear)
+        assert type(att.to_qkv) is (DequantizingLinear if dequantize else nn.QuantizedLinear)
         for got, want in zip((att.to_qkv.weight, att.to_qkv.scales, att.to_qkv.biases),
                              mx.quantize(stacked, 32, bits)):
             np.testing.assert_array_equal(np.array(got), np.array(want))

@@ -19,6 +19,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.nn.layers.distributed import AllToShardedLinear, QuantizedAllToShardedLinear
 
+from .quantize import DequantizingLinear
 from .weights import WeightError
 
 ADALN_EMBED_DIM = 256
@@ -166,7 +167,7 @@ PLAIN_KERNELS = Kernels()
 # layer).
 FUSED_PROJECTIONS = {"to_qkv": ("to_q", "to_k", "to_v"), "w13": ("w1", "w3")}
 _FLOAT_LINEARS = (nn.Linear, AllToShardedLinear)
-_QUANTIZED_LINEARS = (nn.QuantizedLinear, QuantizedAllToShardedLinear)
+_QUANTIZED_LINEARS = (nn.QuantizedLinear, DequantizingLinear, QuantizedAllToShardedLinear)
 
 
 def fuse_linears(parts: list) -> nn.Module | None:
@@ -189,7 +190,9 @@ def fuse_linears(parts: list) -> nn.Module | None:
                             or p.weight.shape[1] != first.weight.shape[1] for p in parts):
         return None
     in_dims = first.weight.shape[1] * 32 // first.bits
-    fused = nn.QuantizedLinear(in_dims, 1, bias=False, group_size=first.group_size, bits=first.bits, mode=first.mode)
+    # the CPU's dequantizing layers (quantize.DequantizingLinear) stay so once fused
+    kind = DequantizingLinear if all(type(p) is DequantizingLinear for p in parts) else nn.QuantizedLinear
+    fused = kind(in_dims, 1, bias=False, group_size=first.group_size, bits=first.bits, mode=first.mode)
     fused.weight = mx.concatenate([p.weight for p in parts])
     fused.scales = mx.concatenate([p.scales for p in parts])
     if first.get("biases") is not None:
