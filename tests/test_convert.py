@@ -194,6 +194,13 @@ def test_quantized_pipeline_on_the_cpu_multiplies_in_float(realistic):
     assert kinds == {q.DequantizingLinear}                      # fused to_qkv / w13 and the text encoder's layers
     quantized, kinds = run(False)
     assert kinds == {nn.QuantizedLinear}
+    # models passed to the constructor are prepared as loaded ones are
+    loaded = ZImagePipeline.from_pretrained(root, dtype="float32", quantize=4)
+    loaded.dequantize_matmuls = False
+    given = ZImagePipeline(tokenizer=loaded.tokenizer, scheduler_config=loaded.scheduler_config, vae=loaded.vae,
+                           transformer=loaded.transformer, text_encoder=loaded.text_encoder)
+    assert {type(m) for name in ("transformer", "text_encoder") for _, m in getattr(given, name).named_modules()
+            if isinstance(m, nn.QuantizedLinear)} == {q.DequantizingLinear}
     print(f"dequantized vs quantized_matmul pipeline: rel err {rel_err(floats, quantized):.1e}")
     assert rel_err(floats, quantized) <= 2e-5
 

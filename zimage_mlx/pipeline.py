@@ -233,8 +233,9 @@ class ZImagePipeline:
         # quantized layers multiply by their dequantized weight on MLX's CPU backend, where quantized_matmul is
         # ~58x slower than a float matmul (quantize.DequantizingLinear); Metal and CUDA keep their quantized kernels
         self.dequantize_matmuls = mx.default_device() == mx.cpu
-        if transformer is not None:
-            self._prepare_model("transformer", transformer)
+        for name, model in self._models.items():     # models passed in are prepared as loaded ones are
+            if model is not None:
+                self._prepare_model(name, model)
         self.timings: dict[str, float] = {}
         self._prompt_cache: OrderedDict[tuple[str, int], mx.array] = OrderedDict()
         self._lora = LoRAState()
