@@ -42,8 +42,8 @@ def main():
     p.add_argument("--modes", nargs="+", default=["tiled", "untiled"], choices=["tiled", "untiled"])
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--tile", type=int, default=None,
-                   help="tiled decode: strip rows (default: decode's 'auto' height, also at 256², where 'auto' "
-                        "is untiled)")
+                   help="tiled decode: strip rows (default: decode's 'auto' height, also for sizes 'auto' leaves "
+                        "untiled: 64² on the CPU, 256² on a GPU)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--checkpoint-mb", type=int, default=None,
                    help="tiled decode: largest activation kept whole (default: no limit)")

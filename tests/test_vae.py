@@ -147,12 +147,29 @@ def test_checkpoint_bytes_below_the_largest_activation_recomputes_strips(paths, 
     assert used == [vae_module._WholeDecoder, vae_module._StripDecoder]
 
 
-def test_auto_tiling_is_used_for_large_images(paths):
+def test_auto_tiling_is_used_for_large_images(paths, monkeypatch):
+    """"auto" tiles above 64² on MLX's CPU backend (faster there from 128² up, a tenth of the activations at 256²)
+    and above 256² on a GPU; the memory plan's decode estimate follows the same rule."""
+    from zimage_mlx import memory
+
+    assert vae_module.auto_tile(64, 64, cpu=True) is None and vae_module.auto_tile(128, 128, cpu=True) == 256
+    assert vae_module.auto_tile(256, 256, cpu=False) is None and vae_module.auto_tile(320, 288, cpu=False) == 113
+    cfg = {"block_out_channels": [128, 256, 512, 512]}
+    cpu, gpu = (memory.vae_decode_activation_bytes(cfg, 256, 256, mx.float32, cpu=c) for c in (True, False))
+    assert 0.2 * 2**30 < cpu < 0.25 * 2**30 < 2.3 * 2**30 < gpu < 2.5 * 2**30    # measured 0.21 / 2.39 GiB
     vae = load_component("vae", paths / "diffusers")
-    lat = _latents((1, 16, 40, 36), seed=4).numpy()  # 320 x 288 image > 256^2 -> tiled automatically
-    full = np.array(vae.decode(lat, tile=None))
-    auto = np.array(vae.decode(lat))
-    assert np.abs(auto - full).max() <= 1e-4
+    used = []
+    for cls in (vae_module._WholeDecoder, vae_module._StripDecoder):
+        real = cls.__call__
+        monkeypatch.setattr(cls, "__call__", lambda self, x, real=real, cls=cls: used.append(cls) or real(self, x))
+    for shape, tiled in (((1, 16, 40, 36), True),     # 320 x 288 image: tiled on either backend
+                         ((1, 16, 16, 16), True),     # 128², tiled on the CPU (these tests' backend)
+                         ((1, 16, 8, 8), False)):     # 64², untiled
+        lat = _latents(shape, seed=4).numpy()
+        used.clear()
+        auto = np.array(vae.decode(lat))
+        assert used == ([vae_module._WholeDecoder] if tiled else []), shape
+        assert np.abs(auto - np.array(vae.decode(lat, tile=None))).max() <= 1e-4
 
 
 def test_real_config_structure():

@@ -20,7 +20,7 @@ from mlx.utils import tree_flatten
 from .components import MODEL_COMPONENTS, build_model
 from .distributed import is_split
 from .quantize import COMPONENTS, describe_bits, parse_quantize, should_quantize
-from .vae import largest_decoder_activation
+from .vae import auto_tile, largest_decoder_activation
 
 
 # --------------------------------------------------------------------------- sizes
@@ -170,20 +170,22 @@ def text_encoder_activation_bytes(config: dict, dtype: mx.Dtype, tokens: int = E
     return tokens * (h * 8 + inter * 4) * dtype.size + heads * tokens * tokens * 4 * 2
 
 
-def vae_decode_activation_bytes(config: dict, height: int, width: int, dtype: mx.Dtype = mx.float32) -> int:
+def vae_decode_activation_bytes(config: dict, height: int, width: int, dtype: mx.Dtype = mx.float32,
+                                cpu: bool | None = None) -> int:
     """VAE decode activations, calibrated on the real config (float32, MLX CPU backend, vae_bench.py). Untiled
-    (≤ 256², vae.decode's "auto" rule): ≈ 39.4 kB per output pixel, scaled by the dtype size and by the width of
-    the first decoder stage relative to FLUX's 512. Tiled: the decoder's whole activations, 1.05 x the largest
-    (FLUX: 256 channels at full size, 1 GiB at 1024² in float32), plus 9.5 x one strip's input (decode's "auto"
-    strips: 32768 // width rows of the output's channels; measured 0.40 / 1.18 GiB at 512² / 1024²)."""
+    (vae.auto_tile's small images): ≈ 39.4 kB per output pixel, scaled by the dtype size and by the width of the
+    first decoder stage relative to FLUX's 512. Tiled: the decoder's whole activations, 1.05 x the largest (FLUX: 256
+    channels at full size, 1 GiB at 1024² in float32), plus 9.5 x one strip's input (decode's "auto" strips:
+    32768 // width rows, at most the image's, of the output's channels; measured 0.09 / 0.21 / 0.40 / 1.18 GiB at
+    128² / 256² / 512² / 1024²)."""
     ch = config.get("block_out_channels", [128, 256, 512, 512])
-    pixels = height * width
-    if pixels > 256 * 256:
+    tile = auto_tile(height, width, cpu)
+    if tile:
         f = 2 ** (len(ch) - 1)
         largest = largest_decoder_activation(ch, 1, height // f, width // f, dtype.size)
-        strip = max(8, 32768 // width) * width * ch[0] * dtype.size
+        strip = min(tile, height) * width * ch[0] * dtype.size
         return int(1.05 * largest + 9.5 * strip)
-    return int(39.4e3 * pixels * dtype.size / 4 * ch[-1] / 512)
+    return int(39.4e3 * height * width * dtype.size / 4 * ch[-1] / 512)
 
 
 def dequantized_weights_bytes(name: str, config: dict, dtype: mx.Dtype) -> int:
@@ -222,7 +224,7 @@ def _stages(configs: dict, dtype: mx.Dtype, w: dict, height: int, width: int, or
                       + dequantized("text_encoder") + OVERHEAD),
         "denoise": int(te_resident + dit_weights + dit + dequantized("transformer") + OVERHEAD),
         "decode": int(te_resident + (0 if free_dit else dit_weights) + w["vae"]
-                      + vae_decode_activation_bytes(configs["vae"], height, width, dtype) + OVERHEAD),
+                      + vae_decode_activation_bytes(configs["vae"], height, width, dtype, cpu) + OVERHEAD),
         **{f"weights_{n}": v for n, v in w.items()},
     }
 
