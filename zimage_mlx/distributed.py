@@ -26,6 +26,7 @@ import numpy as np
 from mlx.nn.layers.distributed import (AllToShardedLinear, QuantizedAllToShardedLinear, QuantizedShardedToAllLinear,
                                        ShardedToAllLinear, shard_linear)
 
+from .transformer import feed_forward_width
 from .weights import WeightError, safetensors_layout, tensor_slice
 
 PARALLEL_MODES = ("data", "cfg", "tensor")
@@ -152,16 +153,12 @@ def _copy_and_watch(read_end: int, real: int, on_lost: Callable[[], None], grace
 
 
 # --------------------------------------------------------------------------- which sizes work
-def _hidden(config: dict) -> int:
-    dim = config.get("dim", 3840)
-    return int(dim / 3 * 8)        # transformer.TransformerBlock's feed-forward width
-
-
 def split_dims(name: str, config: dict) -> dict[str, tuple[int, int | None]]:
     """What must divide by the number of ranks: {what: (size, input width of the layer split by input)}."""
     if name == "transformer":
         dim, heads = config.get("dim", 3840), config.get("n_heads", 30)
-        return {"attention heads": (heads, dim), "feed-forward width": (_hidden(config), _hidden(config))}
+        ffn = feed_forward_width(dim)
+        return {"attention heads": (heads, dim), "feed-forward width": (ffn, ffn)}
     heads = config.get("num_attention_heads", 32)
     head_dim = config.get("head_dim") or config.get("hidden_size", 2560) // heads
     inter = config.get("intermediate_size", 9728)

@@ -20,6 +20,7 @@ from mlx.utils import tree_flatten
 from .components import MODEL_COMPONENTS, build_model
 from .distributed import is_split
 from .quantize import COMPONENTS, describe_bits, parse_quantize, should_quantize
+from .transformer import feed_forward_width
 from .vae import auto_tile, largest_decoder_activation
 
 
@@ -145,7 +146,7 @@ def dit_activation_bytes(config: dict, dtype: mx.Dtype, tokens: int, caption_tok
     processes each holds 1/shards of the heads and of the SwiGLU width (the hidden states stay whole)."""
     dim = config.get("dim", 3840)
     heads = config.get("n_heads", 30) // shards
-    hidden = int(dim / 3 * 8) // shards
+    hidden = feed_forward_width(dim) // shards
     s = tokens + caption_tokens
     s += -s % 32
     b = dtype.size
@@ -196,7 +197,7 @@ def dequantized_weights_bytes(name: str, config: dict, dtype: mx.Dtype) -> int:
         dim, hidden = config.get("hidden_size", 2560), config.get("intermediate_size", 9728)
     else:
         dim = config.get("dim", 3840)
-        hidden = int(dim / 3 * 8)
+        hidden = feed_forward_width(dim)
     return 7 * dim * hidden * dtype.size
 
 

@@ -273,6 +273,11 @@ class FeedForward(nn.Module):
         return self.w2(self.kernels.swiglu(self.w1(x), self.w3(x)))
 
 
+def feed_forward_width(dim: int) -> int:
+    """The SwiGLU hidden width of a block of width `dim` (diffusers' ZImageTransformerBlock: int(dim / 3 * 8))."""
+    return int(dim / 3 * 8)
+
+
 class TransformerBlock(nn.Module):
     """Sandwich-norm block; with modulation: tanh gates and 1+scale from the timestep embedding (no shifts)."""
 
@@ -280,7 +285,7 @@ class TransformerBlock(nn.Module):
         super().__init__()
         dim, eps = cfg.dim, cfg.norm_eps
         self.attention = Attention(cfg)
-        self.feed_forward = FeedForward(dim, int(dim / 3 * 8))
+        self.feed_forward = FeedForward(dim, feed_forward_width(dim))
         self.attention_norm1 = RMSNorm(dim, eps)
         self.ffn_norm1 = RMSNorm(dim, eps)
         self.attention_norm2 = RMSNorm(dim, eps)

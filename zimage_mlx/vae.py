@@ -664,8 +664,9 @@ class AutoencoderKL(nn.Module):
         temporaries); None/0 = untiled; "auto" = `auto_tile`: tiled when the image is larger than 64x64 on MLX's
         CPU backend, 256x256 on a GPU, with strips of max(8, 32768 // width) rows. The tiled decode keeps every
         activation whole (FLUX's largest, the last up block's 256-channel input, is 1 GiB at 1024² in float32) and
-        convolves it in strips of `tile` rows at the output's channel count (the first of `block_out_channels`); other stages use strips of the same number of
-        elements (positions x input channels), so their temporaries are the same size.
+        convolves it in strips of `tile` rows at the output's channel count (the first of `block_out_channels`);
+        other stages use strips of the same number of elements (positions x input channels), so their temporaries
+        are the same size.
         checkpoint_bytes: largest activation the tiled decode may keep whole (None = no limit). When a whole
         activation would be larger, the decode falls back to recomputing strips from the last activation kept
         (memory grows with the width only, not the area; several times the compute).
