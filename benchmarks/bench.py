@@ -69,7 +69,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from zimage_mlx.components import FORMAT_VERSION, MANIFEST_NAME, QUANTIZABLE, load_component
-from zimage_mlx.quantize import should_quantize
+from zimage_mlx.quantize import dequantize_matmuls, should_quantize
 from zimage_mlx.text_encoder import Qwen3Encoder, Qwen3EncoderConfig
 from zimage_mlx.transformer import ZImageTransformer, ZImageTransformerConfig
 from zimage_mlx.vae import AutoencoderKL, VAEConfig
@@ -188,6 +188,8 @@ def mlx_stage(kind: str, cfg, args, dtype: mx.Dtype, tmp: Path, results: dict):
     t0 = time.perf_counter()
     # the public loader: pre-quantized shells load as the MLX layout, float weights as the PyTorch layout
     model = load_component(kind, d, dtype, saved={"bits": bits, "group_size": args.group_size} if bits else None)
+    if bits and mx.default_device() == mx.cpu:
+        dequantize_matmuls(model)      # what the pipeline runs on MLX's CPU backend (quantize.DequantizingLinear)
     load_s = time.perf_counter() - t0
     weights = nbytes(model)
     stage = {"weights_gb": weights / GB, "file_gb": written / GB, "write_s": t_write, "load_s": load_s,
@@ -295,6 +297,7 @@ def diffusers_stage(kind: str, cfg, args, results: dict):
 # under benchmarks/results/) so the README table can be regenerated without repeating a 25-minute CPU run.
 GENERATION_JSON = Path(__file__).resolve().parent / "results" / "generation.json"
 STAGES = ("encode", "denoise", "decode")
+MLX_STAGES = ("text_encoder", "transformer", "vae")      # --stages: one model each
 
 
 def qwen_tokenizer_dir() -> Path:
@@ -801,8 +804,8 @@ def main(argv=None):
     ap.add_argument("--config", choices=["full", "reduced"], default="full")
     ap.add_argument("--sizes", default="512,1024", help="comma-separated square image sizes (multiples of 16)")
     ap.add_argument("--stages", default=None,
-                    help="comma-separated text_encoder, transformer, vae (default: all three; with --suite on a CPU text_encoder,vae — the DiT step "
-                         "comes from step_bench.py; '' skips the stage table)")
+                    help=f"comma-separated, of {', '.join(MLX_STAGES)} (default: all three; with --suite on a CPU "
+                         "text_encoder,vae — the DiT step comes from step_bench.py; '' skips the stage table)")
     ap.add_argument("--caption-tokens", type=int, default=64, help="caption length for the DiT step")
     ap.add_argument("--prompt-tokens", type=int, default=512, help="prompt length for the text encoder")
     ap.add_argument("--warmup", type=int, default=1)
@@ -853,10 +856,10 @@ def main(argv=None):
         ap.error("--device gpu: MLX has no GPU backend here (install mlx-cuda on Linux, or use --device cpu)")
     mx.set_default_device(mx.gpu if args.device == "gpu" else mx.cpu)
     if args.stages is None:
-        args.stages = "text_encoder,vae" if args.suite and args.device == "cpu" else "text_encoder,transformer,vae"
-    unknown = [s for s in args.stages.split(",") if s and s not in ("text_encoder", "transformer", "vae")]
+        args.stages = "text_encoder,vae" if args.suite and args.device == "cpu" else ",".join(MLX_STAGES)
+    unknown = [s for s in args.stages.split(",") if s and s not in MLX_STAGES]
     if unknown:
-        ap.error(f"--stages: unknown {', '.join(unknown)} (choose from text_encoder, transformer, vae)")
+        ap.error(f"--stages: unknown {', '.join(unknown)} (choose from {', '.join(MLX_STAGES)})")
     if args.suite:
         return suite(args)
     if args.generation_child:
