@@ -587,8 +587,11 @@ def test_hub_failures_are_one_line_each(monkeypatch, error, says):
 
     from zimage_mlx.hub import resolve_file, resolve_source
 
-    exc = ConnectionError("no route") if error == "ConnectionError" else getattr(errors, error).__new__(
-        getattr(errors, error))      # (their constructors want an HTTP response; the mapping looks at the class)
+    if error == "ConnectionError":
+        exc = ConnectionError("no route")
+    else:           # (the hub errors' constructors want an HTTP response; the mapping looks at the class only)
+        cls = getattr(errors, error)
+        exc = cls.__new__(cls)
 
     def fail(*args, **kwargs):
         raise exc
