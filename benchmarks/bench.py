@@ -68,11 +68,11 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from zimage_mlx.components import FORMAT_VERSION, MANIFEST_NAME, QUANTIZABLE, load_component
-from zimage_mlx.quantize import dequantize_matmuls, should_quantize
-from zimage_mlx.text_encoder import Qwen3Encoder, Qwen3EncoderConfig
-from zimage_mlx.transformer import ZImageTransformer, ZImageTransformerConfig
-from zimage_mlx.vae import AutoencoderKL, VAEConfig
+from zimage_mlx.loading.components import FORMAT_VERSION, MANIFEST_NAME, QUANTIZABLE, load_component
+from zimage_mlx.loading.quantize import dequantize_matmuls, should_quantize
+from zimage_mlx.models.text_encoder import Qwen3Encoder, Qwen3EncoderConfig
+from zimage_mlx.models.transformer import ZImageTransformer, ZImageTransformerConfig
+from zimage_mlx.models.vae import AutoencoderKL, VAEConfig
 
 GB = 1e9
 REDUCED = {  # the parity tier's reduced configs (tests/parity/conftest.py)
@@ -313,8 +313,8 @@ def qwen_tokenizer_dir() -> Path:
 def write_mlx_model(root: Path, which: str, dtype: mx.Dtype, bits: int | None, group_size: int) -> dict:
     """A random-weight model directory in the MLX layout, written beside `root` and renamed into place (manifest
     last); an existing complete one is reused. Returns its manifest."""
-    from zimage_mlx.convert import TOKENIZER_FILES, TURBO_SCHEDULER
-    from zimage_mlx.weights import dtype_name
+    from zimage_mlx.loading.convert import TOKENIZER_FILES, TURBO_SCHEDULER
+    from zimage_mlx.loading.weights import dtype_name
 
     if (root / MANIFEST_NAME).is_file():
         print(f"reusing the model directory {root}", flush=True)
@@ -454,7 +454,7 @@ def plan_record(plan_or_stages, **extra) -> dict:
 def generation_child(args) -> dict:
     """In a fresh process: from_pretrained(model dir) + one call; measured vs predicted per stage."""
     from zimage_mlx.memory import plan_memory, predict_stages
-    from zimage_mlx.pipeline import ZImagePipeline
+    from zimage_mlx.pipeline.pipeline import ZImagePipeline
 
     dtype = getattr(mx, args.dtype)
     size = args.generation_size

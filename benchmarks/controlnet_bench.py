@@ -23,9 +23,9 @@ import time
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from zimage_mlx.controlnet import ControlConditioning, ControlInput, ZImageControlNet, ZImageControlNetConfig
+from zimage_mlx.models.controlnet import ControlConditioning, ControlInput, ZImageControlNet, ZImageControlNetConfig
 from zimage_mlx.memory import component_weight_bytes
-from zimage_mlx.transformer import ZImageTransformer, ZImageTransformerConfig
+from zimage_mlx.models.transformer import ZImageTransformer, ZImageTransformerConfig
 
 VARIANTS = {   # published configs (diffusers' ZImageControlNetModel / VideoX-Fun yaml files)
     "2.1": dict(control_layers_places=list(range(0, 30, 2)), add_control_noise_refiner="control_noise_refiner"),
@@ -93,8 +93,8 @@ def block_times(size: int, caption_tokens: int, repeats: int, dtype) -> dict:
     """Median seconds of one block of each kind at this token count, interleaved: a main layer and a control layer
     over the unified sequence, a noise-refiner / control-refiner block over the image tokens, a context-refiner block
     over the caption. Composing them predicts the full model's ratio with less noise than whole steps."""
-    from zimage_mlx.controlnet import ControlBlock
-    from zimage_mlx.transformer import TransformerBlock
+    from zimage_mlx.models.controlnet import ControlBlock
+    from zimage_mlx.models.transformer import TransformerBlock
 
     cfg = ZImageTransformerConfig()
     img = (size // 16) ** 2

@@ -35,7 +35,7 @@ from mlx.utils import tree_map
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from zimage_mlx.components import build_model  # noqa: E402
+from zimage_mlx.loading.components import build_model  # noqa: E402
 from zimage_mlx.distributed import init_group, shard_model  # noqa: E402
 
 FULL_WIDTH = dict(dim=3840, n_heads=30, n_kv_heads=30, n_refiner_layers=1, axes_dims=[32, 48, 48], cap_feat_dim=2560)

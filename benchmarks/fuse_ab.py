@@ -17,7 +17,7 @@ import time
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from zimage_mlx.transformer import ZImageTransformer, ZImageTransformerConfig
+from zimage_mlx.models.transformer import ZImageTransformer, ZImageTransformerConfig
 
 CONFIGS = {"issue16": (1536, 12, 6), "full-width": (3840, 30, 2)}   # dim, heads, layers (+ 2 refiners)
 

@@ -27,11 +27,11 @@ from mlx.utils import tree_flatten
 
 import mlx.nn as nn
 
-from zimage_mlx.lora import LoRAState, LowRank, load_adapter
-from zimage_mlx.pipeline import ZImagePipeline
-from zimage_mlx.quantize import prepare_for_quantized_load
+from zimage_mlx.lora.adapters import LoRAState, LowRank, load_adapter
+from zimage_mlx.pipeline.pipeline import ZImagePipeline
+from zimage_mlx.loading.quantize import prepare_for_quantized_load
 from zimage_mlx.sampler import SchedulerConfig
-from zimage_mlx.transformer import ZImageTransformer, ZImageTransformerConfig
+from zimage_mlx.models.transformer import ZImageTransformer, ZImageTransformerConfig
 
 BLOCK_LINEARS = ("attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0", "feed_forward.w1",
                  "feed_forward.w2", "feed_forward.w3", "adaLN_modulation.0")

@@ -19,8 +19,8 @@ import time
 import mlx.core as mx
 import numpy as np
 
-from zimage_mlx.preview import LatentRGB, Previewer, TinyDecoder, to_pil
-from zimage_mlx.transformer import ZImageTransformer, ZImageTransformerConfig
+from zimage_mlx.pipeline.preview import LatentRGB, Previewer, TinyDecoder, to_pil
+from zimage_mlx.models.transformer import ZImageTransformer, ZImageTransformerConfig
 
 REDUCED_DIT = dict(dim=256, n_layers=4, n_heads=4, n_kv_heads=4, cap_feat_dim=256, axes_dims=[16, 24, 24])
 REAL_DIT_PARAMS = 6.15e9

@@ -31,7 +31,7 @@ from live_server import LiveServer  # noqa: E402
 from make_pipeline import save_tiny_pipeline  # noqa: E402
 
 from zimage_mlx import ZImagePipeline  # noqa: E402
-from zimage_mlx.server import ServerConfig, create_app  # noqa: E402
+from zimage_mlx.apps.server import ServerConfig, create_app  # noqa: E402
 
 
 class TimedPipeline(ZImagePipeline):

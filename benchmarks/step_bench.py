@@ -77,8 +77,8 @@ def run_variants(cfg: dict, size: int, caption_tokens: int, repeats: int, varian
     import mlx.nn as nn
     from mlx.utils import tree_flatten, tree_unflatten
 
-    from zimage_mlx.quantize import dequantize_matmuls, should_quantize
-    from zimage_mlx.transformer import ZImageTransformer, ZImageTransformerConfig
+    from zimage_mlx.loading.quantize import dequantize_matmuls, should_quantize
+    from zimage_mlx.models.transformer import ZImageTransformer, ZImageTransformerConfig
 
     dtype = mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
     model = ZImageTransformer(ZImageTransformerConfig(**cfg))

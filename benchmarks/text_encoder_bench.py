@@ -18,7 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map
 
-from zimage_mlx.text_encoder import Qwen3Encoder, Qwen3EncoderConfig
+from zimage_mlx.models.text_encoder import Qwen3Encoder, Qwen3EncoderConfig
 
 
 def build(dtype: mx.Dtype, bits: int | None) -> Qwen3Encoder:

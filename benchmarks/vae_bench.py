@@ -18,7 +18,7 @@ import time
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from zimage_mlx.vae import AutoencoderKL, VAEConfig
+from zimage_mlx.models.vae import AutoencoderKL, VAEConfig
 
 
 def bench(vae: AutoencoderKL, size: int, tile, checkpoint_bytes: int | None) -> tuple[float, float, float]:

@@ -5,7 +5,7 @@ memory of one 256² generation per precision, against the memory plan's predicti
 
 Random full-size weights (real Z-Image-Turbo configs) are written once in the Hugging Face layout (bf16 on disk,
 diffusers/transformers key names, OIHW convs), created directly in MLX tensor by tensor. Each variant is
-converted with `zimage_mlx.convert`, loaded back, and run for `--steps` steps at `--size` (peak memory does not
+converted with `zimage_mlx.loading.convert`, loaded back, and run for `--steps` steps at `--size` (peak memory does not
 depend on the step count). On a CPU (MLX's CPU backend) compute runs in float32 — its bfloat16 matmul is ~18×
 slower — so quantized variants are converted with float32 scales and the float variant cannot run at all
 on a 24 GB machine (24.6 GB of float32 DiT weights): for it only conversion, size and load are measured.
@@ -30,9 +30,9 @@ from mlx.utils import tree_flatten
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from zimage_mlx import ZImagePipeline, memory  # noqa: E402
-from zimage_mlx.convert import convert  # noqa: E402
-from zimage_mlx.components import build_model  # noqa: E402
-from zimage_mlx.vae import VAEConfig  # noqa: E402
+from zimage_mlx.loading.convert import convert  # noqa: E402
+from zimage_mlx.loading.components import build_model  # noqa: E402
+from zimage_mlx.models.vae import VAEConfig  # noqa: E402
 
 GB = 1e9
 TURBO_TRANSFORMER = {"_class_name": "ZImageTransformer2DModel", "all_f_patch_size": [1], "all_patch_size": [2],

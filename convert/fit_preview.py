@@ -1,11 +1,11 @@
-"""Maintainer script: fit the 16×3 latent→RGB preview map (zimage_mlx.preview.LatentRGB) to a VAE by least squares.
+"""Maintainer script: fit the 16×3 latent→RGB preview map (zimage_mlx.pipeline.preview.LatentRGB) to a VAE by least squares.
 
     python convert/fit_preview.py path/to/Z-Image-Turbo/vae --images photos/ --output preview_rgb.json
     python convert/fit_preview.py ae.safetensors                  # synthetic smooth colour fields
 
 Each image is encoded (posterior mean) to DiT latents, decoded back, and averaged over 8×8 pixel blocks, so every
 latent pixel has the colour the real VAE makes of it; F (16×3) and b (3) minimise ‖latentᵀ·F + b − rgb‖² over all
-pixels (zimage_mlx.preview.fit_latent_rgb). Prints a table to paste into zimage_mlx/preview.py and, with --output,
+pixels (zimage_mlx.pipeline.preview.fit_latent_rgb). Prints a table to paste into zimage_mlx/preview.py and, with --output,
 writes it as JSON ({"factors": [[r, g, b] × 16], "bias": [r, g, b]}).
 """
 
@@ -19,10 +19,10 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
-from zimage_mlx.preview import FLUX_RGB_BIAS, FLUX_RGB_FACTORS, LatentRGB, fit_latent_rgb
-from zimage_mlx.components import load_component
-from zimage_mlx.convert import vae_config_from_shapes
-from zimage_mlx.weights import safetensors_keys
+from zimage_mlx.pipeline.preview import FLUX_RGB_BIAS, FLUX_RGB_FACTORS, LatentRGB, fit_latent_rgb
+from zimage_mlx.loading.components import load_component
+from zimage_mlx.loading.convert import vae_config_from_shapes
+from zimage_mlx.loading.weights import safetensors_keys
 
 
 def load_vae(path: Path, config: Path | None = None):

@@ -3,14 +3,14 @@
     python convert/make_variants.py Tongyi-MAI/Z-Image-Turbo --out dist/
       → dist/Z-Image-Turbo-mlx-bf16, -8bit, -4bit, -dit4-te8
 
-Thin on purpose: every variant is one call of zimage_mlx.convert.convert (which holds all the logic).
+Thin on purpose: every variant is one call of zimage_mlx.loading.convert.convert (which holds all the logic).
 """
 
 import argparse
 import sys
 from pathlib import Path
 
-from zimage_mlx.convert import convert
+from zimage_mlx.loading.convert import convert
 
 VARIANTS = {
     "bf16": None,

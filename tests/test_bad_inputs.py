@@ -16,8 +16,8 @@ from PIL import Image
 from make_pipeline import save_tiny_pipeline
 
 from zimage_mlx import LoRAError, WeightError, ZImagePipeline
-from zimage_mlx.cli import cli
-from zimage_mlx.weights import read_safetensors
+from zimage_mlx.apps.cli import cli
+from zimage_mlx.loading.weights import read_safetensors
 
 FAST = ["--quantize", "none", "--dtype", "float32", "--steps", "1", "-W", "32", "-H", "32"]
 
@@ -124,7 +124,7 @@ def test_several_images_never_share_a_file(model, tmp_path):
 
 
 def test_failed_save_falls_back_to_the_current_folder(model, tmp_path, monkeypatch):
-    import zimage_mlx.cli as cli_mod
+    import zimage_mlx.apps.cli as cli_mod
 
     real = cli_mod.save_png
     dest = tmp_path / "dest"

@@ -14,8 +14,8 @@ from PIL import Image
 from make_pipeline import save_tiny_pipeline
 
 from zimage_mlx import __version__
-from zimage_mlx.cli import cli, generate
-from zimage_mlx.pngfile import read_png_params, save_png
+from zimage_mlx.apps.cli import cli, generate
+from zimage_mlx.apps.pngfile import read_png_params, save_png
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--quantize", "none", "--dtype", "float32", "--steps", "2", "-W", "64", "-H", "48"]

@@ -14,10 +14,10 @@ from conftest import rel_err
 from make_controlnet import make_tiny_controlnet, save_tiny_controlnet
 from make_transformer import make_tiny_transformer, save_tiny_transformer
 
-from zimage_mlx.controlnet import ControlConditioning, ControlInput, config_from_weights, load_controlnet
-from zimage_mlx.control_maps import canny, control_map
-from zimage_mlx.components import load_component
-from zimage_mlx.weights import WeightError
+from zimage_mlx.models.controlnet import ControlConditioning, ControlInput, config_from_weights, load_controlnet
+from zimage_mlx.pipeline.control_maps import canny, control_map
+from zimage_mlx.loading.components import load_component
+from zimage_mlx.loading.weights import WeightError
 
 LAT_H, LAT_W = 8, 6      # 12 image tokens (padded to 32)
 
@@ -188,7 +188,7 @@ def test_bad_controlnet_files(models, tmp_path):
     with pytest.raises(WeightError, match="SDXL ControlNet"):
         load_controlnet(sdxl)
     net = load_controlnet(models["root"] / "2.1", mx.float32)
-    from zimage_mlx.transformer import ZImageTransformerConfig
+    from zimage_mlx.models.transformer import ZImageTransformerConfig
 
     with pytest.raises(ValueError, match="dim 96 != the transformer's 3840; n_heads 2 != the transformer's 30"):
         net.config.check_matches(ZImageTransformerConfig())

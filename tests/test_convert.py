@@ -20,10 +20,12 @@ from make_pipeline import save_tiny_pipeline
 from make_vae import save_tiny_vae_ldm
 
 from zimage_mlx import ZImagePipeline
-from zimage_mlx import components, memory, quantize as q
-from zimage_mlx.cli import convert_command
-from zimage_mlx.convert import convert, detect_file_kind
-from zimage_mlx.weights import WeightError, read_component
+from zimage_mlx.loading import components
+from zimage_mlx import memory
+from zimage_mlx.loading import quantize as q
+from zimage_mlx.apps.cli import convert_command
+from zimage_mlx.loading.convert import convert, detect_file_kind
+from zimage_mlx.loading.weights import WeightError, read_component
 
 H, W = 64, 48
 PROMPT = "a small red boat on a calm lake"
@@ -114,7 +116,7 @@ def test_saved_quantized_model_reloads_bit_identical(tiny, tmp_path):
 
 
 def test_quantization_policy_on_real_names():
-    from zimage_mlx.transformer import ZImageTransformer, ZImageTransformerConfig
+    from zimage_mlx.models.transformer import ZImageTransformer, ZImageTransformerConfig
 
     model = ZImageTransformer(ZImageTransformerConfig(dim=256, n_heads=2, n_layers=1, n_refiner_layers=1,
                                                       cap_feat_dim=128, axes_dims=[32, 48, 48]))
@@ -212,7 +214,7 @@ def test_dequantized_weights_in_flight_do_not_grow_with_depth():
     import mlx.nn as nn
     from mlx.utils import tree_flatten, tree_unflatten
 
-    from zimage_mlx.text_encoder import Qwen3Encoder, Qwen3EncoderConfig
+    from zimage_mlx.models.text_encoder import Qwen3Encoder, Qwen3EncoderConfig
 
     def peak_above_weights(layers):
         cfg = Qwen3EncoderConfig(hidden_size=512, intermediate_size=2048, num_attention_heads=4, num_key_value_heads=2,
@@ -308,7 +310,7 @@ def test_non_empty_destination_needs_overwrite(tiny, tmp_path):
 
 def test_failed_conversion_leaves_nothing(tiny, tmp_path, monkeypatch):
     _, root, _, _, _ = tiny
-    import zimage_mlx.convert as conv
+    import zimage_mlx.loading.convert as conv
 
     real = conv.save_component
 
@@ -329,7 +331,7 @@ def test_killed_conversion_leaves_nothing_loadable(tiny, tmp_path):
     _, root, _, _, _ = tiny
     script = textwrap.dedent(f"""
         import os, signal
-        import zimage_mlx.convert as conv
+        import zimage_mlx.loading.convert as conv
         real = conv.save_component
         def die(directory, model, config):
             if directory.name == "transformer":
@@ -422,7 +424,7 @@ def test_convert_cli(tiny, tmp_path):
 def _real_configs():
     from dataclasses import asdict
 
-    from zimage_mlx.vae import VAEConfig
+    from zimage_mlx.models.vae import VAEConfig
 
     return {"transformer": {}, "text_encoder": {}, "vae": asdict(VAEConfig())}
 
@@ -528,7 +530,7 @@ def test_hub_download_then_cached_conversion(tiny, tmp_path):
     script = textwrap.dedent(f"""
         import time, numpy as np, mlx.core as mx
         mx.set_default_device(mx.cpu)
-        import zimage_mlx.pipeline as pl
+        import zimage_mlx.pipeline.pipeline as pl
         from zimage_mlx import ZImagePipeline
         calls = []
         real = pl.convert
@@ -585,7 +587,7 @@ def test_hub_failures_are_one_line_each(monkeypatch, error, says):
     import huggingface_hub
     from huggingface_hub import errors
 
-    from zimage_mlx.hub import resolve_file, resolve_source
+    from zimage_mlx.loading.hub import resolve_file, resolve_source
 
     if error == "ConnectionError":
         exc = ConnectionError("no route")

@@ -22,7 +22,7 @@ from make_pipeline import save_tiny_pipeline
 
 from zimage_mlx import ZImagePipeline
 from zimage_mlx.distributed import (check_tensor_parallel, gather_batches, init_group, tensor_parallel_sizes)
-from zimage_mlx.transformer import ZImageTransformerConfig
+from zimage_mlx.models.transformer import ZImageTransformerConfig
 
 from conftest import rel_err
 
@@ -146,7 +146,7 @@ def test_data_parallel_cli_writes_the_same_files(tiny, tmp_path):
     rank 0 alone writes them (and prints their paths) and they are byte-identical to one process's."""
     from click.testing import CliRunner
 
-    from zimage_mlx.cli import generate
+    from zimage_mlx.apps.cli import generate
 
     args = ["a red fox", "-m", str(tiny), *GEN, "-n", "3", "--seed", "7"]
     two = _launch(["-m", "zimage_mlx.generate", *args, "-o", str(tmp_path / "two" / "fox-{seed}.png"),
@@ -295,7 +295,7 @@ def test_memory_plan_counts_one_process_share():
     from dataclasses import asdict
 
     from zimage_mlx.memory import plan_memory
-    from zimage_mlx.vae import VAEConfig
+    from zimage_mlx.models.vae import VAEConfig
 
     configs = {"transformer": {}, "text_encoder": {}, "vae": asdict(VAEConfig())}
     kw = dict(requested="auto", height=1024, width=1024, available=int(12.7e9), source="test", cpu=False)

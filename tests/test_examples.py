@@ -119,7 +119,7 @@ def test_openai_client_against_a_live_server(tiny, tmp_path):
     from live_server import LiveServer
 
     from zimage_mlx import ZImagePipeline
-    from zimage_mlx.server import create_app
+    from zimage_mlx.apps.server import create_app
 
     pipe = ZImagePipeline.from_pretrained(tiny[0], dtype="float32", keep_text_encoder=True)
     with LiveServer(create_app(pipe)) as server:

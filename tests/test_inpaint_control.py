@@ -245,8 +245,8 @@ def test_bad_inputs(tiny):
 def test_cli_inpaint_and_controlnet(tiny, tmp_path):
     from click.testing import CliRunner
 
-    from zimage_mlx.cli import generate
-    from zimage_mlx.pngfile import read_png_params
+    from zimage_mlx.apps.cli import generate
+    from zimage_mlx.apps.pngfile import read_png_params
 
     img, mask, control = tmp_path / "img.png", tmp_path / "mask.png", tmp_path / "control.png"
     _image(48, 64, seed=1).save(img)
@@ -284,9 +284,9 @@ def test_cli_inpaint_and_controlnet(tiny, tmp_path):
 def test_convert_controlnet_and_memory_plan(tiny, tmp_path):
     import mlx.nn as nn
 
-    from zimage_mlx.convert import convert_controlnet
+    from zimage_mlx.loading.convert import convert_controlnet
     from zimage_mlx.memory import component_weight_bytes
-    from zimage_mlx.weights import WeightError
+    from zimage_mlx.loading.weights import WeightError
 
     pipe = ZImagePipeline.from_pretrained(tiny["root"], dtype="float32", quantize=None, keep_text_encoder=True,
                                           fused_projections=True)

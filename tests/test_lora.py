@@ -20,10 +20,10 @@ from make_lora import (TARGETS, as_ai_toolkit, as_dot, as_kohya, as_peft, fused_
 from make_pipeline import diffusers_pipelines, save_tiny_pipeline
 
 from zimage_mlx import ZImagePipeline
-from zimage_mlx.hub import resolve_file
-from zimage_mlx.lora import LoRAError, LoRALinear, LoRAState, load_adapter
-from zimage_mlx.transformer import FUSED_PROJECTIONS
-from zimage_mlx.weights import WeightError
+from zimage_mlx.loading.hub import resolve_file
+from zimage_mlx.lora.adapters import LoRAError, LoRALinear, LoRAState, load_adapter
+from zimage_mlx.models.transformer import FUSED_PROJECTIONS
+from zimage_mlx.loading.weights import WeightError
 
 H, W, STEPS = 64, 48, 8
 PROMPT = "a red fox in the snow"
@@ -387,7 +387,7 @@ def _layer_deltas(layers: dict, lora: dict) -> dict:
 
 
 def _quantized_pipe(t, bits):
-    from zimage_mlx.quantize import should_quantize
+    from zimage_mlx.loading.quantize import should_quantize
 
     pipe = ZImagePipeline.from_pretrained(t.root, dtype="float32", fused_projections=True)
     nn.quantize(pipe.transformer, group_size=32, bits=bits, class_predicate=lambda p, m: should_quantize(p, m, 32))
@@ -629,7 +629,7 @@ def test_hub_file_from_the_cache_offline(tmp_path, monkeypatch):
 
 def test_safetensors_header_starting_like_a_pickle_is_read(tmp_path):
     """A header length whose first byte is 0x80 must not be taken for a pickle."""
-    from zimage_mlx.lora import read_lora
+    from zimage_mlx.lora.adapters import read_lora
 
     for pad in range(0, 300):
         path = save(tmp_path / "h.safetensors", {"a" * (pad + 1): np.zeros(1, np.float32)})
@@ -646,8 +646,8 @@ def test_cli_lora_option_png_metadata_and_info(tiny, tmp_path):
     from click.testing import CliRunner
     from PIL import Image
 
-    from zimage_mlx.cli import cli, generate
-    from zimage_mlx.pngfile import read_png_params
+    from zimage_mlx.apps.cli import cli, generate
+    from zimage_mlx.apps.pngfile import read_png_params
 
     t = tiny
     fa = save(tmp_path / "style.safetensors", as_kohya(random_lora(t.tr, strength=0.2, seed=19)))

@@ -115,7 +115,7 @@ def test_encode_prompt_and_pil_output(tiny):
 
 
 def test_callback_sees_every_step_and_can_cancel(tiny):
-    from zimage_mlx.pipeline import GenerationCancelled
+    from zimage_mlx.pipeline.pipeline import GenerationCancelled
 
     _, pipe, _, _ = tiny
     seen = []
@@ -146,7 +146,7 @@ def test_text_encoder_freed_unless_kept(tiny):
 
 
 def test_nan_latents_are_an_error_not_a_black_image(tiny, monkeypatch):
-    from zimage_mlx.pipeline import GenerationError
+    from zimage_mlx.pipeline.pipeline import GenerationError
 
     root, _, _, _ = tiny
     pipe = ZImagePipeline.from_pretrained(root, dtype="float32")
@@ -220,7 +220,7 @@ def test_vae_factor_from_config_matches_diffusers(diffusers_test_config, height,
 
 
 def test_converted_bfloat16_loads_as_the_dtype_asked_for(tiny, tmp_path):
-    from zimage_mlx.convert import convert
+    from zimage_mlx.loading.convert import convert
 
     root, ref_pipe, _, _ = tiny
     out = convert(tmp_path / "bf16", root, dtype="bfloat16", log=lambda m: None, hash_sources=False)

@@ -17,9 +17,9 @@ from make_pipeline import save_tiny_pipeline
 from make_vae import make_tiny_vae, save_tiny_vae, save_tiny_vae_ldm
 
 from zimage_mlx import ZImagePipeline, sampler
-from zimage_mlx.preview import (FLUX_RGB_BIAS, FLUX_RGB_FACTORS, LatentRGB, Previewer, fit_latent_rgb,
+from zimage_mlx.pipeline.preview import (FLUX_RGB_BIAS, FLUX_RGB_FACTORS, LatentRGB, Previewer, fit_latent_rgb,
                                 load_tiny_decoder, predicted_x0, x0_from_steps)
-from zimage_mlx.weights import WeightError
+from zimage_mlx.loading.weights import WeightError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -196,7 +196,7 @@ def test_previewer_without_start_and_with_tiny_decoder(pipe, taef1_oracle, tmp_p
 def test_cli_preview_file_is_replaced_every_step(pipe, tmp_path, monkeypatch):
     from click.testing import CliRunner
 
-    import zimage_mlx.cli as cli
+    import zimage_mlx.apps.cli as cli
 
     replaced = []
     real_replace = os.replace

@@ -20,8 +20,8 @@ from live_server import LiveServer, wait_for
 from make_pipeline import save_tiny_pipeline
 
 from zimage_mlx import ZImagePipeline, sampler
-from zimage_mlx.pngfile import png_params, read_png_params
-from zimage_mlx.server import ServerConfig, _partial_steps, create_app
+from zimage_mlx.apps.pngfile import png_params, read_png_params
+from zimage_mlx.apps.server import ServerConfig, _partial_steps, create_app
 
 H = W = 64
 STEPS = 3
@@ -412,7 +412,7 @@ def test_serve_command_builds_a_working_app(pipe, monkeypatch, tmp_path):
     import uvicorn
     from click.testing import CliRunner
 
-    from zimage_mlx.cli import cli
+    from zimage_mlx.apps.cli import cli
 
     started = {}
 

@@ -8,10 +8,10 @@ import torch
 
 from conftest import rel_err, to_numpy
 from make_text_encoder import make_tiny_qwen3, save_tiny_text_encoder, text_encoder_config_dict
-from zimage_mlx.components import load_component
-from zimage_mlx.text_encoder import Qwen3EncoderConfig, Qwen3Encoder, encode_prompts
-from zimage_mlx.tokenizer import ZImageTokenizer
-from zimage_mlx.weights import WeightError
+from zimage_mlx.loading.components import load_component
+from zimage_mlx.models.text_encoder import Qwen3EncoderConfig, Qwen3Encoder, encode_prompts
+from zimage_mlx.models.tokenizer import ZImageTokenizer
+from zimage_mlx.loading.weights import WeightError
 
 PROMPTS = [
     "A photo of a red fox sitting in the snow, golden hour.",

@@ -4,7 +4,7 @@ import warnings
 
 import pytest
 
-from zimage_mlx.tokenizer import ZImageTokenizer, format_prompt
+from zimage_mlx.models.tokenizer import ZImageTokenizer, format_prompt
 
 PROMPTS = [
     "Hello",

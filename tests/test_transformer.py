@@ -11,10 +11,10 @@ from mlx.utils import tree_flatten
 
 from conftest import rel_err
 from make_transformer import TINY_CONFIG, make_tiny_transformer, save_tiny_transformer
-from zimage_mlx.components import load_component
-from zimage_mlx.transformer import ZImageTransformer, ZImageTransformerConfig
-from zimage_mlx.weights import fill_model
-from zimage_mlx.weights import WeightError
+from zimage_mlx.loading.components import load_component
+from zimage_mlx.models.transformer import ZImageTransformer, ZImageTransformerConfig
+from zimage_mlx.loading.weights import fill_model
+from zimage_mlx.loading.weights import WeightError
 
 FP32_TOL = 1e-4
 BF16_TOL = 3e-2
@@ -138,7 +138,7 @@ def test_prepared_captions_and_compiled_kernels(case, torch_models):
 def test_two_cpu_streams_are_bit_identical(torch_models):
     """On the CPU backend attention (halves of the heads) and SwiGLU (halves of the tokens) run on two streams:
     exactly the single-stream result."""
-    from zimage_mlx import transformer as tr
+    from zimage_mlx.models import transformer as tr
 
     seed, overrides, batch, h, w, cap_lens = CASES["batch2_caps_differ_buckets"]
     tm = torch_models(seed, overrides)
@@ -158,7 +158,7 @@ def test_fused_projections(bits, dequantize, torch_models):
     """q/k/v as one `to_qkv` and w1/w3 as one `w13` (float and quantized) give the unfused model's velocity, and a
     quantized fused weight is exactly the quantization of the stacked float weights (group quantization is
     row-wise). The CPU's dequantizing layers (quantize.DequantizingLinear) fuse into one too."""
-    from zimage_mlx.quantize import DequantizingLinear, dequantize_matmuls
+    from zimage_mlx.loading.quantize import DequantizingLinear, dequantize_matmuls
 
     seed, overrides, batch, h, w, cap_lens = CASES["dim128_seed2"]
     tm = torch_models(seed, overrides)
@@ -190,7 +190,7 @@ def test_fused_projections(bits, dequantize, torch_models):
 
 def test_rope_is_the_complex_multiply_bit_for_bit():
     """apply_rope's 3-pass form gives exactly diffusers' interleaved complex multiply in float32."""
-    from zimage_mlx.transformer import apply_rope
+    from zimage_mlx.models.transformer import apply_rope
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 3, 7, 16)).astype(np.float32)

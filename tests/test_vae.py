@@ -10,12 +10,12 @@ from safetensors.torch import load_file, save_file
 
 from conftest import rel_err, to_numpy
 from make_vae import make_tiny_vae, save_tiny_vae, save_tiny_vae_ldm
-from zimage_mlx.components import load_component
-from zimage_mlx.convert import vae_config_from_shapes
-from zimage_mlx import vae as vae_module
-from zimage_mlx.vae import AutoencoderKL, VAEConfig, largest_decoder_activation
-from zimage_mlx.weights import safetensors_keys
-from zimage_mlx.weights import WeightError
+from zimage_mlx.loading.components import load_component
+from zimage_mlx.loading.convert import vae_config_from_shapes
+from zimage_mlx.models import vae as vae_module
+from zimage_mlx.models.vae import AutoencoderKL, VAEConfig, largest_decoder_activation
+from zimage_mlx.loading.weights import safetensors_keys
+from zimage_mlx.loading.weights import WeightError
 
 SCALE, SHIFT = 0.3611, 0.1159
 

@@ -15,7 +15,7 @@ from live_server import LiveServer
 from make_pipeline import save_tiny_pipeline
 
 from zimage_mlx import ZImagePipeline, sampler
-from zimage_mlx.server import ServerConfig, create_app
+from zimage_mlx.apps.server import ServerConfig, create_app
 
 CHROMIUM = "/usr/bin/chromium"
 TIMEOUT_MS = 30_000

@@ -14,15 +14,15 @@ __all__ = ["ZImagePipeline", "PipelineOutput", "GenerationCancelled", "Generatio
 def __getattr__(name):
     # Lazy so that `import zimage_mlx` stays cheap and has no side effects.
     if name in ("ZImagePipeline", "PipelineOutput", "GenerationCancelled", "GenerationError"):
-        from . import pipeline
+        from .pipeline import pipeline
 
         return getattr(pipeline, name)
     if name == "WeightError":
-        from .weights import WeightError
+        from .loading.weights import WeightError
 
         return WeightError
     if name == "LoRAError":
-        from .lora import LoRAError
+        from .lora.adapters import LoRAError
 
         return LoRAError
     raise AttributeError(f"module 'zimage_mlx' has no attribute {name!r}")

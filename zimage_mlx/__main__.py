@@ -1,5 +1,5 @@
 """`python -m zimage_mlx`: the `zimage-mlx` command group (generate, convert, info)."""
 
-from .cli import cli
+from .apps.cli import cli
 
 cli(prog_name="zimage-mlx")

@@ -26,8 +26,8 @@ import numpy as np
 from mlx.nn.layers.distributed import (AllToShardedLinear, QuantizedAllToShardedLinear, QuantizedShardedToAllLinear,
                                        ShardedToAllLinear, shard_linear)
 
-from .transformer import feed_forward_width
-from .weights import WeightError, safetensors_layout, tensor_slice
+from .models.transformer import feed_forward_width
+from .loading.weights import WeightError, safetensors_layout, tensor_slice
 
 PARALLEL_MODES = ("data", "cfg", "tensor")
 ALL_TO_SHARDED, SHARDED_TO_ALL = "all-to-sharded", "sharded-to-all"

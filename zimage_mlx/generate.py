@@ -1,6 +1,6 @@
 """`python -m zimage_mlx.generate`: the generate command (the command line itself lives in cli.py)."""
 
-from .cli import generate_main
+from .apps.cli import generate_main
 
 if __name__ == "__main__":
     generate_main()

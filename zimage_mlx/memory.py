@@ -17,11 +17,11 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .components import MODEL_COMPONENTS, build_model
+from .loading.components import MODEL_COMPONENTS, build_model
 from .distributed import is_split
-from .quantize import COMPONENTS, describe_bits, parse_quantize, should_quantize
-from .transformer import feed_forward_width
-from .vae import auto_tile, largest_decoder_activation
+from .loading.quantize import COMPONENTS, describe_bits, parse_quantize, should_quantize
+from .models.transformer import feed_forward_width
+from .models.vae import auto_tile, largest_decoder_activation
 
 
 # --------------------------------------------------------------------------- sizes

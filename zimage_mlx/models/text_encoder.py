@@ -22,7 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models import qwen3 as mlx_qwen3
 
-from .weights import strip_prefix
+from ..loading.weights import strip_prefix
 
 if TYPE_CHECKING:
     from .tokenizer import ZImageTokenizer

@@ -21,17 +21,17 @@ from pathlib import Path
 
 import click
 
-from . import __version__
-from .control_maps import CONTROL_TYPES
-from .controlnet import SEMANTICS
-from .convert import check_output, convert, convert_controlnet
-from .distributed import PARALLEL_MODES, init_group, shared_random_seed, watch_for_lost_peers
-from .hub import DEFAULT_REPO
-from .pipeline import DEFAULT_INPAINT_STRENGTH, DEFAULT_SIZE, DEFAULT_STRENGTH, MAX_SEED, ZImagePipeline, expand_seeds
+from .. import __version__
+from ..pipeline.control_maps import CONTROL_TYPES
+from ..models.controlnet import SEMANTICS
+from ..loading.convert import check_output, convert, convert_controlnet
+from ..distributed import PARALLEL_MODES, init_group, shared_random_seed, watch_for_lost_peers
+from ..loading.hub import DEFAULT_REPO
+from ..pipeline.pipeline import DEFAULT_INPAINT_STRENGTH, DEFAULT_SIZE, DEFAULT_STRENGTH, MAX_SEED, ZImagePipeline, expand_seeds
 from .pngfile import describe_loras, png_params, read_png_params, save_png
-from .preview import Previewer, load_tiny_decoder
-from .quantize import GROUP_SIZES, VOCABULARY, parse_quantize
-from .sampler import sigmas_for
+from ..pipeline.preview import Previewer, load_tiny_decoder
+from ..loading.quantize import GROUP_SIZES, VOCABULARY, parse_quantize
+from ..sampler import sigmas_for
 
 DEFAULT_OUTPUT = "zimage-{seed}.png"
 

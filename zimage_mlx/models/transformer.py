@@ -19,8 +19,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx.nn.layers.distributed import AllToShardedLinear, QuantizedAllToShardedLinear
 
-from .quantize import DequantizingLinear
-from .weights import WeightError
+from ..loading.quantize import DequantizingLinear
+from ..loading.weights import WeightError
 
 ADALN_EMBED_DIM = 256
 SEQ_MULTI_OF = 32

@@ -31,8 +31,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .transformer import FUSED_PROJECTIONS
-from .weights import WeightError, safetensors_keys
+from ..models.transformer import FUSED_PROJECTIONS
+from ..loading.weights import WeightError, safetensors_keys
 
 
 class LoRAError(WeightError):

@@ -23,12 +23,12 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .controlnet import ZImageControlNet, ZImageControlNetConfig
-from .distributed import SPLITS, shard_model, shard_weights
+from ..models.controlnet import ZImageControlNet, ZImageControlNetConfig
+from ..distributed import SPLITS, shard_model, shard_weights
 from .quantize import prepare_for_quantized_load
-from .text_encoder import Qwen3Encoder, Qwen3EncoderConfig
-from .transformer import ZImageTransformer, ZImageTransformerConfig
-from .vae import AutoencoderKL, VAEConfig
+from ..models.text_encoder import Qwen3Encoder, Qwen3EncoderConfig
+from ..models.transformer import ZImageTransformer, ZImageTransformerConfig
+from ..models.vae import AutoencoderKL, VAEConfig
 from .weights import (WeightError, component_files, fill_model, read_component, read_config, read_safetensors,
                       safetensors_keys)
 

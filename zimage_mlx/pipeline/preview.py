@@ -28,7 +28,7 @@ import mlx.nn as nn
 import numpy as np
 from PIL import Image
 
-from .weights import WeightError, fill_model, read_safetensors
+from ..loading.weights import WeightError, fill_model, read_safetensors
 
 # ComfyUI comfy/latent_formats.py `Flux.latent_rgb_factors` (rows: latent channel; columns: R, G, B) and
 # `latent_rgb_factors_bias`, for the FLUX.1 VAE's scaled latents — the VAE Z-Image uses.

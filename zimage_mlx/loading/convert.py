@@ -21,15 +21,15 @@ from typing import Callable
 
 import mlx.core as mx
 
-from . import __version__
-from .controlnet import MLX_KEY, controlnet_save_config, load_controlnet
+from .. import __version__
+from ..models.controlnet import MLX_KEY, controlnet_save_config, load_controlnet
 from .components import (FORMAT_VERSION, MANIFEST_NAME, MODEL_COMPONENTS, QUANTIZABLE, is_mlx_dir, load_component,
                          save_component)
 from .hub import download_tokenizer, resolve_source
 from .quantize import GROUP_SIZES, parse_quantize
-from .sampler import SchedulerConfig, detect_variant
-from .transformer import ZImageTransformerConfig
-from .vae import VAEConfig
+from ..sampler import SchedulerConfig, detect_variant
+from ..models.transformer import ZImageTransformerConfig
+from ..models.vae import VAEConfig
 from .weights import WeightError, component_files, dtype_name, parse_dtype, read_config, safetensors_keys
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json")

@@ -25,7 +25,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .transformer import SEQ_MULTI_OF, TransformerBlock, ZImageTransformer, ZImageTransformerConfig
-from .weights import WeightError, fill_model, read_component, read_config, read_safetensors
+from ..loading.weights import WeightError, fill_model, read_component, read_config, read_safetensors
 
 SEMANTICS = ("reference", "diffusers")
 REFINER_MODES = ("control_noise_refiner", "control_layers", None)

@@ -45,12 +45,12 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from . import sampler
-from .pipeline import (DEFAULT_INPAINT_STRENGTH, DEFAULT_STRENGTH, MAX_SEED, GenerationCancelled, GenerationError,
+from .. import sampler
+from ..pipeline.pipeline import (DEFAULT_INPAINT_STRENGTH, DEFAULT_STRENGTH, MAX_SEED, GenerationCancelled, GenerationError,
                        ZImagePipeline)
 from .pngfile import png_params
-from .preview import Previewer, to_pil
-from .weights import WeightError
+from ..pipeline.preview import Previewer, to_pil
+from ..loading.weights import WeightError
 
 FORMATS = {"png": ("PNG", "image/png"), "jpeg": ("JPEG", "image/jpeg"), "webp": ("WEBP", "image/webp")}
 MAX_N = 10
@@ -624,7 +624,7 @@ def create_app(pipe: ZImagePipeline, config: ServerConfig | None = None) -> Star
                                 f"{cfg.url_ttl:.0f} s)", code="not_found")
         return FileResponse(p, media_type=FORMATS[p.suffix[1:]][1])
 
-    page = resources.files("zimage_mlx").joinpath("static/index.html").read_text(encoding="utf-8")
+    page = resources.files("zimage_mlx.apps").joinpath("static/index.html").read_text(encoding="utf-8")
 
     async def index(request: Request):
         return HTMLResponse(page)

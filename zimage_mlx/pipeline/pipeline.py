@@ -21,22 +21,22 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
-from . import sampler
+from .. import sampler
 from .control_maps import control_map
-from .controlnet import SEMANTICS, ControlConditioning, ControlInput, controlnet_config, load_controlnet
-from .components import MODEL_COMPONENTS, QUANTIZABLE, build_model, is_mlx_dir, load_component, read_manifest
-from .convert import convert
-from .distributed import (barrier, check_mode, check_tensor_parallel, failed_ranks, gather_batches, init_group,
+from ..models.controlnet import SEMANTICS, ControlConditioning, ControlInput, controlnet_config, load_controlnet
+from ..loading.components import MODEL_COMPONENTS, QUANTIZABLE, build_model, is_mlx_dir, load_component, read_manifest
+from ..loading.convert import convert
+from ..distributed import (barrier, check_mode, check_tensor_parallel, failed_ranks, gather_batches, init_group,
                           shared_random_seed, tensor_parallel_sizes)
-from .hub import DEFAULT_REPO, cache_dir, find_cached, looks_like_repo_id, resolve_file, resolve_source
-from .lora import LoRAError, LoRAState, load_adapter
-from .memory import MemoryPlan, check_fits, component_weight_bytes, plan_memory, size_multiple
-from .quantize import dequantize_matmuls, describe_bits, parse_quantize
-from .sampler import VARIANT_DEFAULTS, SchedulerConfig, check_variant, detect_variant
-from .text_encoder import encode_prompts
-from .tokenizer import ZImageTokenizer
-from .transformer import ZImageTransformerConfig, fuse_projections
-from .weights import WeightError, component_files, default_dtype, dtype_name, parse_dtype, read_config, \
+from ..loading.hub import DEFAULT_REPO, cache_dir, find_cached, looks_like_repo_id, resolve_file, resolve_source
+from ..lora.adapters import LoRAError, LoRAState, load_adapter
+from ..memory import MemoryPlan, check_fits, component_weight_bytes, plan_memory, size_multiple
+from ..loading.quantize import dequantize_matmuls, describe_bits, parse_quantize
+from ..sampler import VARIANT_DEFAULTS, SchedulerConfig, check_variant, detect_variant
+from ..models.text_encoder import encode_prompts
+from ..models.tokenizer import ZImageTokenizer
+from ..models.transformer import ZImageTransformerConfig, fuse_projections
+from ..loading.weights import WeightError, component_files, default_dtype, dtype_name, parse_dtype, read_config, \
     safetensors_keys
 
 LATENT_CHANNELS = 16

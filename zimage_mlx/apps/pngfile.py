@@ -14,7 +14,7 @@ from pathlib import Path
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from . import __version__
+from .. import __version__
 
 PNG_KEYS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "size", "model", "quantization",
             "dtype", "image", "strength", "loras", "mask", "control_image", "control_type", "control_scale",

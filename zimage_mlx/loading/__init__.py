@@ -1,0 +1,1 @@
+"""Reading, converting, quantizing and fetching weights."""

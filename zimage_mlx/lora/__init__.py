@@ -1,0 +1,1 @@
+"""LoRA: file formats, run-time branches, named adapters."""

@@ -1,0 +1,1 @@
+"""The generation pipeline: the facade, the request, conditioning, guidance, the denoise loop."""
