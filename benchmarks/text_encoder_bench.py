@@ -22,7 +22,7 @@ from zimage_mlx.models.text_encoder import Qwen3Encoder, Qwen3EncoderConfig
 
 
 def build(dtype: mx.Dtype, bits: int | None) -> Qwen3Encoder:
-    model = Qwen3Encoder(Qwen3EncoderConfig())  # the real Qwen3-4B config (SPEC §7); params are lazy randoms
+    model = Qwen3Encoder(Qwen3EncoderConfig())  # the real Qwen3-4B config (docs/architecture.md#model-configurations); params are lazy randoms
     # Materialize module by module in the target dtype so the float32 init never exists for the whole model.
     for module in [model.embed_tokens, *model.layers]:
         module.update(tree_map(lambda p: p.astype(dtype), module.parameters()))

@@ -1,5 +1,5 @@
-"""benchmarks/bench.py --readme: the generated performance table replaces exactly the text between README.md's two
-marker lines, atomically, and a README without them is refused untouched."""
+"""benchmarks/bench.py --performance-doc: the generated performance table replaces exactly the text between
+docs/performance.md's two marker lines, atomically, and a file without them is refused untouched."""
 
 import importlib.util
 from pathlib import Path
@@ -17,22 +17,23 @@ def bench():
     return module
 
 
-def test_readme_has_the_markers_once(bench):
-    text = (ROOT / "README.md").read_text()
+def test_performance_doc_has_the_markers_once(bench):
+    assert bench.PERFORMANCE_DOC == ROOT / "docs" / "performance.md"
+    text = bench.PERFORMANCE_DOC.read_text()
     assert text.count(bench.BEGIN) == 1 and text.count(bench.END) == 1
     assert text.index(bench.BEGIN) < text.index(bench.END)
 
 
 def test_table_replaced_between_markers_only(bench, tmp_path):
-    before, after = "# title\n\n## Performance\n\nintro\n", "\nnotes after\n## Tests\n"
-    readme = tmp_path / "README.md"
-    readme.write_text(f"{before}{bench.BEGIN}\n| old | table |\n{bench.END}{after}")
-    bench.update_readme(readme, "| new | table |\n|---|---|\n")
+    before, after = "# Performance\n\nintro\n", "\nnotes after\n## VAE decode\n"
+    doc = tmp_path / "performance.md"
+    doc.write_text(f"{before}{bench.BEGIN}\n| old | table |\n{bench.END}{after}")
+    bench.update_doc(doc, "| new | table |\n|---|---|\n")
     expected = f"{before}{bench.BEGIN}\n| new | table |\n|---|---|\n{bench.END}{after}"
-    assert readme.read_text() == expected
-    bench.update_readme(readme, "| new | table |\n|---|---|\n")   # regenerating is idempotent
-    assert readme.read_text() == expected
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md"]   # no temporary file left behind
+    assert doc.read_text() == expected
+    bench.update_doc(doc, "| new | table |\n|---|---|\n")   # regenerating is idempotent
+    assert doc.read_text() == expected
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["performance.md"]   # no temporary file left behind
 
 
 @pytest.mark.parametrize("body", [
@@ -41,11 +42,24 @@ def test_table_replaced_between_markers_only(bench, tmp_path):
     "{BEGIN}\nold\n{END}\n{BEGIN}\nold\n{END}\n",  # twice
     "{BEGIN}\nold table, the end marker deleted\n",
 ])
-def test_readme_without_proper_markers_refused_untouched(bench, tmp_path, body):
-    readme = tmp_path / "README.md"
+def test_file_without_proper_markers_refused_untouched(bench, tmp_path, body):
+    doc = tmp_path / "performance.md"
     original = body.format(BEGIN=bench.BEGIN, END=bench.END)
-    readme.write_text(original)
+    doc.write_text(original)
     with pytest.raises(SystemExit, match="marker"):
-        bench.update_readme(readme, "| new | table |\n")
-    assert readme.read_text() == original
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md"]
+        bench.update_doc(doc, "| new | table |\n")
+    assert doc.read_text() == original
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["performance.md"]
+
+
+def test_report_only_fills_the_doc_from_the_kept_measurements(bench, tmp_path):
+    """`--suite --report-only --performance-doc FILE` rebuilds the table from the kept JSON, measuring nothing."""
+    results = tmp_path / "RESULTS.md"
+    (tmp_path / "RESULTS.json").write_text(bench.SUITE_JSON.read_text())
+    doc = tmp_path / "performance.md"
+    doc.write_text(f"# Performance\n{bench.BEGIN}\nold\n{bench.END}\nkept\n")
+    md = bench.main(["--suite", "--report-only", "--results", str(results), "--performance-doc", str(doc)])
+    text = doc.read_text()
+    assert text.startswith(f"# Performance\n{bench.BEGIN}\n") and text.endswith(f"{bench.END}\nkept\n")
+    assert md.strip() in text and "old" not in text
+    assert "--performance-doc" in md and "**DiT step**" in md

@@ -1,7 +1,7 @@
 """Inpainting, ControlNet and ControlNet inpainting end to end against diffusers 0.42.1's ZImageInpaintPipeline,
 ZImageControlNetPipeline and ZImageControlNetInpaintPipeline on a tiny random checkpoint (float32, CPU).
 
-diffusers draws its VAE samples from the generator; like SPEC's parity recipe we replace them by the posterior
+diffusers draws its VAE samples from the generator; as docs/numerics.md#noise says, we replace them by the posterior
 mean (patching the pipeline module's `retrieve_latents`) and give MLX the same ε, drawn from a seeded generator.
 """
 

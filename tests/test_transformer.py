@@ -19,7 +19,7 @@ from zimage_mlx.loading.weights import WeightError
 FP32_TOL = 1e-4
 BF16_TOL = 3e-2
 
-# The real Z-Image-Turbo transformer/config.json (SPEC §2), with the keys diffusers adds.
+# The real Z-Image-Turbo transformer/config.json (docs/architecture.md#model-configurations), with the keys diffusers adds.
 REAL_CONFIG = {
     "_class_name": "ZImageTransformer2DModel",
     "_diffusers_version": "0.36.0.dev0",

@@ -1,7 +1,7 @@
 """The torch parity tier: zimage_mlx against diffusers/transformers, component by component and end to end.
 
 Size (env `ZIMAGE_PARITY_SIZE`):
-  full     the real configs (S3-DiT 6.15B, SPEC §2; Qwen3-4B, §7; FLUX VAE, §9) in bfloat16 like the real pipeline;
+  full     the real configs (S3-DiT 6.15B, Qwen3-4B, FLUX VAE: docs/architecture.md) in bfloat16 like the real pipeline;
            torch runs on CUDA as the reference and MLX on its GPU (MLX-CUDA / Metal). Skipped, with the reason,
            when torch has no CUDA or MLX has no GPU. Default when both are present.
   reduced  the same code path with small configs (DiT dim 256, 4 layers, 4 heads; Qwen3 hidden 256, 4 layers;
@@ -22,8 +22,8 @@ Thresholds
 ----------
 bfloat16 keeps 8 significant bits: unit roundoff u = 2^-9 ≈ 2.0e-3, a rounding error uniform in ±u has rms
 u/√3 ≈ 1.1e-3. The two implementations round at different places (fused vs separate kernels, matmul/softmax
-accumulation order, RMSNorm rounding once vs twice — SPEC §12.4), so every rounded activation differs by O(u), and
-a residual network adds these like a random walk: after k rounding points the relative rms error is about
+accumulation order, RMSNorm rounding once vs twice — docs/numerics.md), so every rounded activation differs by
+O(u), and a residual network adds these like a random walk: after k rounding points the relative rms error is about
 1.1e-3·√k. The DiT has 34 blocks (30 main + 2 + 2 refiners) with ~8 rounded activations each, k ≈ 270 →
 ε ≈ 1.8e-2; Qwen3-4B's 35 layers give the same order; the VAE decoder (~30 convolutions, GroupNorm renormalizing
 between them) less. For an error of relative rms ε, 1 − cos ≈ ε²/2: ε = 1.8e-2 gives cos ≈ 0.9998, and the bound
@@ -55,17 +55,17 @@ import numpy as np
 import pytest
 
 # --------------------------------------------------------------------------------------------- configurations
-REAL_TRANSFORMER = dict(  # SPEC §2
+REAL_TRANSFORMER = dict(  # docs/architecture.md#model-configurations
     all_patch_size=[2], all_f_patch_size=[1], in_channels=16, dim=3840, n_layers=30, n_refiner_layers=2,
     n_heads=30, n_kv_heads=30, norm_eps=1e-5, qk_norm=True, cap_feat_dim=2560, rope_theta=256.0,
     t_scale=1000.0, axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512],
 )
-REAL_TEXT_ENCODER = dict(  # SPEC §7
+REAL_TEXT_ENCODER = dict(  # ditto
     hidden_size=2560, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
     intermediate_size=9728, vocab_size=151936, rms_norm_eps=1e-6, rope_theta=1_000_000.0,
     max_position_embeddings=40960,
 )
-REAL_VAE = dict(  # SPEC §9
+REAL_VAE = dict(  # ditto
     in_channels=3, out_channels=3, latent_channels=16, block_out_channels=[128, 256, 512, 512],
     down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4, layers_per_block=2,
     norm_num_groups=32, act_fn="silu", scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,

@@ -49,10 +49,10 @@ class DequantizingLinear(nn.QuantizedLinear):
     """A QuantizedLinear that multiplies by its dequantized weight instead of calling `mx.quantized_matmul`.
 
     For MLX's CPU backend: there quantized_matmul runs at about 2 GFLOP/s on this project's 2-core test VM, the float
-    matmul (BLAS) at about 130 -- a 4-bit DiT step 58x slower than float32 (benchmarks/step_bench.py --bits 4; README,
-    Performance). The weight stays quantized at rest; the float copies of the few layers in flight cost under 7x one
-    feed-forward weight in float (memory.dequantized_weights_bytes). Same values up to float rounding (the products
-    are summed in another order)."""
+    matmul (BLAS) at about 130 -- a 4-bit DiT step 58x slower than float32 (benchmarks/step_bench.py --bits 4;
+    docs/memory-quantization.md). The weight stays quantized at rest; the float copies of the few layers in flight
+    cost under 7x one feed-forward weight in float (memory.dequantized_weights_bytes). Same values up to float
+    rounding (the products are summed in another order)."""
 
     def __call__(self, x: mx.array) -> mx.array:
         # made to depend on x, so the float weight is computed when its matmul can run: otherwise the breadth-first

@@ -1,4 +1,4 @@
-"""The Qwen3 tokenizer as Z-Image uses it: chat template, tokenization, truncation (SPEC §7).
+"""The Qwen3 tokenizer as Z-Image uses it: chat template, tokenization, truncation (docs/architecture.md, Qwen3).
 
 Ports the prompt handling of diffusers' `ZImagePipeline._encode_prompt` with the `tokenizers` library only
 (no transformers at runtime). Each prompt becomes
