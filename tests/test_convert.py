@@ -530,7 +530,7 @@ def test_hub_download_then_cached_conversion(tiny, tmp_path):
     script = textwrap.dedent(f"""
         import time, numpy as np, mlx.core as mx
         mx.set_default_device(mx.cpu)
-        import zimage_mlx.pipeline.pipeline as pl
+        import zimage_mlx.pipeline.loader as pl
         from zimage_mlx import ZImagePipeline
         calls = []
         real = pl.convert

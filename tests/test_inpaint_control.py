@@ -16,6 +16,7 @@ from make_controlnet import make_tiny_controlnet, save_tiny_controlnet
 from make_pipeline import SCHEDULER, save_tiny_pipeline
 
 from zimage_mlx import ZImagePipeline
+from zimage_mlx.pipeline.conditioning import control_context
 
 PROMPT = "a red bicycle leaning on a blue wall"
 
@@ -152,8 +153,8 @@ def test_control_context_per_semantics(tiny):
     ctrl_latent = np.array(pipe.vae.encode(mx.array(np.asarray(control, np.float32)[None] / 127.5 - 1)))
     gray = np.array(pipe.vae.encode(mx.zeros((1, 32, 32, 3))))
     for semantics in ("reference", "diffusers"):
-        pipe.controlnet_semantics = semantics
-        ctx = np.array(pipe._control([control], [0.5], None, None, 32, 32, 1).inputs[0].context)
+        ctx = np.array(control_context(pipe.controlnet, pipe.vae, semantics, [control], [0.5], None, None, 32, 32, 1,
+                                       pipe.size_multiple).inputs[0].context)
         np.testing.assert_allclose(ctx[:, :16], ctrl_latent, atol=1e-5)
         assert (ctx[:, 16] == 0).all()
         if semantics == "reference":
@@ -161,7 +162,6 @@ def test_control_context_per_semantics(tiny):
             assert np.abs(gray).max() > 0.01
         else:
             assert (ctx[:, 17:] == 0).all()
-    pipe.controlnet_semantics = "diffusers"
 
 
 def test_all_black_and_all_white_masks(tiny):

@@ -151,8 +151,15 @@ def test_nan_latents_are_an_error_not_a_black_image(tiny, monkeypatch):
     root, _, _, _ = tiny
     pipe = ZImagePipeline.from_pretrained(root, dtype="float32")
     real = pipe.transformer
-    monkeypatch.setattr(pipe, "_models", {**pipe._models,
-                                          "transformer": lambda x, t, c: real(x, t, c) * mx.array(float("nan"))})
+
+    class NaNTransformer:       # the real transformer whose output is NaN
+        dtype = real.dtype
+        prepare = real.prepare
+
+        def __call__(self, x, t, c, **kw):
+            return real(x, t, c, **kw) * mx.array(float("nan"))
+
+    monkeypatch.setattr(pipe, "_models", {**pipe._models, "transformer": NaNTransformer()})
     with pytest.raises(GenerationError, match="NaN"):
         pipe(prompt="x", height=H, width=W, seed=0, num_inference_steps=1)
 

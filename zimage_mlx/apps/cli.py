@@ -31,7 +31,6 @@ from ..pipeline.pipeline import DEFAULT_INPAINT_STRENGTH, DEFAULT_SIZE, DEFAULT_
 from .pngfile import describe_loras, png_params, read_png_params, save_png
 from ..pipeline.preview import Previewer, load_tiny_decoder
 from ..loading.quantize import GROUP_SIZES, VOCABULARY, parse_quantize
-from ..sampler import sigmas_for
 
 DEFAULT_OUTPUT = "zimage-{seed}.png"
 
@@ -194,7 +193,7 @@ class _Progress:
         self.t0 = time.perf_counter()
         self.done = 0
 
-    def __call__(self, step, sigma, latents):
+    def __call__(self, record):
         self.done += 1
         elapsed = time.perf_counter() - self.t0
         per = elapsed / self.done
@@ -212,17 +211,12 @@ class _PreviewFile:
     """Wraps the progress callback: after every step, the predicted final image (preview.Previewer) replaces
     `path` atomically (written beside it, then renamed), so an image viewer never shows a half-written file."""
 
-    def __init__(self, path: Path, inner, pipe, seed, steps, height, width, decoder=None, img2img=False):
+    def __init__(self, path: Path, inner, decoder=None):
         self.path, self.inner = path, inner
-        if img2img:   # the img2img start latents are made inside the pipeline: x̂0 from the second step on
-            self.previewer = Previewer(decoder)
-        else:
-            shape = pipe.latent_shape(1, height, width)
-            sigmas = sigmas_for(steps, pipe.scheduler_config, image_seq_len=shape[2] * shape[3] // 4)
-            self.previewer = Previewer(decoder, start=pipe.noise([seed], shape), start_sigma=float(sigmas[0]))
+        self.previewer = Previewer(decoder)
 
-    def __call__(self, step, sigma, latents):
-        image = self.previewer(step, sigma, latents)
+    def __call__(self, record):
+        image = self.previewer.image(record)     # the step's own x̂0 (a denoise.StepRecord)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=".png.part", dir=self.path.parent)
         try:
@@ -231,7 +225,7 @@ class _PreviewFile:
             os.replace(tmp, self.path)
         finally:
             Path(tmp).unlink(missing_ok=True)
-        return self.inner(step, sigma, latents)
+        return self.inner(record)
 
 
 def _note(msg: str) -> None:
@@ -348,15 +342,14 @@ def _generate(o: dict) -> None:
         label = f"image {count}/{len(o['seeds'])}" if len(o["seeds"]) > 1 else "denoising"
         callback = _Progress(run_steps, label, enabled=main and not o["quiet"])
         if o["preview"] and main:     # process 0's image (the first of each data-parallel call)
-            callback = _PreviewFile(Path(o["preview"]), callback, pipe, seeds[0], steps, height, width,
-                                    decoder, img2img=bool(o["image"]))
+            callback = _PreviewFile(Path(o["preview"]), callback, decoder)
         out = pipe(prompt=o["prompt"], negative_prompt=negative, height=height, width=width,
                    num_inference_steps=steps, guidance_scale=guidance, cfg_truncation=o["cfg_truncation"],
                    cfg_normalization=o["cfg_normalization"], seed=seeds, num_images_per_prompt=len(seeds),
                    image=o["image"], strength=o["strength"], mask_image=o["mask"], mask_blur=o["mask_blur"],
                    paste_back=o["paste_back"], control_image=list(o["control_image"]) or None,
                    control_type=o["control_type"], controlnet_conditioning_scale=o["control_scale"],
-                   callback=callback)
+                   on_step=callback)
         calls += 1
         for k, v in out.timings.items():
             if k != "total":
@@ -639,8 +632,6 @@ def serve(model, host, port, api_key, max_queue, quantize, dtype, lora, url_ttl,
         _note(f"Z-Image {pipe.variant.capitalize()}, {pipe.dtype_name}; {pipe.plan.summary()}")
         names = {}
         if lora:
-            if not hasattr(pipe, "load_lora_weights"):
-                raise click.UsageError("--lora: this build of zimage-mlx has no LoRA support yet")
             for path, weight in lora:
                 name = Path(path).stem
                 pipe.load_lora_weights(path, adapter_name=name)

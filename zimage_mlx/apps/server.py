@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import inspect
 import io
 import json
 import os
@@ -45,11 +44,11 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from .. import sampler
 from ..pipeline.pipeline import (DEFAULT_INPAINT_STRENGTH, DEFAULT_STRENGTH, MAX_SEED, GenerationCancelled, GenerationError,
                        ZImagePipeline)
 from .pngfile import png_params
-from ..pipeline.preview import Previewer, to_pil
+from ..pipeline.images import mask_image_to_l
+from ..pipeline.preview import Previewer
 from ..loading.weights import WeightError
 
 FORMATS = {"png": ("PNG", "image/png"), "jpeg": ("JPEG", "image/jpeg"), "webp": ("WEBP", "image/webp")}
@@ -325,9 +324,10 @@ class Worker:
                 if job.cancelled.is_set():
                     raise GenerationCancelled("the client has gone")
                 s = seed + k
-                callback = _StepCallback(job, k, partial_at, self._previewer(s, steps, req) if partial_at else None)
+                callback = _StepCallback(job, k, partial_at,
+                                         Previewer(self.cfg.preview_decoder) if partial_at else None)
                 out = pipe(prompt=req.prompt, negative_prompt=negative, height=req.height, width=req.width,
-                           num_inference_steps=steps, guidance_scale=g, seed=s, callback=callback, **extra)
+                           num_inference_steps=steps, guidance_scale=g, seed=s, on_step=callback, **extra)
                 img = out.images[0]
                 meta = png_params(req.prompt, negative, s, steps, g, f"{img.width}x{img.height}", cfg.model,
                                   pipe.quantization, pipe.dtype_name,
@@ -339,13 +339,6 @@ class Worker:
             if req.loras is not None:
                 pipe.set_adapters(list(cfg.loras), list(cfg.loras.values()))
 
-    def _previewer(self, seed: int, steps: int, req: ImageRequest) -> Previewer:
-        if req.image is not None:          # img2img: the start latents are not known here; x̂0 from the 2nd step
-            return Previewer(self.cfg.preview_decoder)
-        shape = self.pipe.latent_shape(1, req.height, req.width)
-        sigmas = sampler.sigmas_for(steps, self.pipe.scheduler_config, image_seq_len=shape[2] * shape[3] // 4)
-        return Previewer(self.cfg.preview_decoder, start=self.pipe.noise([seed], shape), start_sigma=float(sigmas[0]))
-
 
 class _StepCallback:
     """The pipeline callback of one image: False once the client has gone; a partial image at the chosen steps."""
@@ -354,13 +347,13 @@ class _StepCallback:
         self.job, self.index, self.partial_at, self.previewer = job, index, partial_at, previewer
         self.step = self.partials = 0
 
-    def __call__(self, i, sigma, latents) -> bool:
+    def __call__(self, record) -> bool:
+        """record: the step's denoise.StepRecord (its x̂0 is the partial image)."""
         if self.job.cancelled.is_set():
             return False
         if self.previewer is not None:
-            x0 = self.previewer.x0(sigma, latents)
             if self.step in self.partial_at:
-                img = to_pil(self.previewer.decoder(x0[:1])[0])
+                img = self.previewer.image(record)
                 self.job.emit(("partial", self.index, self.partials, _encode(img, self.job.req, None)))
                 self.partials += 1
         self.step += 1
@@ -389,11 +382,9 @@ def _encode(img: Image.Image, req: ImageRequest, meta: dict | None) -> bytes:
 
 
 def openai_mask(mask: Image.Image) -> Image.Image:
-    """An OpenAI edit mask (transparent = the area to edit) as the pipeline's (diffusers') mask: white = repaint.
-    A mask without transparency is taken as black-and-white already."""
-    if mask.mode in ("RGBA", "LA", "PA") or (mask.mode == "P" and "transparency" in mask.info):
-        return mask.convert("RGBA").getchannel("A").point(lambda a: 255 - a)
-    return mask.convert("L")
+    """An OpenAI edit mask (transparent = the area to edit) as the pipeline's (diffusers') mask: white = repaint;
+    the pipeline's one mask rule (pipeline/images.py: a mask without transparency is read by its luminance)."""
+    return mask_image_to_l(mask)
 
 
 def _as_api_error(e: BaseException) -> APIError:
@@ -455,7 +446,6 @@ def create_app(pipe: ZImagePipeline, config: ServerConfig | None = None) -> Star
     cfg = config or ServerConfig()
     worker = Worker(pipe, cfg)
     files = FileStore(cfg.url_ttl)
-    supports_mask = "mask_image" in inspect.signature(pipe.__call__).parameters
 
     def check_key(request: Request) -> None:
         if cfg.api_key is None:
@@ -511,9 +501,6 @@ def create_app(pipe: ZImagePipeline, config: ServerConfig | None = None) -> Star
         req = parse_request(body, cfg, edit=True)
         req.image = await _read_image(uploads["image"], "image")
         if "mask" in uploads:
-            if not supports_mask:
-                raise APIError(400, "this build cannot inpaint yet: send the edit without 'mask' (image-to-image)",
-                               param="mask", code="unsupported")
             req.mask = openai_mask(await _read_image(uploads["mask"], "mask", mode=None))
             if req.mask.size != req.image.size:
                 raise APIError(400, f"'mask' is {req.mask.width}x{req.mask.height} but 'image' is "

@@ -14,8 +14,9 @@ Two ways to show x̂0 (both take the DiT latents, i.e. (z − shift_factor)·sca
   full resolution, output ≈ [0, 1]. Loaded from taesd's `taef1_decoder.safetensors` or diffusers'
   `AutoencoderTiny` layout (madebyollin/taef1).
 
-`Previewer` turns the pipeline's step callback (step, sigma, latents) into PIL images: the callback gets the latents
-*after* each step, so the velocity is recovered from two consecutive states (`x0_from_steps`).
+`Previewer.image(record)` turns a step's denoise.StepRecord (the pipeline's `on_step` callback) into a PIL image of
+its x̂0. The older (step, sigma, latents) callback sees only the latents after each step; for it `Previewer(...)`
+recovers the velocity from two consecutive states (`x0_from_steps`).
 """
 
 from __future__ import annotations
@@ -180,9 +181,10 @@ def to_pil(rgb: mx.array | np.ndarray) -> Image.Image:
 
 
 class Previewer:
-    """Turns the pipeline's callback arguments (step, sigma, latents) into a preview image of x̂0.
+    """Preview images of x̂0: `image(record)` from an `on_step` StepRecord (x̂0 is the record's own), or called with
+    the (step, sigma, latents) callback's arguments.
 
-    The callback sees the latents after each step; x̂0 needs the step's velocity, recovered from the previous
+    That callback sees the latents after each step; x̂0 needs the step's velocity, recovered from the previous
     latents. Give `start` (the start latents, e.g. ZImagePipeline.noise(seeds, shape)) and `start_sigma` (the
     schedule's first σ) for an x̂0 already at the first step; without them the first preview shows the latents
     themselves. `decoder`: a LatentRGB (default) or a TinyDecoder. Returns the first image of the batch.
@@ -205,3 +207,7 @@ class Previewer:
     def __call__(self, step: int, sigma: float, latents: mx.array) -> Image.Image:
         rgb = self.decoder(self.x0(sigma, latents)[:1])
         return to_pil(rgb[0])
+
+    def image(self, record) -> Image.Image:
+        """The preview of a denoise.StepRecord: its x̂0 (first image of the batch) through the decoder."""
+        return to_pil(self.decoder(record.x0[:1])[0])
