@@ -23,7 +23,7 @@ from ..loading.weights import dtype_name
 from ..lora.adapters import LoRAState
 from ..memory import MemoryPlan, check_fits, size_multiple
 from ..models.text_encoder import encode_prompts
-from ..sampler import VARIANT_DEFAULTS, SchedulerConfig, check_variant
+from ..sampler import SchedulerConfig, check_variant
 from .conditioning import LATENT_CHANNELS, PROMPT_CACHE_SIZE, PromptCache, image_noise_key, noise
 from .denoise import GenerationCancelled, StepRecord
 from .generate import GenerationError
@@ -34,8 +34,8 @@ from .loader import load_pipeline
 from .lora_api import LoRAMixin
 from .parallel import generate_data_parallel
 from .request import (DEFAULT_INPAINT_STRENGTH, DEFAULT_SIZE, DEFAULT_STRENGTH, MAX_SEED, GenerationRequest,
-                      ModelLimits, PipelineOutput, RequestError, check_size, expand_seeds, float_arg, int_arg,
-                      prompts_arg)
+                      ModelLimits, PipelineOutput, RequestError, check_size, expand_seeds, prompts_arg,
+                      step_defaults)
 
 PATCH_SIZE = 2
 __all__ = ["ZImagePipeline", "PipelineOutput", "GenerationCancelled", "GenerationError", "GenerationRequest",
@@ -224,11 +224,7 @@ class ZImagePipeline(LazyModels, LoRAMixin):
 
     def defaults(self, num_inference_steps=None, guidance_scale=None) -> tuple[int, float]:
         """(steps, guidance): the given values checked, or the model variant's defaults (Turbo 8/0, Base 50/4)."""
-        d = VARIANT_DEFAULTS[self.variant]
-        steps = d["num_inference_steps"] if num_inference_steps is None else \
-            int_arg("num_inference_steps", num_inference_steps, 1, 1000)
-        g = d["guidance_scale"] if guidance_scale is None else float_arg("guidance_scale", guidance_scale, 0.0)
-        return steps, g
+        return step_defaults(self.variant, num_inference_steps, guidance_scale)
 
     @staticmethod
     def steps_to_run(steps: int, strength: float | None) -> int:

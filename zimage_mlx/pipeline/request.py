@@ -166,12 +166,8 @@ class GenerationRequest:
     def validate(self, limits: ModelLimits = ModelLimits()) -> "GenerationRequest":
         """Every default filled and every rule checked: a new request (validating it again changes nothing).
         Reads input images' headers for their sizes, no model weights."""
-        d = VARIANT_DEFAULTS[check_variant(limits.variant)]
-        r = self.replace(
-            num_inference_steps=d["num_inference_steps"] if self.num_inference_steps is None else
-            int_arg("num_inference_steps", self.num_inference_steps, 1, 1000),
-            guidance_scale=d["guidance_scale"] if self.guidance_scale is None else
-            float_arg("guidance_scale", self.guidance_scale, 0.0))
+        steps, g = step_defaults(limits.variant, self.num_inference_steps, self.guidance_scale)
+        r = self.replace(num_inference_steps=steps, guidance_scale=g)
         if r.output_type not in OUTPUT_TYPES:
             raise RequestError("output_type", f"output_type must be 'pil', 'np' or 'latent', got {r.output_type!r}")
         r = r.replace(num_images_per_prompt=int_arg("num_images_per_prompt", r.num_images_per_prompt, 1),
@@ -330,6 +326,15 @@ def check_size(height, width, limits: ModelLimits) -> tuple[int, int]:
             raise RequestError(name, f"{name} {v} exceeds the model's position range: at most {n * m} pixels "
                                f"({n} latent patches of {m} pixels)")
     return int(height), int(width)
+
+
+def step_defaults(variant: str, num_inference_steps=None, guidance_scale=None) -> tuple[int, float]:
+    """(steps, guidance): the given values checked, or the model variant's defaults (Turbo 8/0, Base 50/4)."""
+    d = VARIANT_DEFAULTS[check_variant(variant)]
+    steps = d["num_inference_steps"] if num_inference_steps is None else \
+        int_arg("num_inference_steps", num_inference_steps, 1, 1000)
+    g = d["guidance_scale"] if guidance_scale is None else float_arg("guidance_scale", guidance_scale, 0.0)
+    return steps, g
 
 
 def int_arg(name: str, value, low: int = 1, high: int | None = None) -> int:
