@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import rel_err, to_numpy
+from make_lora import as_peft, random_lora
 from make_controlnet import make_tiny_controlnet, save_tiny_controlnet
 from make_pipeline import diffusers_pipelines, save_tiny_pipeline
 
@@ -29,6 +30,7 @@ def tiny(tmp_path_factory, qwen_tokenizer_dir):
     save_tiny_controlnet(tmp / "controlnet", make_tiny_controlnet(5, "2.1"))
     pipe = ZImagePipeline.from_pretrained(root, dtype="float32", keep_text_encoder=True, controlnet=tmp / "controlnet")
     t2i, _ = diffusers_pipelines(models, qwen_tokenizer_dir)
+    pipe.lora_source = as_peft(random_lora(models["transformer"], strength=0.3, seed=1))
     return pipe, t2i
 
 
@@ -243,3 +245,23 @@ def test_callback_on_step_end_matches_diffusers(tiny):
     for (_, _, a), (_, _, b) in zip(ours, ref):
         assert rel_err(a, b) < 1e-3
     assert rel_err(to_numpy(out.images), ref_out.numpy()) < 1e-3
+
+
+# ---------------------------------------------------------------------------------------------- loras=
+def test_loras_weight_the_adapters_for_one_call(tiny):
+    pipe, _ = tiny
+    kw = dict(prompt=PROMPT, height=H, width=W, num_inference_steps=2, seed=5, output_type="latent")
+    base = to_numpy(pipe(**kw).images)
+    pipe.load_lora_weights(pipe.lora_source, adapter_name="style")
+    try:
+        pipe.set_adapters("style", 0.5)
+        ref = to_numpy(pipe(**kw).images)
+        pipe.set_adapters("style", 0.0)
+        assert np.array_equal(to_numpy(pipe(**kw).images), base)
+        got = to_numpy(pipe(**kw, loras={"style": 0.5}).images)
+        assert np.array_equal(got, ref) and not np.array_equal(got, base)
+        assert pipe.loras[0]["weight"] == 0.0                  # restored after the call
+        with pytest.raises(ValueError, match="no LoRA named 'other'; loaded: 'style'"):
+            pipe(**kw, loras={"other": 1.0})
+    finally:
+        pipe.unload_lora_weights()

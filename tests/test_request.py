@@ -118,6 +118,17 @@ CASES = [
     (ModelLimits(control_in_dim=16), dict(prompt="x", control_image=IMG, image=IMG, mask_image=MASK), "mask_image",
      "needs a 2.x ControlNet"),
     (ModelLimits(cfg_split=True), dict(prompt="x"), "guidance_scale", "parallel='cfg' splits"),
+    (TURBO, dict(prompt="x", loras=[1, 2]), "loras", "'loras' must map adapter names to weights"),
+    (TURBO, dict(prompt="x", loras={("a", "b"): 1.0}), "loras", "'loras' must map adapter names to weights"),
+    (TURBO, dict(prompt="x", loras="style"), "loras", "'loras' must map adapter names to weights"),
+    (TURBO, dict(prompt="x", loras={"a": NAN}), "loras", "'loras' weight of 'a' must be a finite number"),
+    (TURBO, dict(prompt="x", loras={"a": INF}), "loras", "finite number between -100 and 100, got inf"),
+    (TURBO, dict(prompt="x", loras={"a": 1e300}), "loras", "got 1e+300"),
+    (TURBO, dict(prompt="x", loras={"a": [1]}), "loras", "got [1]"),
+    (TURBO, dict(prompt="x", loras={"a": True}), "loras", "got True"),
+    (ModelLimits(adapters=("style",)), dict(prompt="x", loras={"nope": 1.0}), "loras",
+     "no LoRA named 'nope'; loaded: 'style'"),
+    (ModelLimits(adapters=()), dict(prompt="x", loras={"a": 1.0}), "loras", "loaded: none"),
     (TURBO, dict(prompt="x", callback=3), "callback", "callback must be callable"),
     (TURBO, dict(prompt="x", on_step=[print, 3]), "on_step", "on_step must be a callable"),
     (TURBO, dict(prompt="x", callback_on_step_end_tensor_inputs=["prompt_embeds"]),
@@ -142,9 +153,15 @@ def test_controlnet_without_control_image_warns_and_runs_the_base_model():
 
 
 # ---------------------------------------------------------------------------------------------- from_dict
+def test_loras_weights_become_floats():
+    r = _ok(ModelLimits(adapters=("a", "b")), prompt="x", loras={"a": 1, "b": np.float32(-0.5)})
+    assert r.loras == {"a": 1.0, "b": -0.5} and all(type(w) is float for w in r.loras.values())
+
+
 def test_from_dict_equals_from_kwargs():
     body = {"prompt": "a fox", "height": 512.0, "width": 256, "num_inference_steps": 4, "guidance_scale": 1.5,
-            "seed": 7.0, "negative_prompt": "blur", "strength": 0.5, "image": IMG, "output_type": "np"}
+            "seed": 7.0, "negative_prompt": "blur", "strength": 0.5, "image": IMG, "output_type": "np",
+            "loras": {"style": 0.8}}
     a = GenerationRequest.from_dict(body, source="json").validate(BASE)
     b = GenerationRequest.from_kwargs(**{**body, "height": 512, "seed": 7}).validate(BASE)
     assert a == b and isinstance(a.height, int) and a.seed == 7

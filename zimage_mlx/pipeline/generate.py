@@ -50,8 +50,9 @@ def generate(pipe, req: GenerationRequest) -> PipelineOutput:
     if req.inpaint:
         m_lat = mask_to_latent(mask, shape[2], shape[3], soft=req.mask_blur > 0)
         after_step.append(inpaint_blend(start.z0, start.eps, m_lat, sigmas))
-    latents = run_denoise(pipe, req, DenoiseState(start.latents, sigmas, timesteps, req.first_step), pos, neg,
-                          control, after_step)
+    with pipe.lora_weights(req.loras):      # the adapters' weights this call asks for, restored after
+        latents = run_denoise(pipe, req, DenoiseState(start.latents, sigmas, timesteps, req.first_step), pos, neg,
+                              control, after_step)
     images = decode(pipe, req, latents, init_image, mask)
     pipe.timings["total"] = time.perf_counter() - t_start
     reported = [None] * batch if req.latents is not None and req.seed is None else seeds

@@ -4,6 +4,7 @@ themselves live in lora/ (a LoRAState attached to the transformer). A mixin of Z
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Sequence
 
 import mlx.core as mx
@@ -80,3 +81,16 @@ class LoRAMixin:
     def _lora_dtype(self) -> mx.Dtype:
         loaded = self._models.get("transformer")
         return loaded.dtype if loaded is not None else self.dtype
+
+    @contextmanager
+    def lora_weights(self, weights: dict[str, float] | None):
+        """Within: the adapters weighted as `weights` (the others 0, as set_adapters); after: as before."""
+        if weights is None:
+            yield
+            return
+        before = {n: a.weight for n, a in self._lora.adapters.items()}
+        self._lora.set_weights(weights)
+        try:
+            yield
+        finally:
+            self._lora.set_weights(before)

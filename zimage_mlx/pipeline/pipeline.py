@@ -265,6 +265,7 @@ class ZImagePipeline(LazyModels, LoRAMixin):
         control_image=None,
         control_type: str | None = None,
         controlnet_conditioning_scale: float | Sequence[float] = 0.75,
+        loras: dict[str, float] | None = None,
         on_step: Callable[[StepRecord], Any] | Sequence[Callable[[StepRecord], Any]] | None = None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
@@ -287,6 +288,7 @@ class ZImagePipeline(LazyModels, LoRAMixin):
         controlnet_conditioning_scale: one scale, or one per control image (0 = exactly the base model).
         control_image with image + mask_image is ControlNet inpainting (diffusers' ZImageControlNetInpaintPipeline:
         pure-noise start, no strength, no per-step blending; the masked image enters the 33-channel control context).
+        loras: {adapter name: weight} for this call only (others weigh 0, as with set_adapters); restored after.
         on_step: a callable (or a list) called after every step with a denoise.StepRecord (step index, σ, σ_next,
         latents, the velocity and the predicted clean latents x0); return False to cancel (GenerationCancelled).
         callback(step_index, sigma_next, latents): the same, in this port's original form.

@@ -92,6 +92,7 @@ class GenerationRequest:
     control_image: Any = None
     control_type: str | None = None
     controlnet_conditioning_scale: float | Sequence[float] = 0.75
+    loras: dict[str, float] | None = None
     on_step: Callable | Sequence[Callable] | None = _py()
     callback_on_step_end: Callable | None = _py()
     callback_on_step_end_tensor_inputs: Sequence[str] = _py(("latents",))
@@ -175,7 +176,7 @@ class GenerationRequest:
                       cfg_normalization=float_arg("cfg_normalization", float(r.cfg_normalization or 0.0), 0.0),
                       mask_blur=float_arg("mask_blur", r.mask_blur, 0.0),
                       max_sequence_length=int_arg("max_sequence_length", r.max_sequence_length, 1))
-        r = r._check_control(limits)._check_strength()
+        r = r._check_control(limits)._check_strength()._check_loras(limits)
         if limits.cfg_split and not r.do_cfg:
             raise RequestError("guidance_scale", "parallel='cfg' splits classifier-free guidance, which is off "
                                "(guidance_scale 0, as Turbo uses); use parallel='data' or 'tensor'")
@@ -246,6 +247,23 @@ class GenerationRequest:
                 raise RequestError("strength", "ControlNet inpainting starts from pure noise and takes no strength "
                                    "(as diffusers' ZImageControlNetInpaintPipeline)")
         return self.replace(control_image=controls, controlnet_conditioning_scale=scales)
+
+    def _check_loras(self, limits: ModelLimits) -> "GenerationRequest":
+        """{adapter name: weight} for this call (the other loaded adapters weigh 0, as with set_adapters)."""
+        if self.loras is None:
+            return self
+        if not isinstance(self.loras, dict) or not all(isinstance(k, str) for k in self.loras):
+            raise RequestError("loras", "'loras' must map adapter names to weights, e.g. {\"style\": 0.8}")
+        for name, w in self.loras.items():
+            if isinstance(w, bool) or not isinstance(w, (int, float, np.floating, np.integer)) \
+                    or not math.isfinite(float(w)) or abs(float(w)) > MAX_LORA_WEIGHT:
+                raise RequestError("loras", f"'loras' weight of {name!r} must be a finite number between "
+                                   f"-{MAX_LORA_WEIGHT:g} and {MAX_LORA_WEIGHT:g}, got {w!r}")
+        unknown = [n for n in self.loras if limits.adapters is not None and n not in limits.adapters]
+        if unknown:
+            loaded = ", ".join(map(repr, limits.adapters)) or "none (load one with load_lora_weights)"
+            raise RequestError("loras", f"no LoRA named {unknown[0]!r}; loaded: {loaded}")
+        return self.replace(loras={k: float(v) for k, v in self.loras.items()})
 
     def _check_callbacks(self) -> None:
         for name in ("callback", "callback_on_step_end"):
