@@ -12,7 +12,7 @@ from conftest import rel_err, to_numpy
 from make_vae import make_tiny_vae, save_tiny_vae, save_tiny_vae_ldm
 from zimage_mlx.loading.components import load_component
 from zimage_mlx.loading.convert import vae_config_from_shapes
-from zimage_mlx.models import vae as vae_module
+from zimage_mlx.models import vae_blocks, vae_tiling
 from zimage_mlx.models.vae import AutoencoderKL, VAEConfig, largest_decoder_activation
 from zimage_mlx.loading.weights import safetensors_keys
 from zimage_mlx.loading.weights import WeightError
@@ -99,8 +99,8 @@ def test_whole_activation_tiled_decode_matches_untiled(oracle, paths, monkeypatc
     vae = load_component("vae", paths / "diffusers")
     lat = _latents((2, 16, 14, 9), seed=6) + torch.linspace(2, -2, 14)[:, None]
     strips = []
-    real = vae_module._WholeDecoder._strips
-    monkeypatch.setattr(vae_module._WholeDecoder, "_strips",
+    real = vae_tiling._WholeDecoder._strips
+    monkeypatch.setattr(vae_tiling._WholeDecoder, "_strips",
                         lambda self, *a: strips.append(real(self, *a)) or strips[-1])
     tiled = np.array(vae.decode(lat.numpy(), tile=tile))
     assert len(strips) > 10 and len(strips[-1]) > 1  # every convolution; the last at full size
@@ -118,12 +118,12 @@ def test_strip_convolution_matches_conv2d(up):
     """A 3x3 conv (after a nearest 2x upsample when `up`) computed in row strips with one halo row each side,
     concatenated, is the whole-image convolution."""
     x = mx.random.normal((2, 7, 5, 6), key=mx.random.key(1))
-    conv = vae_module.Upsample2D(4).conv if up else nn.Conv2d(6, 4, 3, padding=1)
+    conv = vae_blocks.Upsample2D(4).conv if up else nn.Conv2d(6, 4, 3, padding=1)
     conv.update({"weight": mx.random.normal((4, 3, 3, 6), key=mx.random.key(2)),
                  "bias": mx.random.normal((4,), key=mx.random.key(3))})
-    ref = conv(vae_module.upsample_nearest(x) if up else x)
-    taps = vae_module._up_taps(conv) if up else vae_module._conv_taps(conv)
-    strip = vae_module._upconv_strip if up else vae_module._conv3x3_strip
+    ref = conv(vae_blocks.upsample_nearest(x) if up else x)
+    taps = vae_tiling._up_taps(conv) if up else vae_tiling._conv_taps(conv)
+    strip = vae_tiling._upconv_strip if up else vae_tiling._conv3x3_strip
     parts = [strip(x[:, max(a - 1, 0) : min(b + 1, 7)], taps, conv.bias, a == 0, b == 7)
              for a, b in ((0, 1), (1, 4), (4, 7))]
     out = mx.concatenate(parts, axis=1)
@@ -139,12 +139,12 @@ def test_checkpoint_bytes_below_the_largest_activation_recomputes_strips(paths, 
     largest = largest_decoder_activation(vae.config.block_out_channels, 1, 6, 5, 4)
     assert largest == 32 * 48 * 40 * 4  # the last up block's input: the 32 channels before it, at full size
     used = []
-    for cls in (vae_module._WholeDecoder, vae_module._StripDecoder):
+    for cls in (vae_tiling._WholeDecoder, vae_tiling._StripDecoder):
         real = cls.__call__
         monkeypatch.setattr(cls, "__call__", lambda self, x, real=real, cls=cls: used.append(cls) or real(self, x))
     vae.decode(lat, tile=8, checkpoint_bytes=largest)
     vae.decode(lat, tile=8, checkpoint_bytes=largest - 1)
-    assert used == [vae_module._WholeDecoder, vae_module._StripDecoder]
+    assert used == [vae_tiling._WholeDecoder, vae_tiling._StripDecoder]
 
 
 def test_auto_tiling_is_used_for_large_images(paths, monkeypatch):
@@ -152,14 +152,14 @@ def test_auto_tiling_is_used_for_large_images(paths, monkeypatch):
     and above 256² on a GPU; the memory plan's decode estimate follows the same rule."""
     from zimage_mlx import memory
 
-    assert vae_module.auto_tile(64, 64, cpu=True) is None and vae_module.auto_tile(128, 128, cpu=True) == 256
-    assert vae_module.auto_tile(256, 256, cpu=False) is None and vae_module.auto_tile(320, 288, cpu=False) == 113
+    assert vae_tiling.auto_tile(64, 64, cpu=True) is None and vae_tiling.auto_tile(128, 128, cpu=True) == 256
+    assert vae_tiling.auto_tile(256, 256, cpu=False) is None and vae_tiling.auto_tile(320, 288, cpu=False) == 113
     cfg = {"block_out_channels": [128, 256, 512, 512]}
     cpu, gpu = (memory.vae_decode_activation_bytes(cfg, 256, 256, mx.float32, cpu=c) for c in (True, False))
     assert 0.2 * 2**30 < cpu < 0.25 * 2**30 < 2.3 * 2**30 < gpu < 2.5 * 2**30    # measured 0.21 / 2.39 GiB
     vae = load_component("vae", paths / "diffusers")
     used = []
-    for cls in (vae_module._WholeDecoder, vae_module._StripDecoder):
+    for cls in (vae_tiling._WholeDecoder, vae_tiling._StripDecoder):
         real = cls.__call__
         monkeypatch.setattr(cls, "__call__", lambda self, x, real=real, cls=cls: used.append(cls) or real(self, x))
     for shape, tiled in (((1, 16, 40, 36), True),     # 320 x 288 image: tiled on either backend
@@ -168,7 +168,7 @@ def test_auto_tiling_is_used_for_large_images(paths, monkeypatch):
         lat = _latents(shape, seed=4).numpy()
         used.clear()
         auto = np.array(vae.decode(lat))
-        assert used == ([vae_module._WholeDecoder] if tiled else []), shape
+        assert used == ([vae_tiling._WholeDecoder] if tiled else []), shape
         assert np.abs(auto - np.array(vae.decode(lat, tile=None))).max() <= 1e-4
 
 
@@ -244,8 +244,8 @@ def test_tiled_decode_memory(tmp_path, monkeypatch):
     large images (2048², 4096²) stay bounded by the strip, not the area."""
     save_tiny_vae(tmp_path, make_tiny_vae(seed=5, block_out_channels=(8, 8, 8, 8), norm_num_groups=4))
     model = load_component("vae", tmp_path)
-    attention = vae_module.Attention.__call__  # at most 1 MB of scores (not 67 MB): the convolutions' memory shows
-    monkeypatch.setattr(vae_module.Attention, "__call__", lambda self, x: attention(self, x, max_score_elems=1 << 18))
+    attention = vae_blocks.Attention.__call__  # at most 1 MB of scores (not 67 MB): the convolutions' memory shows
+    monkeypatch.setattr(vae_blocks.Attention, "__call__", lambda self, x: attention(self, x, max_score_elems=1 << 18))
 
     def peak(px, tile, checkpoint_bytes=1 << 20):
         z = mx.random.normal((1, 16, px // 8, px // 8), key=mx.random.key(0))

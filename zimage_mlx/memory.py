@@ -21,7 +21,7 @@ from .loading.components import MODEL_COMPONENTS, build_model
 from .distributed import is_split
 from .loading.quantize import COMPONENTS, describe_bits, parse_quantize, should_quantize
 from .models.transformer import feed_forward_width
-from .models.vae import auto_tile, largest_decoder_activation
+from .models.vae_tiling import auto_tile, largest_decoder_activation
 
 
 # --------------------------------------------------------------------------- sizes
