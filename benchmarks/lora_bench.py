@@ -27,7 +27,8 @@ from mlx.utils import tree_flatten
 
 import mlx.nn as nn
 
-from zimage_mlx.lora.adapters import LoRAState, LowRank, load_adapter
+from zimage_mlx.lora.adapters import LoRAState, load_adapter
+from zimage_mlx.lora.patches import LowRank
 from zimage_mlx.pipeline.pipeline import ZImagePipeline
 from zimage_mlx.loading.quantize import prepare_for_quantized_load
 from zimage_mlx.sampler import SchedulerConfig

@@ -21,7 +21,8 @@ from make_pipeline import diffusers_pipelines, save_tiny_pipeline
 
 from zimage_mlx import ZImagePipeline
 from zimage_mlx.loading.hub import resolve_file
-from zimage_mlx.lora.adapters import LoRAError, LoRALinear, LoRAState, load_adapter
+from zimage_mlx.lora.adapters import LoRAError, LoRAState, load_adapter
+from zimage_mlx.lora.layers import LoRALinear
 from zimage_mlx.models.transformer import FUSED_PROJECTIONS
 from zimage_mlx.loading.weights import WeightError
 
@@ -629,7 +630,7 @@ def test_hub_file_from_the_cache_offline(tmp_path, monkeypatch):
 
 def test_safetensors_header_starting_like_a_pickle_is_read(tmp_path):
     """A header length whose first byte is 0x80 must not be taken for a pickle."""
-    from zimage_mlx.lora.adapters import read_lora
+    from zimage_mlx.lora.formats import read_lora
 
     for pad in range(0, 300):
         path = save(tmp_path / "h.safetensors", {"a" * (pad + 1): np.zeros(1, np.float32)})
