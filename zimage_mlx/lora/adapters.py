@@ -8,18 +8,22 @@ fuse_lora alike. The API is diffusers' `ZImageLoraLoaderMixin` (diffusers/loader
 
 from __future__ import annotations
 
+import math
+import numbers
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from .formats import LoRAError, read_lora
 from .layers import (LoRABranch, LoRALinear, PatchBranch, add_rows, group_targets, linear_shapes, model_modules,
                      resolve_layer, resolve_tensor, set_module, tensor_owner, unwrap, wrap)
 from .patches import Delta, LowRank, cast_patch, parse_lora, patch_dtype
 
-__all__ = ["Adapter", "LoRAError", "LoRAState", "load_adapter"]
+__all__ = ["Adapter", "LoRAError", "LoRAState", "check_lora_args", "load_adapter"]
 
 
 @dataclass
@@ -66,16 +70,29 @@ class LoRAState:
             self._attach(a)
         self._remerge()
 
+    def set_adapters(self, names, weights=None) -> None:
+        """diffusers' `set_adapters`: `names` one name or a list; `weights` None (1.0), one number for all, or one
+        per name (numpy numbers and 0-d arrays are numbers). Bad names or weights are refused before any change."""
+        names = _names("adapter_names", names)
+        if weights is None or _is_number(weights):
+            weights = [1.0 if weights is None else weights] * len(names)
+        elif isinstance(weights, (list, tuple)) or getattr(weights, "ndim", None) == 1:
+            weights = list(weights)
+        else:
+            raise TypeError(f"adapter_weights must be one number or a list with one number per adapter, got "
+                            f"{type(weights).__name__}")
+        if len(weights) != len(names):
+            raise ValueError(f"{len(weights)} adapter weights for {len(names)} adapters")
+        self.set_weights(dict(zip(names, weights)))
+
     def set_weights(self, weights: dict) -> None:
         """{name: weight}; adapters not named get weight 0 (diffusers' set_adapters)."""
-        unknown = [n for n in weights if n not in self.adapters]
-        if unknown:
-            raise ValueError(f"no adapter named {', '.join(map(repr, unknown))}; loaded: "
-                             f"{', '.join(map(repr, self.adapters)) or 'none'}")
+        self._check_known(weights)
+        weights = {name: _weight(name, w) for name, w in weights.items()}
         if self.fused_names():
             raise ValueError("unfuse_lora() before changing adapter weights (they are fused into the weights)")
         for name, a in self.adapters.items():
-            a.weight = float(weights.get(name, 0.0))
+            a.weight = weights.get(name, 0.0)
         self._remerge()
 
     def clear(self) -> None:
@@ -97,9 +114,11 @@ class LoRAState:
 
     def fuse(self, names=None, lora_scale: float = 1.0) -> None:
         """Merge the branches of `names` (default: all active) into float weights (faster steps)."""
+        if not _is_number(lora_scale) or not math.isfinite(float(lora_scale)):
+            raise ValueError(f"lora_scale must be a finite number, got {lora_scale!r}")
+        names = set(self.adapters if names is None else self._check_known(_names("adapter_names", names)))
         if self.model is None:
             raise RuntimeError("fuse_lora needs the transformer loaded")
-        names = set(self.adapters if names is None else ([names] if isinstance(names, str) else names))
         quantized = [p for p, w in self._wrapped.items() if isinstance(w.base, nn.QuantizedLinear)
                      and any(b.adapter is not None and b.adapter.name in names for b in w.branches)]
         if quantized:
@@ -108,7 +127,7 @@ class LoRAState:
         for w in self._wrapped.values():
             for b in w.branches:
                 if b.adapter is not None and b.adapter.name in names and not b.fused and b.factor() != 0.0:
-                    c = b.factor() * lora_scale
+                    c = b.factor() * float(lora_scale)
                     add_rows(w.base, b.span, c * b.matrix())
                     b.fused = c
 
@@ -121,6 +140,13 @@ class LoRAState:
                     b.fused = 0.0
 
     # ---------------------------------------------------------------------------- internals
+    def _check_known(self, names):
+        unknown = [n for n in names if n not in self.adapters]
+        if unknown:
+            raise ValueError(f"no adapter named {', '.join(map(repr, unknown))}; loaded: "
+                             f"{', '.join(map(repr, self.adapters)) or 'none'}")
+        return names
+
     def _branches(self):
         return [b for w in self._wrapped.values() for b in w.branches if b.adapter is not None]
 
@@ -180,3 +206,44 @@ def load_adapter(source, model: nn.Module, dtype: mx.Dtype, name: str) -> Adapte
         label = str(source)
     patches = parse_lora(state, metadata, model, label, dtype)
     return Adapter(name, Path(label).name if sha else label, sha, patches)
+
+
+def check_lora_args(source, adapter_name) -> None:
+    """load_lora_weights' arguments: a .safetensors path, hub file name or {key: array} dict, and an adapter name
+    that is None (a default name is chosen) or a non-empty string."""
+    if not isinstance(source, (str, os.PathLike, dict)):
+        got = "None" if source is None else type(source).__name__
+        raise TypeError(f"a LoRA is a .safetensors path, a hub file \"owner/repo/file.safetensors\" or a "
+                        f"{{key: array}} dict, got {got}")
+    if isinstance(source, str) and not source.strip():
+        raise ValueError("the LoRA path is empty")
+    if adapter_name is not None and not isinstance(adapter_name, str):
+        raise TypeError(f"adapter_name must be a string, got {type(adapter_name).__name__}")
+    if adapter_name is not None and not adapter_name.strip():
+        raise ValueError("adapter_name must not be empty")
+
+
+def _is_number(v) -> bool:
+    """A real number: Python's and numpy's (np.float32(0.5)), or a 0-d numpy / MLX array; not a bool."""
+    if isinstance(v, np.ndarray):
+        return v.ndim == 0 and v.dtype != np.bool_
+    if isinstance(v, mx.array):
+        return v.ndim == 0 and v.dtype != mx.bool_
+    return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
+
+
+def _weight(name: str, w) -> float:
+    if not _is_number(w):
+        raise TypeError(f"adapter {name!r}: the weight must be a number, got {type(w).__name__}")
+    if not math.isfinite(float(w)):
+        raise ValueError(f"adapter {name!r}: the weight must be a finite number, got {float(w)}")
+    return float(w)
+
+
+def _names(what: str, names) -> list[str]:
+    names = [names] if isinstance(names, str) else names
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        got = type(names).__name__ if not isinstance(names, (list, tuple)) else \
+            f"a list holding {', '.join(sorted({type(n).__name__ for n in names if not isinstance(n, str)}))}"
+        raise TypeError(f"{what} must be a name or a list of names, got {got}")
+    return list(names)

@@ -22,6 +22,13 @@ import numpy as np
 
 from ..loading.weights import WeightError, safetensors_keys
 
+# The largest magnitude a LoRA tensor may hold. A LoRA is a small correction: PEFT initializes A in ±1/√in and B at
+# 0 and trained factors stay of order 1, full deltas are of the size of the weights they patch, and alpha is at most a
+# few times the rank (≤ 1024 in published files). A value beyond 1e4 is a damaged or diverged file, whose update
+# (×rank) would swamp the weights: refused at load rather than found as a black image after the whole denoise.
+MAX_ABS = 1e4
+
+
 class LoRAError(WeightError):
     """A LoRA cannot be applied: another model's LoRA, keys that match no layer, bad shapes, unreadable file."""
 
@@ -67,6 +74,8 @@ ALIAS_WORDS = ("x_embedder", "final_layer", "q_norm", "k_norm", "to_q", "to_k", 
 def read_lora(path: str | Path):
     """(tensors, header metadata, sha256) of a .safetensors LoRA; pickles are refused without being opened."""
     path = Path(path)
+    if path.is_dir():
+        raise LoRAError(f"{path}: is a directory; pass a .safetensors file")
     if not path.is_file():
         raise LoRAError(f"{path}: LoRA file not found")
     with open(path, "rb") as f:
@@ -205,8 +214,23 @@ def group_tensors(state: dict, model_paths, source: str) -> tuple[dict, list]:
             continue
         path = _tokenize(_strip_prefixes(path), vocab)
         groups.setdefault(path, {})[role] = (key, as_mx(value))
-    for roles in groups.values():
-        for key, v in roles.values():
-            if not mx.issubdtype(v.dtype, mx.floating):
-                raise LoRAError(f"{source}: tensor {key} has dtype {v.dtype}; a LoRA holds floating-point tensors")
+    _check_values([kv for roles in groups.values() for kv in roles.values()], source)
     return groups, unmatched
+
+
+def _check_values(tensors: list, source: str) -> None:
+    """Floating-point tensors, finite, |value| ≤ MAX_ABS; else one LoRAError naming the first bad key."""
+    for key, v in tensors:
+        if not mx.issubdtype(v.dtype, mx.floating):
+            raise LoRAError(f"{source}: tensor {key} has dtype {v.dtype}; a LoRA holds floating-point tensors")
+    tensors = [(key, v) for key, v in tensors if v.size]
+    finite = [mx.isfinite(v).all() for _, v in tensors]
+    peak = [mx.abs(v).max() for _, v in tensors]
+    mx.eval(finite, peak)
+    for (key, _), ok, m in zip(tensors, finite, peak):
+        if not ok.item():
+            raise LoRAError(f"{source}: tensor {key} holds values that are not finite (NaN or inf): a damaged file "
+                            "or a diverged training")
+        if m.item() > MAX_ABS:
+            raise LoRAError(f"{source}: tensor {key} holds a value of magnitude {m.item():.3g}, larger than "
+                            f"{MAX_ABS:g}, which no working LoRA holds: a damaged file or a diverged training")

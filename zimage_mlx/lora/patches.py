@@ -206,24 +206,32 @@ def _patches_for(model, path, roles, layers, tensors, alpha_of, source):
         ups = tuple(up[int(a):int(b)] for a, b in zip(starts[:-1], starts[1:]))
         return [LowRank(tuple(targets), down, ups, scale)]
 
+    return [_kron(roles, path, targets, (out_dim, in_dim), alpha, source)]
+
+
+def _kron(roles, path, targets, shape, alpha, source) -> Kron:
+    """A LoKr patch: w1 (or w1_a·w1_b) and w2 (or w2_a·w2_b, or Tucker), scaled alpha/rank when factored."""
+    def t(role):
+        return roles[role][1]
+
     w1 = t("w1") if "w1" in roles else _product(roles, "w1_a", "w1_b", source)
     if "t2" in roles:   # Tucker: w2 = einsum("ij,ip,jr->pr", t2, w2_a, w2_b) (LyCORIS rebuild_tucker)
         t2, wa, wb = _f32(t("t2")), _f32(_need(roles, "w2_a", source)), _f32(_need(roles, "w2_b", source))
         if t2.ndim < 2 or math.prod(t2.shape[2:]) != 1:
-            raise LoRAError(f"{source}: {key('t2')} has shape {tuple(t2.shape)}; a linear layer's Tucker core is "
-                            "(rank, rank)")
+            raise LoRAError(f"{source}: {roles['t2'][0]} has shape {tuple(t2.shape)}; a linear layer's Tucker "
+                            "core is (rank, rank)")
         w2 = wa.T @ t2.reshape(t2.shape[0], t2.shape[1]) @ wb
     else:
         w2 = t("w2") if "w2" in roles else _product(roles, "w2_a", "w2_b", source)
     w1, w2 = _f32(w1), _f32(w2)
     if w1.ndim != 2 or w2.ndim != 2:
         raise LoRAError(f"{source}: LoKr factors of {path} must be matrices (got {w1.shape} and {w2.shape})")
-    if (w1.shape[0] * w2.shape[0], w1.shape[1] * w2.shape[1]) != (out_dim, in_dim):
+    if (w1.shape[0] * w2.shape[0], w1.shape[1] * w2.shape[1]) != shape:
         raise LoRAError(f"{source}: {path}: kron(w1 {tuple(w1.shape)}, w2 {tuple(w2.shape)}) does not fit layer "
-                        f"{' + '.join(targets)} of shape ({out_dim}, {in_dim})")
+                        f"{' + '.join(targets)} of shape {shape}")
     rank = roles["w2_b"][1].shape[0] if "w2_b" in roles else roles["w1_b"][1].shape[0] if "w1_b" in roles else None
     scale = alpha / rank if (alpha is not None and rank is not None) else 1.0
-    return [Kron(tuple(targets), w1, w2, scale)]
+    return Kron(tuple(targets), w1, w2, scale)
 
 
 def _matrix(v, key, source):

@@ -11,7 +11,7 @@ import mlx.core as mx
 
 from ..loading.components import build_model
 from ..loading.hub import resolve_file
-from ..lora.adapters import LoRAError, load_adapter
+from ..lora.adapters import LoRAError, check_lora_args, load_adapter
 
 
 class LoRAMixin:
@@ -23,9 +23,10 @@ class LoRAMixin:
 
         As in diffusers, the newly loaded adapter becomes the active one; combine adapters with `set_adapters`.
         Accepts a .safetensors path, a hub file "owner/repo/file.safetensors", or a {key: array} dict, in any
-        Z-Image LoRA format (lora.py). A LoRA for another model, keys that match no layer, or bad shapes raise
+        Z-Image LoRA format (lora/formats.py). A LoRA for another model, keys that match no layer, or bad shapes raise
         LoRAError and change nothing. Before the transformer is loaded, the LoRA is applied when it loads.
         """
+        check_lora_args(pretrained_model_name_or_path_or_dict, adapter_name)
         if self.parallel == "tensor" and self.world_size > 1:
             raise LoRAError("LoRAs are not supported with tensor parallelism yet (its layers are split across "
                             "processes); use parallel='data' or 'cfg'")
@@ -47,14 +48,7 @@ class LoRAMixin:
     def set_adapters(self, adapter_names: str | Sequence[str], adapter_weights=None) -> None:
         """Activate these adapters with these weights (one float for all, or one per name; default 1.0); the
         other loaded adapters get weight 0. Never reloads the base model."""
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        if adapter_weights is None or isinstance(adapter_weights, (int, float)):
-            weights = [1.0 if adapter_weights is None else float(adapter_weights)] * len(names)
-        else:
-            weights = [float(w) for w in adapter_weights]
-            if len(weights) != len(names):
-                raise ValueError(f"{len(weights)} adapter weights for {len(names)} adapters")
-        self._lora.set_weights(dict(zip(names, weights)))
+        self._lora.set_adapters(adapter_names, adapter_weights)
 
     def get_active_adapters(self) -> list[str]:
         return [n for n, a in self._lora.adapters.items() if a.weight != 0.0]
