@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlx.core as mx
 import numpy as np
@@ -600,6 +601,7 @@ def test_hub_failures_are_one_line_each(monkeypatch, error, says):
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fail)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fail)
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda *a, **k: SimpleNamespace(model_info=fail))  # the plan's query
     for call, spec in ((lambda: resolve_source("someone/model", revision="v9"), "someone/model"),
                        (lambda: resolve_file("someone/lora/sub/lora.safetensors"), "someone/lora/sub/lora.safetensors")):
         if error == "RevisionNotFoundError" and "lora" in spec:

@@ -12,7 +12,8 @@ LEVELS = [
     ("loading.quantize", "loading.weights"),
     ("models.", "sampler"),
     ("lora.",),
-    ("distributed", "memory", "loading.components", "loading.hub", "loading.convert"),
+    ("distributed", "memory", "loading.components", "loading.download", "loading.hub", "loading.convert",
+     "loading.publish"),
     ("pipeline.", "training."),
     ("apps.",),
 ]

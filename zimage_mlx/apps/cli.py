@@ -1,4 +1,4 @@
-"""The command line: `zimage-mlx generate|convert|info` (also `python -m zimage_mlx`, `python -m zimage_mlx.generate`).
+"""The command line: `zimage-mlx generate|convert|info|upload` (also `python -m zimage_mlx`, `python -m zimage_mlx.generate`).
 
 All click code lives here; the commands call the pipeline and the converter and do not redo their work. Bad
 arguments print one line and exit 2 (checked before any model loads); runtime failures print one line and exit 1
@@ -27,6 +27,7 @@ from ..models.controlnet import SEMANTICS
 from ..loading.convert import check_output, convert, convert_controlnet
 from ..distributed import PARALLEL_MODES, init_group, shared_random_seed, watch_for_lost_peers
 from ..loading.hub import DEFAULT_REPO
+from ..loading.publish import upload
 from ..pipeline.pipeline import DEFAULT_INPAINT_STRENGTH, DEFAULT_SIZE, DEFAULT_STRENGTH, MAX_SEED, ZImagePipeline, expand_seeds
 from .pngfile import describe_loras, png_params, read_png_params, save_png
 from ..pipeline.preview import Previewer, load_tiny_decoder
@@ -435,8 +436,9 @@ def _generate(o: dict) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace existing files instead of choosing a free name.")
 @click.option("--preview", type=click.Path(dir_okay=False), default=None,
               help="Refresh this PNG with a cheap preview of the image forming after every step.")
-@click.option("--taef1", type=click.Path(exists=True), default=None,
-              help="TAEF1 weights (taef1_decoder.safetensors) for full-size previews instead of the 1/8-size map.")
+@click.option("--taef1", default=None,
+              help="TAEF1 weights (taef1_decoder.safetensors; a path or hub file owner/repo/file) for full-size "
+                   "previews instead of the 1/8-size map.")
 @click.option("--parallel", type=click.Choice(PARALLEL_MODES), default=None,
               help="Under mlx.launch, share the work between the processes (Macs): data = one image per process, "
                    "cfg = the two guidance branches on 2 processes, tensor = the models split (1/N of the weights "
@@ -531,9 +533,9 @@ def info(png, as_json):
 @click.command("convert", cls=_Command)
 @click.argument("source", required=False)
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Destination directory.")
-@click.option("--transformer", type=click.Path(exists=True, dir_okay=False), help="ComfyUI/single-file transformer.")
-@click.option("--text-encoder", type=click.Path(exists=True, dir_okay=False), help="Single-file Qwen3 text encoder.")
-@click.option("--vae", type=click.Path(exists=True, dir_okay=False), help="Single-file FLUX VAE (ae.safetensors).")
+@click.option("--transformer", help="ComfyUI/single-file transformer (path or hub file owner/repo/file).")
+@click.option("--text-encoder", help="Single-file Qwen3 text encoder (path or hub file owner/repo/file).")
+@click.option("--vae", help="Single-file FLUX VAE, ae.safetensors (path or hub file owner/repo/file).")
 @click.option("--tokenizer", type=click.Path(exists=True, file_okay=False), help="Directory with tokenizer.json.")
 @click.option("--transformer-config", type=click.Path(exists=True, dir_okay=False),
               help="config.json for a single-file transformer (default: inferred from its shapes).")
@@ -548,7 +550,7 @@ def info(png, as_json):
 @click.option("--revision", default=None, help="Hub revision (with a hub id).")
 @click.option("--variant", type=click.Choice(["turbo", "base"]), default=None,
               help="Model family (sets default steps/guidance) [default: detected; turbo for single files].")
-@click.option("--controlnet", default=None, type=click.Path(exists=True),
+@click.option("--controlnet", default=None,
               help="Convert a ControlNet Union (file or diffusers directory) alone; bits from --quantize.")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier conversion at the destination.")
 @click.option("--verbose", "-v", is_flag=True, help="Show tracebacks on errors.")
@@ -590,6 +592,22 @@ def convert_command(source, output, transformer, text_encoder, vae, tokenizer, t
                                 revision=revision, variant=variant), verbose)
 
 
+# ---------------------------------------------------------------------------------------------- upload
+@click.command("upload", cls=_Command)
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repository private.")
+@click.option("--revision", default=None, help="Branch to upload to (created when missing).")
+@click.option("--dry-run", is_flag=True, help="Write the model card and list what would be uploaded; send nothing.")
+@click.option("--overwrite", is_flag=True, help="Replace a repository that holds another model.")
+@click.option("--verbose", "-v", is_flag=True, help="Show tracebacks on errors.")
+def upload_command(directory, repo_id, private, revision, dry_run, overwrite, verbose):
+    """Publish DIRECTORY (made by `zimage-mlx convert`) as the hub model REPO_ID (owner/name), with a model card;
+    it then loads with `--model REPO_ID`, downloading only its files."""
+    run_guarded(lambda: upload(directory, repo_id, private=private, revision=revision, dry_run=dry_run,
+                               overwrite=overwrite), verbose)
+
+
 # ---------------------------------------------------------------------------------------------- serve
 @click.command("serve", cls=_Command)
 @click.option("--model", "-m", default=DEFAULT_REPO, show_default=True,
@@ -611,8 +629,8 @@ def convert_command(source, output, transformer, text_encoder, vae, tokenizer, t
                    "name (the file's stem) with {\"loras\": {\"NAME\": WEIGHT}}.")
 @click.option("--url-ttl", type=click.FloatRange(1), default=3600, show_default=True,
               help="Seconds a response_format=url image stays downloadable.")
-@click.option("--taef1", type=click.Path(exists=True), default=None,
-              help="TAEF1 weights (taef1_decoder.safetensors) for full-size streamed previews.")
+@click.option("--taef1", default=None,
+              help="TAEF1 weights (taef1_decoder.safetensors, a path or hub file) for full-size streamed previews.")
 @click.option("--verbose", "-v", is_flag=True, help="Show the traceback when something fails.")
 def serve(model, host, port, api_key, max_queue, quantize, dtype, lora, url_ttl, taef1, verbose):
     """Serve OpenAI's images API (/v1/images/generations, /v1/images/edits) and a web page at http://HOST:PORT/."""
@@ -660,6 +678,7 @@ cli.add_command(generate)
 cli.add_command(info)
 cli.add_command(convert_command)
 cli.add_command(serve)
+cli.add_command(upload_command)
 
 
 def generate_main() -> None:

@@ -59,7 +59,9 @@ def read_manifest(root: str | Path) -> dict:
     if not isinstance(version, int):
         raise WeightError(f"{path}: not a zimage_mlx manifest (no format_version)")
     if version > FORMAT_VERSION:
-        raise WeightError(f"{path}: format version {version} was written by a newer zimage_mlx; upgrade the package")
+        raise WeightError(f"{path}: format version {version} (written by zimage_mlx "
+                          f"{manifest.get('zimage_mlx_version', '?')}) needs a newer zimage_mlx; this one reads up to "
+                          f"format version {FORMAT_VERSION}: pip install -U zimage-mlx")
     for name in MODEL_COMPONENTS:
         if not isinstance(manifest.get("components", {}).get(name), dict):
             raise WeightError(f"{path}: the manifest lists no {name} component")

@@ -9,7 +9,6 @@ nothing that loads as a model.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -25,7 +24,8 @@ from .. import __version__
 from ..models.controlnet import MLX_KEY, controlnet_save_config, load_controlnet
 from .components import (FORMAT_VERSION, MANIFEST_NAME, MODEL_COMPONENTS, QUANTIZABLE, is_mlx_dir, load_component,
                          save_component)
-from .hub import download_tokenizer, resolve_source
+from .download import file_sha256, inventory
+from .hub import download_tokenizer, resolve_file, resolve_source
 from .quantize import GROUP_SIZES, parse_quantize
 from ..sampler import SchedulerConfig, detect_variant
 from ..models.transformer import ZImageTransformerConfig
@@ -193,18 +193,6 @@ CONFIG_FROM_SHAPES = {"transformer": transformer_config_from_shapes, "text_encod
 
 
 # --------------------------------------------------------------------------- the destination
-def file_sha256(path: Path) -> str:
-    """sha256 of a file; for a Hugging Face cache symlink the blob name already is it (no re-read)."""
-    target = Path(os.path.realpath(path))
-    if re.fullmatch(r"[0-9a-f]{64}", target.name) and target.parent.name == "blobs":
-        return target.name
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def check_output(output: str | Path, overwrite: bool) -> Path:
     """The destination, refused before any work when it cannot be written: the current directory (or one of
     its parents) itself, a file, a non-empty folder without `overwrite`, or — with `overwrite` — a non-empty
@@ -309,7 +297,7 @@ def convert(
     # ---- inputs (every file's header is checked here, before any compute)
     configs = {}
     if source is not None:
-        root = resolve_source(source, revision=revision)
+        root = resolve_source(source, revision=revision, convert_into=output, dtype=mx_dtype, quantize=bits)
         for part in MODEL_COMPONENTS:
             if not (root / part).is_dir():
                 raise WeightError(f"{root}: not a Hugging Face-layout Z-Image directory (no {part}/ folder)")
@@ -323,7 +311,7 @@ def convert(
         kind = "diffusers"
         variant = variant or detect_variant(source, SchedulerConfig.from_dict(scheduler))
     else:
-        inputs = {k: Path(v).expanduser() for k, v in singles.items()}
+        inputs = {k: resolve_file(v) for k, v in singles.items()}   # a path or a hub file owner/repo/file
         for expected, path in inputs.items():
             found = detect_file_kind(path)
             if found != expected:
@@ -378,7 +366,7 @@ def convert(
             "variant": variant, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "source": {"kind": kind, "source": str(source) if source is not None else None, "revision": revision,
                        "files": hashes},
-            "components": components,
+            "components": components, "files": inventory(tmp, hashes=False),   # sha256s: added by publish
         }
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))   # written last: marks completion
         _install(tmp, output)
@@ -408,7 +396,7 @@ def convert_controlnet(
         raise ValueError(f"bits must be 4, 8 or None, got {bits!r}")
     if group_size not in GROUP_SIZES:
         raise ValueError(f"group_size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size}")
-    source = Path(source).expanduser()
+    source = resolve_file(source)
     if source.is_file() and detect_file_kind(source) != "controlnet":
         raise WeightError(f"{source}: given as a ControlNet, but it holds {KIND_NAMES[detect_file_kind(source)]}")
     output = Path(output).expanduser()

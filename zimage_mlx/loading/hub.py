@@ -8,12 +8,16 @@ pipeline needs) and honour HF_HUB_OFFLINE.
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 from pathlib import Path
+from typing import Callable
 
 import mlx.core as mx
 
-from .components import is_mlx_dir
+from .components import MANIFEST_NAME, MODEL_COMPONENTS, is_mlx_dir, read_manifest
+from .download import DownloadPlan, converted_size, diffusers_files, mlx_files, remote_files, verify_snapshot
 from .weights import WeightError, dtype_name
 
 DEFAULT_REPO = "Tongyi-MAI/Z-Image-Turbo"
@@ -36,10 +40,17 @@ def looks_like_repo_id(src: str) -> bool:
     return len(parts) == 2 and all(parts) and not str(src).startswith((".", "~")) and not Path(src).exists()
 
 
-def resolve_source(src: str | Path, revision: str | None = None, offline: bool | None = None) -> Path:
-    """A local directory for `src`: the directory itself, or a hub snapshot (downloading only what is needed).
+def resolve_source(src: str | Path, revision: str | None = None, offline: bool | None = None, *,
+                   convert_into: Path | None = None, dtype: mx.Dtype | None = None, quantize=None,
+                   log: Callable[[str], None] | None = None) -> Path:
+    """A local directory for `src`: the directory itself, or a hub snapshot.
 
-    Offline (HF_HUB_OFFLINE=1 or offline=True) with nothing cached raises WeightError with the fix.
+    A hub repository published in the MLX layout (it holds zimage_mlx.json) is fetched as the manifest lists it —
+    exactly its files, from the commit the manifest came from, checked against its sizes and sha256s — and loads
+    as saved. Otherwise the diffusers tree: only what a pipeline needs (HUB_ALLOW_PATTERNS). Before any weight
+    file is fetched the download plan is printed (`log`, default stderr) and checked against the free disk space,
+    counting the converted copy the caller will write into `convert_into` (sized for `dtype` and `quantize`).
+    Offline (HF_HUB_OFFLINE=1 or offline=True) the cached snapshot is used; nothing cached raises WeightError.
     """
     path = Path(src).expanduser()
     if path.is_dir():
@@ -48,36 +59,102 @@ def resolve_source(src: str | Path, revision: str | None = None, offline: bool |
         raise WeightError(f"{path}: expected a model directory, got a file (single files go through convert)")
     if not looks_like_repo_id(str(src)):
         raise WeightError(f"{src}: no such directory, and not a hub id like {DEFAULT_REPO}")
-    from huggingface_hub import constants, snapshot_download
+    import huggingface_hub
+    from huggingface_hub import constants
 
-    local_only = constants.HF_HUB_OFFLINE if offline is None else offline
-    return _download(lambda: snapshot_download(str(src), revision=revision, allow_patterns=HUB_ALLOW_PATTERNS,
-                                               local_files_only=local_only),
-                     str(src), str(src), "pass a local directory", revision=revision)
+    repo = str(src)
+    if constants.HF_HUB_OFFLINE if offline is None else offline:
+        root = _download(lambda: huggingface_hub.snapshot_download(repo, revision=revision, local_files_only=True),
+                         repo, repo, "pass a local directory", revision=revision)
+        if is_mlx_dir(root):
+            verify_snapshot(root, read_manifest(root), label=repo)
+        return root
+    log = log or _stderr
+    info = _download(lambda: huggingface_hub.HfApi().model_info(repo, revision=revision, files_metadata=True),
+                     repo, repo, "pass a local directory", revision=revision, as_path=False)
+    sha, remote = info.sha, remote_files(info)
+    if MANIFEST_NAME in remote:
+        manifest_file = _download(lambda: huggingface_hub.hf_hub_download(repo, MANIFEST_NAME, revision=sha),
+                                  repo, repo, "pass a local directory", filename=MANIFEST_NAME)
+        manifest = read_manifest(manifest_file.parent)
+        plan = DownloadPlan(repo, sha, mlx_files(repo, manifest, remote))
+    else:
+        plan = DownloadPlan(repo, sha, diffusers_files(repo, remote, HUB_ALLOW_PATTERNS))
+        if convert_into is not None:
+            configs = {}
+            for part in MODEL_COMPONENTS:
+                f = _download(lambda: huggingface_hub.hf_hub_download(repo, f"{part}/config.json", revision=sha),
+                              repo, repo, "pass a local directory", filename=f"{part}/config.json")
+                configs[part] = json.loads(f.read_text())
+            plan.converted_bytes = converted_size(configs, dtype or mx.bfloat16, quantize)
+            plan.convert_into = Path(convert_into)
+    plan.cached = {f.name for f in plan.files
+                   if isinstance(huggingface_hub.try_to_load_from_cache(repo, f.name, revision=sha), str)}
+    if plan.fetch_bytes:      # (all cached: nothing to announce, nothing to refuse)
+        log(plan.summary())
+        plan.check_space(Path(constants.HF_HUB_CACHE))
+    root = _download(lambda: huggingface_hub.snapshot_download(repo, revision=sha,
+                                                               allow_patterns=[f.name for f in plan.files]),
+                     repo, repo, "pass a local directory", revision=revision)
+    _remember_ref(root, revision or "main", sha)
+    if MANIFEST_NAME in remote:
+        verify_snapshot(root, read_manifest(root), remote, label=repo)
+    return root
 
 
-def resolve_file(spec: str | Path, offline: bool | None = None) -> Path:
+def _remember_ref(snapshot: Path, revision: str, sha: str) -> None:
+    """Point the cache's refs/<branch> at the commit fetched (as huggingface_hub does for a branch download), so
+    the pinned snapshot is found offline later."""
+    refs = snapshot.parent.parent / "refs"
+    if snapshot.parent.name != "snapshots" or revision == sha or "/" in revision:
+        return
+    refs.mkdir(exist_ok=True)
+    tmp = refs / f".{revision}.{os.getpid()}"
+    tmp.write_text(sha)
+    os.replace(tmp, refs / revision)
+
+
+def resolve_file(spec: str | Path, offline: bool | None = None, log: Callable[[str], None] | None = None) -> Path:
     """A local file for `spec`: the path itself, or a hub file "owner/repo/path/in/repo" (hf_hub_download, cached
-    by huggingface_hub; HF_HUB_OFFLINE honoured). Used for LoRAs."""
+    by huggingface_hub; HF_HUB_OFFLINE honoured). Used for every weights file: model single files for convert,
+    LoRAs, ControlNets, training adapters, the TAEF1 preview decoder. Online, a file not yet cached is announced
+    with its size and checked against the free disk space before it is fetched."""
     path = Path(spec).expanduser()
     if path.exists() or len(str(spec).split("/")) < 3 or str(spec).startswith((".", "/", "~")):
         return path
-    from huggingface_hub import constants, hf_hub_download
+    import huggingface_hub
+    from huggingface_hub import constants
 
     owner, repo, filename = str(spec).split("/", 2)
+    repo = f"{owner}/{repo}"
     local_only = constants.HF_HUB_OFFLINE if offline is None else offline
-    return _download(lambda: hf_hub_download(f"{owner}/{repo}", filename, local_files_only=local_only),
-                     str(spec), f"{owner}/{repo}", "pass a local path", filename=filename)
+    if not local_only and not isinstance(huggingface_hub.try_to_load_from_cache(repo, filename), str):
+        info = _download(lambda: huggingface_hub.HfApi().model_info(repo, files_metadata=True), str(spec), repo,
+                         "pass a local path", as_path=False)
+        remote = remote_files(info)
+        if filename not in remote:
+            raise WeightError(f"{spec}: the hub repository has no file {filename}")
+        plan = DownloadPlan(repo, info.sha, [remote[filename]])
+        (log or _stderr)(plan.summary())
+        plan.check_space(Path(constants.HF_HUB_CACHE))
+    return _download(lambda: huggingface_hub.hf_hub_download(repo, filename, local_files_only=local_only),
+                     str(spec), repo, "pass a local path", filename=filename)
 
 
-def _download(fetch, spec: str, repo: str, fix: str, revision: str | None = None, filename: str | None = None) -> Path:
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def _download(fetch, spec: str, repo: str, fix: str, revision: str | None = None, filename: str | None = None,
+              as_path: bool = True):
     """Run a huggingface_hub download of (a file of) `repo`; each of its failures becomes one WeightError line naming
     `spec` and the way out (`fix` being the local alternative)."""
     from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError, RevisionNotFoundError)
 
     try:
-        return Path(fetch())
+        result = fetch()
+        return Path(result) if as_path else result
     except LocalEntryNotFoundError:      # before OSError and EntryNotFoundError, which it also is
         why = ("not a local path, and not in the local Hugging Face cache with downloading off (offline or no "
                f"network): download it once online (`hf download {repo}`), or {fix}")

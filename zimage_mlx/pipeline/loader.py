@@ -10,7 +10,8 @@ from pathlib import Path
 from ..distributed import barrier, check_mode, check_tensor_parallel, init_group, tensor_parallel_sizes
 from ..loading.components import MODEL_COMPONENTS, QUANTIZABLE, is_mlx_dir, load_component, read_manifest
 from ..loading.convert import convert
-from ..loading.hub import DEFAULT_REPO, cache_dir, find_cached, looks_like_repo_id, resolve_file, resolve_source
+from ..loading.hub import (DEFAULT_REPO, cache_dir, cache_root, find_cached, looks_like_repo_id, resolve_file,
+                           resolve_source)
 from ..loading.quantize import describe_bits, parse_quantize
 from ..loading.weights import WeightError, component_files, default_dtype, dtype_name, parse_dtype, read_config, \
     safetensors_keys
@@ -38,7 +39,8 @@ def load_pipeline(cls, src=DEFAULT_REPO, dtype=None, quantize=None, *, revision=
         check_variant(variant)
     hub_id = str(src) if looks_like_repo_id(str(src)) else None
     try:
-        root = resolve_source(src, revision=revision)
+        root = resolve_source(src, revision=revision, convert_into=cache_root(), dtype=mx_dtype or default_dtype(),
+                              quantize=requested)   # prints the download plan; refuses a full disk
     except WeightError:
         # Offline with the hub snapshot gone: a converted copy in our cache still serves.
         root = find_cached(hub_id, revision, mx_dtype) if hub_id else None

@@ -29,6 +29,7 @@ import mlx.nn as nn
 import numpy as np
 from PIL import Image
 
+from ..loading.hub import resolve_file
 from ..loading.weights import WeightError, fill_model, read_safetensors
 
 # ComfyUI comfy/latent_formats.py `Flux.latent_rgb_factors` (rows: latent channel; columns: R, G, B) and
@@ -158,7 +159,7 @@ class TinyDecoder(nn.Module):
 
 def load_tiny_decoder(path: str | Path, dtype=mx.float32) -> TinyDecoder:
     """TAEF1 from taesd's `taef1_decoder.safetensors`, or a diffusers `AutoencoderTiny` directory/file."""
-    path = Path(path)
+    path = resolve_file(path)      # a local path or a hub file (madebyollin/taef1/…safetensors)
     if path.is_dir():
         path = path / "diffusion_pytorch_model.safetensors"
     if path.suffix != ".safetensors":
