@@ -314,8 +314,8 @@ def test_convert_from_hub_single_files(fake_hub, trees, tmp_path, qwen_tokenizer
                   text_encoder=f"{base}/text_encoders/qwen_3_4b.safetensors", vae=f"{base}/vae/ae.safetensors",
                   tokenizer=qwen_tokenizer_dir, dtype="float32", log=lambda m: None, **configs)
     assert sorted(n for _, n in fake_hub.fetched) == sorted(
-        ["split_files/diffusion_models/z_image_turbo_bf16.safetensors", "split_files/text_encoders/qwen_3_4b.safetensors",
-         "split_files/vae/ae.safetensors"])
+        ["split_files/diffusion_models/z_image_turbo_bf16.safetensors",
+         "split_files/text_encoders/qwen_3_4b.safetensors", "split_files/vae/ae.safetensors"])
     assert capsys.readouterr().err.count("download plan for Comfy-Org/z_image_turbo") == 3
     ref = convert(tmp_path / "ref", transformer=remote / "split_files/diffusion_models/z_image_turbo_bf16.safetensors",
                   text_encoder=remote / "split_files/text_encoders/qwen_3_4b.safetensors",
@@ -397,7 +397,8 @@ def test_upload_without_a_token_or_of_a_non_model(fake_hub, trees, tmp_path, mon
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
     result = CliRunner().invoke(cli, ["upload", str(mlx_dir), "me/z-mlx"])
     assert result.exit_code == 1
-    assert result.output.strip().splitlines()[-1].startswith("error: no Hugging Face token: log in with `hf auth login`")
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("error: no Hugging Face token: log in with `hf auth login`"), last
     with pytest.raises(PublishError, match="not a zimage_mlx directory"):
         upload(tmp_path, "me/z-mlx", dry_run=True)
 
@@ -414,3 +415,17 @@ def test_make_variants_uploads_each(fake_hub, trees, tmp_path):
     sent = [c[1]["repo_id"] for c in fake_hub.calls if c[0] == "upload_folder"]
     assert sent == ["me/Z-Image-Turbo-mlx-bf16"]
     assert (tmp_path / "Z-Image-Turbo-mlx-bf16" / "README.md").is_file()
+
+
+def test_no_network_falls_back_to_the_cached_snapshot(fake_hub, trees, tmp_path, monkeypatch):
+    _, mlx_dir, _ = trees
+    fake_hub.add("me/z-mlx", _remote_copy(mlx_dir, tmp_path / "remote", extra=False))
+    snap = hub.resolve_source("me/z-mlx")
+
+    def unreachable(self, *a, **k):
+        raise ConnectionError("no route to host")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", unreachable)
+    assert hub.resolve_source("me/z-mlx") == snap                 # no HF_HUB_OFFLINE needed
+    with pytest.raises(WeightError, match="someone/else: not a local path, and not in the local Hugging Face cache"):
+        hub.resolve_source("someone/else")

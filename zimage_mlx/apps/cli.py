@@ -1,4 +1,5 @@
-"""The command line: `zimage-mlx generate|convert|info|upload` (also `python -m zimage_mlx`, `python -m zimage_mlx.generate`).
+"""The command line: `zimage-mlx generate|convert|info|serve|upload` (also `python -m zimage_mlx`,
+`python -m zimage_mlx.generate`).
 
 All click code lives here; the commands call the pipeline and the converter and do not redo their work. Bad
 arguments print one line and exit 2 (checked before any model loads); runtime failures print one line and exit 1

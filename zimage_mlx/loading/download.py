@@ -51,8 +51,9 @@ class DownloadPlan:
         """The lines printed before anything is fetched."""
         gb = 1e9
         todo = [f for f in self.files if f.name not in self.cached]
-        lines = [f"download plan for {self.repo} @ {self.revision[:12]}: {len(todo)} of {len(self.files)} files to "
-                 f"fetch, {self.fetch_bytes / gb:.2f} GB (the rest is cached)"]
+        cached = f" ({len(self.files) - len(todo)} already cached)" if len(todo) < len(self.files) else ""
+        lines = [f"download plan for {self.repo} @ {self.revision[:12]}: {len(todo)} files, "
+                 f"{self.fetch_bytes / gb:.2f} GB to fetch{cached}"]
         lines += [f"  {f.name}  {(f.size or 0) / gb:.2f} GB" for f in sorted(todo, key=lambda f: -(f.size or 0))[:12]]
         if len(todo) > 12:
             lines.append(f"  … and {len(todo) - 12} small files")

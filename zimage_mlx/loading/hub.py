@@ -63,15 +63,16 @@ def resolve_source(src: str | Path, revision: str | None = None, offline: bool |
     from huggingface_hub import constants
 
     repo = str(src)
-    if constants.HF_HUB_OFFLINE if offline is None else offline:
+    info = None
+    if not (constants.HF_HUB_OFFLINE if offline is None else offline):
+        info = _metadata(repo, revision, repo, "pass a local directory")
+    if info is None:          # offline, or no network: the cached snapshot as it is (as huggingface_hub does)
         root = _download(lambda: huggingface_hub.snapshot_download(repo, revision=revision, local_files_only=True),
                          repo, repo, "pass a local directory", revision=revision)
         if is_mlx_dir(root):
             verify_snapshot(root, read_manifest(root), label=repo)
         return root
     log = log or _stderr
-    info = _download(lambda: huggingface_hub.HfApi().model_info(repo, revision=revision, files_metadata=True),
-                     repo, repo, "pass a local directory", revision=revision, as_path=False)
     sha, remote = info.sha, remote_files(info)
     if MANIFEST_NAME in remote:
         manifest_file = _download(lambda: huggingface_hub.hf_hub_download(repo, MANIFEST_NAME, revision=sha),
@@ -128,9 +129,9 @@ def resolve_file(spec: str | Path, offline: bool | None = None, log: Callable[[s
     owner, repo, filename = str(spec).split("/", 2)
     repo = f"{owner}/{repo}"
     local_only = constants.HF_HUB_OFFLINE if offline is None else offline
-    if not local_only and not isinstance(huggingface_hub.try_to_load_from_cache(repo, filename), str):
-        info = _download(lambda: huggingface_hub.HfApi().model_info(repo, files_metadata=True), str(spec), repo,
-                         "pass a local path", as_path=False)
+    cached = isinstance(huggingface_hub.try_to_load_from_cache(repo, filename), str)
+    info = None if local_only or cached else _metadata(repo, None, str(spec), "pass a local path", filename)
+    if info is not None:      # (None without network: hf_hub_download then says what is wrong)
         remote = remote_files(info)
         if filename not in remote:
             raise WeightError(f"{spec}: the hub repository has no file {filename}")
@@ -139,6 +140,23 @@ def resolve_file(spec: str | Path, offline: bool | None = None, log: Callable[[s
         plan.check_space(Path(constants.HF_HUB_CACHE))
     return _download(lambda: huggingface_hub.hf_hub_download(repo, filename, local_files_only=local_only),
                      str(spec), repo, "pass a local path", filename=filename)
+
+
+def _metadata(repo: str, revision: str | None, spec: str, fix: str, filename: str | None = None):
+    """The repository's file listing with sizes (`HfApi.model_info`), or None when the network is unreachable;
+    the hub's own refusals (missing, gated, no such revision) are one WeightError line as for downloads."""
+    import huggingface_hub
+
+    def fetch():
+        try:
+            return huggingface_hub.HfApi().model_info(repo, revision=revision, files_metadata=True)
+        except Exception as e:
+            if isinstance(e, (ConnectionError, TimeoutError)) or \
+                    type(e).__module__.split(".")[0] in ("httpx", "httpx2", "requests", "urllib3"):
+                return None
+            raise
+
+    return _download(fetch, spec, repo, fix, revision=revision, filename=filename, as_path=False)
 
 
 def _stderr(message: str) -> None:

@@ -98,8 +98,8 @@ def model_card(root: Path, repo_id: str, manifest: dict, license: str, peaks: di
     disk = sum(f["bytes"] for f in files.values())
     rows = "\n".join(f"| {n} | {comps[n]['dtype']} | {_bits_label(comps[n].get('bits'))} | "
                      f"{comps[n].get('bytes', 0) / 1e9:.2f} GB |" for n in MODEL_COMPONENTS)
-    sources = "\n".join(f"- `{name}`: `{sha}`" for name, sha in sorted(((manifest.get("source") or {})
-                                                                      .get("files") or {}).items())) or "- (not recorded)"
+    hashes = (manifest.get("source") or {}).get("files") or {}
+    sources = "\n".join(f"- `{name}`: `{sha}`" for name, sha in sorted(hashes.items())) or "- (not recorded)"
     peak_rows = "\n".join(f"| {s}x{s} | {gb:.1f} GB |" for s, gb in peaks.items())
     variant = manifest.get("variant", "turbo")
     steps = "" if variant == "turbo" else ", num_inference_steps=50, guidance_scale=4.0"
