@@ -156,3 +156,61 @@ def check_variant(variant: str) -> str:
     if variant not in VARIANT_DEFAULTS:
         raise ValueError(f"variant must be one of {', '.join(map(repr, VARIANT_DEFAULTS))}, got {variant!r}")
     return variant
+
+
+# --------------------------------------------------------------------------- training-time sampling
+# diffusers' examples/dreambooth/train_dreambooth_lora_z_image.py with diffusers.training_utils'
+# compute_density_for_timestep_sampling and compute_loss_weighting_for_sd3 (docs/training.md).
+WEIGHTING_SCHEMES = ("none", "logit_normal", "mode", "sigma_sqrt", "cosmap")
+
+
+def train_schedule(cfg: SchedulerConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(sigmas, timesteps) of the training scheduler, float32, index 0 = σ 1: `FlowMatchEulerDiscreteScheduler`
+    at construction (np.linspace(1, N, N) reversed, / N, shifted; timesteps = σ·N)."""
+    n = cfg.num_train_timesteps
+    t = np.linspace(1, n, n, dtype=np.float32)[::-1].copy()
+    s = t / np.float32(n)
+    if not cfg.use_dynamic_shifting:
+        shift = np.float32(cfg.shift)
+        s = (shift * s / (np.float32(1) + (shift - np.float32(1)) * s)).astype(np.float32)
+    return s, (s * np.float32(n)).astype(np.float32)
+
+
+def timestep_density(scheme: str, normal: np.ndarray, uniform: np.ndarray, logit_mean: float = 0.0,
+                     logit_std: float = 1.0, mode_scale: float = 1.29) -> np.ndarray:
+    """u in [0, 1] per sample from standard-normal / uniform draws (`compute_density_for_timestep_sampling`)."""
+    if scheme not in WEIGHTING_SCHEMES:
+        raise ValueError(f"weighting scheme must be one of {', '.join(WEIGHTING_SCHEMES)}, got {scheme!r}")
+    if scheme == "logit_normal":
+        return 1.0 / (1.0 + np.exp(-(logit_mean + logit_std * normal)))
+    if scheme == "mode":
+        return 1 - uniform - mode_scale * (np.cos(math.pi * uniform / 2) ** 2 - 1 + uniform)
+    return uniform
+
+
+def loss_weighting(scheme: str, sigmas: np.ndarray) -> np.ndarray:
+    """Per-sample loss weight (`compute_loss_weighting_for_sd3`): σ⁻² for "sigma_sqrt", the cosmap, else 1."""
+    sigmas = np.asarray(sigmas, np.float32)
+    if scheme == "sigma_sqrt":
+        return (sigmas ** -2.0).astype(np.float32)
+    if scheme == "cosmap":
+        return (2 / (math.pi * (1 - 2 * sigmas + 2 * sigmas ** 2))).astype(np.float32)
+    return np.ones_like(sigmas)
+
+
+def sample_training_sigmas(key: mx.array, batch: int, cfg: SchedulerConfig, scheme: str = "none",
+                           **density) -> tuple[np.ndarray, np.ndarray]:
+    """(σ, timesteps) per sample: u from `timestep_density`, index = ⌊u·N⌋ into `train_schedule`."""
+    k1, k2 = mx.random.split(key)
+    normal = np.array(mx.random.normal((batch,), key=k1))
+    uniform = np.array(mx.random.uniform(shape=(batch,), key=k2))
+    u = timestep_density(scheme, normal, uniform, **density)
+    sigmas, timesteps = train_schedule(cfg)
+    index = np.clip((u * cfg.num_train_timesteps).astype(np.int64), 0, cfg.num_train_timesteps - 1)
+    return sigmas[index], timesteps[index]
+
+
+def add_noise(x0: mx.array, noise: mx.array, sigmas: mx.array) -> mx.array:
+    """x_t = (1 − σ)·x0 + σ·ε, one σ per sample (flow matching), in float32."""
+    s = sigmas.astype(mx.float32).reshape(-1, *([1] * (x0.ndim - 1)))
+    return (1.0 - s) * x0.astype(mx.float32) + s * noise.astype(mx.float32)
