@@ -342,3 +342,80 @@ def plan_memory(configs: dict, dtype: mx.Dtype, requested="auto", height: int = 
             f"({source}); {smaller}."
         )
     return best
+
+
+# --------------------------------------------------------------------------- training
+# Saved-for-backward bytes per token of one DiT block, in units of dim and of the SwiGLU width (the block's inputs,
+# norms, modulated inputs, q/k/v and their float32 RoPE copies, attention output, residuals; w1/w3 outputs, SiLU,
+# product), and the LoRA's parameters, gradients and two AdamW moments (float32): docs/training.md.
+TRAIN_DIM_FACTOR = 20
+TRAIN_HIDDEN_FACTOR = 4
+LORA_TRAIN_COPIES = 4
+
+
+@dataclass
+class TrainingPlan:
+    weights: int
+    lora: int
+    activations: int
+    peak: int
+    budget: int
+    gradient_checkpointing: bool
+
+    def summary(self) -> str:
+        return (f"training memory plan: weights {self.weights / 1e9:.1f} GB + LoRA/optimizer {self.lora / 1e9:.2f} GB"
+                f" + activations {self.activations / 1e9:.1f} GB = {self.peak / 1e9:.1f} GB of {self.budget / 1e9:.1f}"
+                f" GB; gradient checkpointing {'on' if self.gradient_checkpointing else 'off'}")
+
+
+def lora_parameter_count(config: dict, rank: int, targets) -> int:
+    """Parameters of a rank-`rank` LoRA on the transformer's linear layers matching `targets` (PEFT matching)."""
+    model = build_model("transformer", config)
+    n = 0
+    for path, m in model.named_modules():
+        if isinstance(m, nn.Linear) and any(path == t or path.endswith("." + t) for t in targets):
+            n += rank * (m.weight.shape[0] + m.weight.shape[1])
+    return n
+
+
+def training_activation_bytes(config: dict, dtype: mx.Dtype, tokens: int, batch: int, checkpointing: bool,
+                              caption_tokens: int = 128) -> int:
+    """Activations kept for the backward pass: every block's saved tensors, or with checkpointing each block's
+    input plus one block recomputed at a time; both plus the attention scores of the block being differentiated."""
+    dim = config.get("dim", 3840)
+    heads = config.get("n_heads", 30)
+    blocks = config.get("n_layers", 30) + 2 * config.get("n_refiner_layers", 2)
+    s = tokens + caption_tokens
+    s += -s % 32
+    per_block = s * (dim * TRAIN_DIM_FACTOR + feed_forward_width(dim) * TRAIN_HIDDEN_FACTOR) * dtype.size
+    scores = heads * s * s * 4 * 2
+    kept = blocks * s * dim * dtype.size + per_block if checkpointing else blocks * per_block
+    return batch * (kept + scores)
+
+
+def plan_training(config: dict, dtype: mx.Dtype, bits: int | None, resolution: int, rank: int, batch: int = 1,
+                  budget: int | None = None, checkpointing: bool | None = None, group_size: int = 64,
+                  targets=("to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3")) -> TrainingPlan:
+    """Predicted peak of a training step; checkpointing None = on only when needed. Refuses (ValueError, naming
+    the largest square resolution that fits) when even checkpointing cannot fit the budget."""
+    if budget is None:
+        budget = machine_memory_bytes()[0]
+    weights = weight_bytes(build_model("transformer", config), bits, group_size, dtype)
+    lora = LORA_TRAIN_COPIES * 4 * lora_parameter_count(config, rank, targets)
+    tokens = (resolution // 16) ** 2
+
+    def plan(ckpt, tok=tokens):
+        act = training_activation_bytes(config, dtype, tok, batch, ckpt)
+        return TrainingPlan(weights, lora, act, int(weights + lora + act + OVERHEAD), int(budget), ckpt)
+
+    if checkpointing is not None:
+        return plan(checkpointing)
+    fits = [p for p in (plan(False), plan(True)) if p.peak <= budget * HEADROOM]
+    if fits:
+        return fits[0]
+    side = resolution
+    while side > 16 and plan(True, (side // 16) ** 2).peak > budget * HEADROOM:
+        side -= 16
+    hint = f"at most {side}x{side} fits" if side > 16 else "no resolution fits; use --quantize 4"
+    raise ValueError(f"training at {resolution}x{resolution} needs about {plan(True).peak / 1e9:.1f} GB with "
+                     f"gradient checkpointing, {budget / 1e9:.1f} GB available: {hint}")

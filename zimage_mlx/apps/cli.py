@@ -682,6 +682,15 @@ cli.add_command(serve)
 cli.add_command(upload_command)
 
 
+@cli.command("train", context_settings={"ignore_unknown_options": True, "help_option_names": []})
+@click.argument("argv", nargs=-1, type=click.UNPROCESSED)
+def train(argv):
+    """Train a LoRA on a folder of captioned images (zimage-mlx train --help)."""
+    from .train_cmd import main
+
+    sys.exit(main(list(argv)))
+
+
 def generate_main() -> None:
     """`python -m zimage_mlx.generate`."""
     generate(prog_name="python -m zimage_mlx.generate")
