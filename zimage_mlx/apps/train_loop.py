@@ -86,6 +86,7 @@ class TrainingRun:
             write_json(self.out / "train_config.json", config_record(a, {
                 "variant": self.pipe.variant, "quantization": self.pipe.quantization,
                 "gradient_checkpointing": checkpointing, "identity": self.identity,
+                "processes": self.trainer.world_size,
                 "data": [{"file": str(s.item.path), "sha256": s.sha256, "bucket": list(s.bucket),
                           "caption": s.item.caption, "repeats": s.item.repeats} for s in self.samples]}))
 
