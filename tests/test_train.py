@@ -298,3 +298,56 @@ def test_trained_file_loads_in_diffusers_and_ours_with_the_same_latents(tmp_path
     print(f"trained LoRA: ours vs diffusers latents rel err {rel_err(got, ref):.2e}; the LoRA moves them {moved:.1%}")
     assert moved > 1e-3
     assert rel_err(got, ref) <= 1e-4
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny):
+    from mlx.utils import tree_flatten
+
+    tm, path, _ = tiny
+    x0, noise, caps = batch()
+    plain = ours(tm, path, optimizer="sgd", learning_rate=1e-3)
+    ckpt = ours(tm, path, optimizer="sgd", learning_rate=1e-3, gradient_checkpointing=True)
+    assert sum(type(m).__name__ == "CheckpointedBlock" for _, m in ckpt.model.named_modules()) == 4
+    (l1, g1), (l2, g2) = (t.loss_and_grads(x0, caps, noise, SIGMAS) for t in (plain, ckpt))
+    assert float(l1) == float(l2)
+    g2 = dict(tree_flatten(g2))
+    for k, v in tree_flatten(g1):
+        assert rel_err(g2[k], v) <= 1e-6, k
+
+
+def test_memory_plan_for_training():
+    from zimage_mlx.memory import plan_training
+    from zimage_mlx.models.transformer import ZImageTransformerConfig
+
+    cfg = vars(ZImageTransformerConfig())
+    plain = plan_training(cfg, mx.bfloat16, 4, 1024, 32, checkpointing=False, budget=64e9)
+    ckpt = plan_training(cfg, mx.bfloat16, 4, 1024, 32, checkpointing=True, budget=64e9)
+    assert ckpt.weights == plain.weights and ckpt.activations < plain.activations / 4
+    assert plan_training(cfg, mx.bfloat16, 4, 1024, 32, budget=64e9).gradient_checkpointing is False
+    assert plan_training(cfg, mx.bfloat16, 4, 1024, 32, budget=16e9).gradient_checkpointing is True
+    assert plan_training(cfg, mx.bfloat16, 8, 1024, 32, budget=64e9).weights > 1.8 * plain.weights
+    with pytest.raises(ValueError, match=r"training at 1024x1024 needs about .* GB with gradient checkpointing, "
+                                         r"8.0 GB available: at most \d+x\d+ fits"):
+        plan_training(cfg, mx.bfloat16, 4, 1024, 32, budget=8e9)
+
+
+@pytest.mark.parametrize("kw, says", [
+    (dict(rank=0), "rank must be a positive integer"),
+    (dict(optimizer="adam"), "optimizer must be one of adamw, sgd"),
+    (dict(targets=("nothing_like_this",)), "nothing_like_this"),
+    (dict(parallel="tensor"), "parallel must be None or 'data'"),
+])
+def test_bad_trainer_arguments(tiny, kw, says):
+    tm, _, _ = tiny
+    pipe = ZImagePipeline(tokenizer=None, scheduler_config=SchedulerConfig(), transformer=mlx_from_torch(tm))
+    with pytest.raises(ValueError, match=says):
+        LoRATrainer(pipe, **kw)
+
+
+def test_step_draws_seeded_noise_and_sigmas(tiny):
+    tm, path, _ = tiny
+    x0, _, caps = batch()
+    a, b = (ours(tm, path, optimizer="sgd", learning_rate=1e-2, seed=7) for _ in range(2))
+    assert [a.step(x0, caps) for _ in range(2)] == [b.step(x0, caps) for _ in range(2)]
+    with pytest.raises(ValueError, match="pass both noise and sigmas"):
+        a.step(x0, caps, noise=np.zeros_like(x0))
