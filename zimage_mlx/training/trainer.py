@@ -168,6 +168,12 @@ class LoRATrainer:
         """{diffusers module name: (A (rank, in), B (out, rank))}."""
         return trainable_lora_state(self.model)
 
+    def named_gradients(self, grads) -> dict:
+        """{diffusers module name: (dL/dA, dL/dB)} of a gradient tree from `loss_and_grads`."""
+        paths = {id(v): k for k, v in tree_flatten(self.model.trainable_parameters())}
+        flat = dict(tree_flatten(grads))
+        return {name: (flat[paths[id(a)]], flat[paths[id(b)]]) for name, (a, b) in self.lora_state().items()}
+
     def save_lora(self, path: str | Path, extra_metadata: dict | None = None) -> Path:
         """The diffusers/PEFT file (float32), written atomically."""
         return save_peft_lora(path, self.lora_state(), self.rank, self.alpha, extra_metadata)
