@@ -235,3 +235,14 @@ def test_buckets_and_order():
     a, b = epoch_batches(samples, 2, 0, 0), epoch_batches(samples, 2, 0, 0)
     assert a == b and a != epoch_batches(samples, 2, 0, 1)
     assert all(len({samples[i].bucket for i in batch}) == 1 and len(batch) == 2 for batch in a)
+
+
+def test_a_run_that_cannot_fit_is_refused_before_loading(model, tmp_path, capsys, monkeypatch):
+    from zimage_mlx import memory
+
+    data = make_data(tmp_path / "data")
+    monkeypatch.setattr(memory, "machine_memory_bytes", lambda: (100_000_000, "test"))
+    assert run(model, data, tmp_path / "out", "--steps", "1") == 2
+    err = capsys.readouterr().err
+    assert "training at 32x32 needs about" in err and "GB available" in err
+    assert not (tmp_path / "out" / "cache").exists()

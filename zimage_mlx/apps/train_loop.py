@@ -64,11 +64,9 @@ class TrainingRun:
         self.pipe = ZImagePipeline.from_pretrained(a.model, dtype=dtype, quantize=quantize,
                                                    fused_projections=False)
         self.model_id = str(a.model)
+        checkpointing = self._plan_checkpointing({"on": True, "off": False}.get(a.gradient_checkpointing))
         self._cache_inputs()
         self._load_training_adapter()
-        checkpointing = {"on": True, "off": False}.get(a.gradient_checkpointing)
-        if checkpointing is None:
-            checkpointing = self._plan_needs_checkpointing()
         self.trainer = LoRATrainer(
             self.pipe, rank=a.rank, alpha=a.alpha, targets=tuple(a.targets), init_lora=a.init_lora,
             optimizer=a.optimizer, learning_rate=a.learning_rate, weight_decay=a.weight_decay,
@@ -136,13 +134,19 @@ class TrainingRun:
         self.adapter = spec
         self.say(f"training adapter: {spec} (applied while training, never saved into the LoRA)")
 
-    def _plan_needs_checkpointing(self) -> bool:
+    def _plan_checkpointing(self, asked: bool | None) -> bool:
+        """Gradient checkpointing as asked, or as the memory plan needs; a run that cannot fit is refused here,
+        before any model loads, naming the largest resolution that fits."""
         from ..memory import machine_memory_bytes, plan_training
 
         budget, _ = machine_memory_bytes()
-        plan = plan_training(self.pipe.configs.get("transformer") or vars(self.pipe.transformer.config),
-                             self.pipe.dtype, self._bits(), self.args.resolution, self.args.rank,
-                             self.args.batch_size // max(1, self.group.size() if self.group else 1), budget)
+        per_process = self.args.batch_size // (self.group.size() if self.group else 1)
+        try:
+            plan = plan_training(self.pipe.configs.get("transformer") or vars(self.pipe.transformer.config),
+                                 self.pipe.dtype, self._bits(), self.args.resolution, self.args.rank, per_process,
+                                 budget, checkpointing=asked if asked is not None else None)
+        except ValueError as e:
+            raise TrainingSetupError(str(e)) from None
         self.say(plan.summary())
         return plan.gradient_checkpointing
 
