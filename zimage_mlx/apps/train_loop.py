@@ -13,7 +13,9 @@ import io
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -162,24 +164,45 @@ class TrainingRun:
 
     def train(self) -> None:
         a, tr = self.args, self.trainer
-        log = self._open_log(tr.step_count)
+        self._log = self._open_log(tr.step_count)
         smoothed, t_start, done0 = None, time.perf_counter(), tr.step_count
-        while tr.step_count < a.steps:
-            t0 = time.perf_counter()
-            loss = self._one_step()
-            dt = time.perf_counter() - t0
-            smoothed = loss if smoothed is None else 0.9 * smoothed + 0.1 * loss
-            step = tr.step_count
-            if self.rank == 0:
-                log.writerow([step, f"{loss:.6g}", f"{a.learning_rate:g}", f"{dt:.3f}"])
-                self._log_file.flush()
-                rate = (time.perf_counter() - t_start) / (step - done0)
-                self.progress(step, smoothed, rate)
-            if step % a.save_every == 0 and step < a.steps:
-                self.checkpoint()
-            if a.validation_prompt and step % a.validate_every == 0:
-                self.validate(step)
+        self.stop_requested = False
+        previous = signal.signal(signal.SIGINT, self._on_sigint) \
+            if threading.current_thread() is threading.main_thread() else None
+        try:
+            while tr.step_count < a.steps:
+                if self.stop_requested:
+                    raise KeyboardInterrupt
+                smoothed = self._step_and_log(smoothed, t_start, done0)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
         self.finish()
+
+    def _on_sigint(self, signum, frame) -> None:
+        """The first Ctrl-C stops after the step in flight (so the checkpoint is of a whole step); a second one
+        stops at once."""
+        if self.stop_requested:
+            raise KeyboardInterrupt
+        self.stop_requested = True
+        print("\nstopping after this step (Ctrl-C again to stop now)", file=sys.stderr, flush=True)
+
+    def _step_and_log(self, smoothed, t_start, done0):
+        a, tr = self.args, self.trainer
+        t0 = time.perf_counter()
+        loss = self._one_step()
+        dt = time.perf_counter() - t0
+        smoothed = loss if smoothed is None else 0.9 * smoothed + 0.1 * loss
+        step = tr.step_count
+        if self.rank == 0:
+            self._log.writerow([step, f"{loss:.6g}", f"{a.learning_rate:g}", f"{dt:.3f}"])
+            self._log_file.flush()
+            self.progress(step, smoothed, (time.perf_counter() - t_start) / (step - done0))
+        if step % a.save_every == 0 and step < a.steps:
+            self.checkpoint()
+        if a.validation_prompt and step % a.validate_every == 0:
+            self.validate(step)
+        return smoothed
 
     def _one_step(self) -> float:
         a, tr = self.args, self.trainer
