@@ -248,3 +248,16 @@ def test_a_run_that_cannot_fit_is_refused_before_loading(model, tmp_path, capsys
     err = capsys.readouterr().err
     assert "training at 32x32 needs about" in err and "GB available" in err
     assert not (tmp_path / "out" / "cache").exists()
+
+
+def test_config_file_and_gradient_accumulation(model, tmp_path):
+    data = make_data(tmp_path / "data")
+    (tmp_path / "train.toml").write_text('steps = 2\ngrad-accum = 2\nlearning_rate = 0.001\nseed = 5\n')
+    assert run(model, data, tmp_path / "out", "--config", str(tmp_path / "train.toml"), "--seed", "6") == 0
+    args = json.loads((tmp_path / "out" / "train_config.json").read_text())["args"]
+    assert (args["steps"], args["grad_accum"], args["learning_rate"], args["seed"]) == (2, 2, 0.001, 6)
+    assert (tmp_path / "out" / "loss.csv").read_text().count("\n") == 3
+    (tmp_path / "bad.toml").write_text('stepz = 2\n')
+    with pytest.raises(SystemExit) as e:
+        run(model, data, tmp_path / "out2", "--config", str(tmp_path / "bad.toml"))
+    assert e.value.code == 2
