@@ -97,7 +97,10 @@ class TrainingRun:
         for s in self.samples:
             key = cache_key(self.model_id, self.pipe.dtype_name, s.sha256, s.bucket)
             self.latents.append(cached(cache / "latents" / f"{key}.npy", lambda s=s: self._encode_image(s)))
-        for text in sorted({s.item.caption for s in self.samples} | set(self.args.validation_prompt)):
+        texts = {s.item.caption for s in self.samples} | set(self.args.validation_prompt)
+        if self.args.validation_prompt:
+            texts.add("")          # Base's validation samples use CFG with an empty negative prompt
+        for text in sorted(texts):
             key = cache_key(self.model_id, self.pipe.dtype_name, text)
             self.captions[text] = cached(cache / "captions" / f"{key}.npy",
                                          lambda t=text: np.array(self.pipe.encode_prompt([t])[0].astype(mx.float32)))
@@ -106,13 +109,13 @@ class TrainingRun:
         free_vae() if free_vae else self.pipe._free("vae")
 
     def _encode_image(self, s) -> np.ndarray:
-        from PIL import Image
-
-        from ..training.dataset import crop_to_bucket, open_image
+        from ..training.dataset import DatasetError, crop_to_bucket, open_image
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            im = open_image(s.item.path, set()) or Image.new("RGB", s.bucket)
+            im = open_image(s.item.path, set())
+        if im is None:
+            raise DatasetError(f"{s.item.path}: the image became unreadable after it was checked")
         pixels = crop_to_bucket(im, s.bucket)
         return np.array(self.pipe.vae.encode(pixels[None])[0])
 
@@ -282,8 +285,9 @@ class TrainingRun:
             (self.out / "samples").mkdir(exist_ok=True)
             side = self.args.resolution
             for k, prompt in enumerate(self.args.validation_prompt):
-                img = pipe(prompt_embeds=[mx.array(self.captions[prompt])], height=side, width=side, seed=VALIDATION_SEED,
-                           num_inference_steps=self.args.validation_steps).images[0]
+                img = pipe(prompt_embeds=[mx.array(self.captions[prompt])],
+                           negative_prompt_embeds=[mx.array(self.captions[""])], height=side, width=side,
+                           seed=VALIDATION_SEED, num_inference_steps=self.args.validation_steps).images[0]
                 path = self.out / "samples" / f"step-{step}-{k}.png"
                 tmp = path.with_name(f".{path.name}.tmp")
                 img.save(tmp, format="PNG")
