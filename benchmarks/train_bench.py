@@ -104,12 +104,13 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--bits", type=int, choices=[4, 8], default=None)
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--checkpointing", choices=["both", "on", "off"], default="both")
     p.add_argument("--json", default=None)
     args = p.parse_args()
 
     import mlx.core as mx
 
-    rows = [measure(args, c) for c in (False, True)]
+    rows = [measure(args, c) for c in {"both": (False, True), "on": (True,), "off": (False,)}[args.checkpointing]]
     device = f"{platform.machine()} {mx.default_device()} (MLX {mx.__version__})"
     print(f"train_bench: dim {args.dim}, {args.layers}+{args.refiner_layers}+{args.refiner_layers} blocks, "
           f"{args.size}², rank {args.rank}, bits {args.bits or 'float'}, {device}")
