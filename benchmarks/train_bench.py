@@ -14,12 +14,14 @@ checkpointing, ≤ 3.3× with it. Prints a table and writes JSON (--json).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -54,6 +56,9 @@ def measure(args, checkpointing: bool) -> dict:
     import mlx.core as mx
     import numpy as np
 
+    gc.collect()              # the previous configuration's model is gone before this one is measured
+    mx.clear_cache()
+
     from zimage_mlx.memory import plan_training
     from zimage_mlx.sampler import SchedulerConfig
     from zimage_mlx.training import LoRATrainer
@@ -73,7 +78,7 @@ def measure(args, checkpointing: bool) -> dict:
         infer.append(time.perf_counter() - t0)
     del prepared
 
-    pipe = type("Pipe", (), {"transformer": model, "scheduler_config": SchedulerConfig()})()
+    pipe = SimpleNamespace(transformer=model, scheduler_config=SchedulerConfig())
     trainer = LoRATrainer(pipe, rank=args.rank, gradient_checkpointing=checkpointing)
     noise, sigmas = np.random.default_rng(0).standard_normal(x0.shape).astype(np.float32), [0.5]
     trainer.step(x0, cap, noise, sigmas)        # warm-up (optimizer state allocated)
