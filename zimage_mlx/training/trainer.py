@@ -84,9 +84,6 @@ class LoRATrainer:
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.scheduler_config = getattr(pipe, "scheduler_config", None) or SchedulerConfig()
         self.model = model = pipe.transformer
-        if any("to_qkv" in m or "w13" in m for _, m in model.named_modules() if isinstance(m, nn.Module)):
-            raise ValueError("training needs the transformer's separate q/k/v and w1/w3 layers: load the pipeline "
-                             "with fused_projections=False")
         self.layers = add_trainable_lora(model, self.targets, self.rank, self.alpha, init=init,
                                          key=mx.random.key(self.seed))
         if init is not None and set(init) != set(self.layers):
