@@ -21,7 +21,7 @@ from PIL import Image
 
 from zimage_mlx.pipeline.preview import FLUX_RGB_BIAS, FLUX_RGB_FACTORS, LatentRGB, fit_latent_rgb
 from zimage_mlx.loading.components import load_component
-from zimage_mlx.loading.convert import vae_config_from_shapes
+from zimage_mlx.loading.single_files import vae_config_from_shapes
 from zimage_mlx.loading.weights import safetensors_keys
 
 

@@ -25,7 +25,8 @@ from zimage_mlx.loading import components
 from zimage_mlx import memory
 from zimage_mlx.loading import quantize as q
 from zimage_mlx.apps.cli import convert_command
-from zimage_mlx.loading.convert import convert, detect_file_kind
+from zimage_mlx.loading.convert import convert
+from zimage_mlx.loading.single_files import detect_file_kind
 from zimage_mlx.loading.weights import WeightError, read_component
 
 H, W = 64, 48

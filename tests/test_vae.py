@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from conftest import rel_err, to_numpy
 from make_vae import make_tiny_vae, save_tiny_vae, save_tiny_vae_ldm
 from zimage_mlx.loading.components import load_component
-from zimage_mlx.loading.convert import vae_config_from_shapes
+from zimage_mlx.loading.single_files import vae_config_from_shapes
 from zimage_mlx.models import vae_blocks, vae_tiling
 from zimage_mlx.models.vae import AutoencoderKL, VAEConfig, largest_decoder_activation
 from zimage_mlx.loading.weights import safetensors_keys

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -28,168 +28,12 @@ from .download import file_sha256, inventory
 from .hub import download_tokenizer, resolve_file, resolve_source
 from .quantize import GROUP_SIZES, parse_quantize
 from ..sampler import SchedulerConfig, detect_variant
-from ..models.transformer import ZImageTransformerConfig
-from ..models.vae import VAEConfig
+from .single_files import CONFIG_FROM_SHAPES, KIND_NAMES, detect_file_kind
 from .weights import WeightError, component_files, dtype_name, parse_dtype, read_config, safetensors_keys
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json")
 TURBO_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
                    "use_dynamic_shifting": False, "shift": 3.0}
-
-
-# --------------------------------------------------------------------------- single-file kinds
-KIND_NAMES = {
-    "transformer": "a Z-Image transformer (S3-DiT)",
-    "text_encoder": "a Qwen3 text encoder",
-    "vae": "a FLUX 16-channel VAE",
-    "controlnet": "a Z-Image ControlNet Union",
-}
-
-
-def _file_kind_from_keys(keys: dict[str, tuple]) -> str:
-    """'transformer' | 'text_encoder' | 'vae' | 'controlnet', or a WeightError saying what the file looks like."""
-    names = list(keys)
-
-    def has(*fragments):
-        return any(all(f in k for f in fragments) for k in names)
-
-    if has("lora_") or has(".lora.") or has("lokr_") or has("hada_w"):
-        raise WeightError("it looks like a LoRA (lora_A/lora_down keys); LoRAs are applied on top of a model, "
-                          "they are not a model")
-    if has("layers.0.adaLN_modulation.0.weight") and (has("cap_embedder") or has("x_pad_token")):
-        return "transformer"
-    if has("control_all_x_embedder.") and has("control_layers.0."):
-        return "controlnet"
-    if has("double_blocks.") or has("single_blocks."):
-        raise WeightError("it looks like a FLUX transformer (double_blocks/single_blocks), not Z-Image")
-    if has("input_blocks.") or has("conditioner.embedders") or has("down_blocks.0.attentions"):
-        raise WeightError("it looks like a Stable Diffusion / SDXL UNet checkpoint, not Z-Image")
-    if has("self_attn.q_norm.weight") and has("embed_tokens.weight"):
-        return "text_encoder"
-    if has("self_attn.q_proj") and has("embed_tokens.weight"):
-        raise WeightError("it looks like a language model without q/k norms (Qwen2/Llama?), not the Qwen3 encoder")
-    conv_in = next((v for k, v in keys.items() if k.endswith("decoder.conv_in.weight")), None)
-    if conv_in is not None:
-        if len(conv_in[0]) == 4 and conv_in[0][1] != 16:
-            raise WeightError(f"it looks like a {conv_in[0][1]}-channel VAE (SD/SDXL); Z-Image needs the 16-channel "
-                              "FLUX VAE (ae.safetensors)")
-        return "vae"
-    raise WeightError("it is not a Z-Image transformer, Qwen3 text encoder or FLUX VAE checkpoint "
-                      f"(first keys: {', '.join(names[:3])})")
-
-
-def detect_file_kind(path: str | Path) -> str:
-    """Which Z-Image component a single checkpoint file holds, from its keys (never unpickles anything)."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightError(f"{path}: file not found")
-    with open(path, "rb") as f:
-        head = f.read(9)
-    if head[:4] == b"GGUF" or path.suffix.lower() == ".gguf":
-        raise WeightError(f"{path}: a GGUF file; zimage_mlx reads .safetensors checkpoints (convert it or use the "
-                          "bf16 safetensors release)")
-    safetensors = head[8:9] == b"{"   # an 8-byte header length (any first byte, 0x80 too), then the JSON header
-    pickle = head[:2] == b"PK" or head[:1] == b"\x80"
-    if (pickle and not safetensors) or path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin", ".pkl"):
-        raise WeightError(f"{path}: a pickle checkpoint (.ckpt/.pt/.bin); these can run code when loaded and are "
-                          "never opened: use the .safetensors release")
-    try:
-        return _file_kind_from_keys(safetensors_keys(path))
-    except WeightError as e:
-        if str(e).startswith(str(path)):
-            raise
-        raise WeightError(f"{path}: {e}") from None
-
-
-# --------------------------------------------------------------------------- configs from tensor shapes
-def transformer_config_from_shapes(keys: dict[str, tuple[int, ...]]) -> dict:
-    """A transformer config for a single-file checkpoint (ComfyUI layout or diffusers names), from tensor shapes.
-
-    Everything not visible in the shapes takes the real Z-Image value (rope, axes, eps).
-    """
-    keys = {k.removeprefix("model.diffusion_model."): v for k, v in keys.items()}
-    x_emb = keys.get("x_embedder.weight") or keys.get("all_x_embedder.2-1.weight")
-    norm_q = keys.get("layers.0.attention.q_norm.weight") or keys.get("layers.0.attention.norm_q.weight")
-    cap = keys.get("cap_embedder.1.weight")
-    if x_emb is None or cap is None:
-        raise WeightError("not a Z-Image transformer checkpoint (no x_embedder / cap_embedder tensors)")
-
-    def count(prefix):
-        return len({k.split(".")[1] for k in keys if k.startswith(prefix + ".")})
-
-    dim = x_emb[0]
-    head_dim = norm_q[0] if norm_q else 128
-    if head_dim != 128:
-        raise WeightError(f"head_dim {head_dim} is not Z-Image's 128: the RoPE axes cannot be inferred from the "
-                          "file; pass the model's config.json (--transformer-config)")
-    cfg = ZImageTransformerConfig(
-        dim=dim, in_channels=x_emb[1] // 4, n_layers=count("layers"), n_refiner_layers=count("noise_refiner"),
-        n_heads=dim // head_dim, n_kv_heads=dim // head_dim, cap_feat_dim=cap[1], qk_norm=norm_q is not None,
-    )
-    return {k: getattr(cfg, k) for k in ZImageTransformerConfig.__dataclass_fields__}
-
-
-def text_encoder_config_from_shapes(keys: dict[str, tuple[int, ...]]) -> dict:
-    """A Qwen3 config for a single-file text encoder (e.g. ComfyUI's qwen_3_4b.safetensors), from tensor shapes."""
-    keys = {k.removeprefix("model."): v for k, v in keys.items()}
-    try:
-        vocab, hidden = keys["embed_tokens.weight"]
-        head_dim = keys["layers.0.self_attn.q_norm.weight"][0]
-        n_heads = keys["layers.0.self_attn.q_proj.weight"][0] // head_dim
-        n_kv = keys["layers.0.self_attn.k_proj.weight"][0] // head_dim
-        inter = keys["layers.0.mlp.gate_proj.weight"][0]
-    except KeyError as e:
-        raise WeightError(f"not a Qwen3 text encoder checkpoint (no {e.args[0]})") from None
-    layers = len({k.split(".")[1] for k in keys if k.startswith("layers.")})
-    return {"architectures": ["Qwen3ForCausalLM"], "hidden_size": hidden, "num_hidden_layers": layers,
-            "num_attention_heads": n_heads, "num_key_value_heads": n_kv, "head_dim": head_dim,
-            "intermediate_size": inter, "vocab_size": vocab, "rms_norm_eps": 1e-6, "rope_theta": 1_000_000.0,
-            "max_position_embeddings": 40960, "hidden_act": "silu", "attention_bias": False}
-
-
-_VAE_BLOCK = re.compile(r"^encoder\.(?:down|down_blocks)\.(\d+)\.(?:block|resnets)\.(\d+)\.conv1\.weight$")
-
-
-def vae_config_from_shapes(keys: dict[str, tuple[int, ...]]) -> dict:
-    """A VAE config for a single-file VAE (FLUX/LDM or diffusers names), from tensor shapes.
-
-    block_out_channels, layers_per_block, latent/in/out channels and the mid-block attention come from the shapes;
-    the GroupNorm group count (32), scaling and shift factors cannot, and take the FLUX VAE's (the only 16-channel
-    VAE Z-Image uses); a file they cannot fit is refused with a pointer to --vae-config.
-    """
-    for prefix in ("first_stage_model.", "vae."):
-        if any(k.startswith(prefix) for k in keys):
-            keys = {k[len(prefix):]: v for k, v in keys.items() if k.startswith(prefix)}
-            break
-    blocks: dict[int, dict[int, tuple]] = {}
-    for k, shape in keys.items():
-        if m := _VAE_BLOCK.match(k):
-            blocks.setdefault(int(m[1]), {})[int(m[2])] = shape
-    conv_in = keys.get("decoder.conv_in.weight")
-    enc_in = keys.get("encoder.conv_in.weight")
-    conv_out = keys.get("decoder.conv_out.weight")
-    if not blocks or conv_in is None or enc_in is None or conv_out is None \
-            or sorted(blocks) != list(range(len(blocks))):
-        raise WeightError("cannot infer the VAE's configuration from its tensors (encoder blocks or conv_in/"
-                          "conv_out missing); pass its config.json with --vae-config")
-    layers = {len(b) for b in blocks.values()}
-    if len(layers) != 1:
-        raise WeightError(f"the VAE's encoder blocks have different depths {sorted(layers)}; pass its config.json "
-                          "with --vae-config")
-    attention = any(".attn_1." in k or ".attentions.0." in k for k in keys if k.startswith("encoder.mid"))
-    channels = [blocks[i][0][0] for i in range(len(blocks))]
-    groups = VAEConfig().norm_num_groups
-    if any(c % groups for c in channels):
-        raise WeightError(f"the VAE's channels {channels} do not divide into {groups} GroupNorm groups, so its group "
-                          "count cannot be inferred; pass its config.json with --vae-config")
-    return {**{k: v for k, v in vars(VAEConfig()).items() if not k.endswith("_types")},
-            "in_channels": enc_in[1], "out_channels": conv_out[0], "latent_channels": conv_in[1],
-            "block_out_channels": channels, "layers_per_block": layers.pop(),
-            "mid_block_add_attention": attention}
-
-
-CONFIG_FROM_SHAPES = {"transformer": transformer_config_from_shapes, "text_encoder": text_encoder_config_from_shapes,
-                      "vae": vae_config_from_shapes}
 
 
 # --------------------------------------------------------------------------- the destination
@@ -280,6 +124,57 @@ def convert(
     {"transformer": 4, "text_encoder": 8} (the VAE always stays float).
     """
     mx_dtype = parse_dtype(dtype)
+    bits = _check_convert_args(quantize, group_size, source, transformer, text_encoder, vae)
+    output = check_output(output, overwrite)
+    if source is not None:   # every file's header is checked here, before any compute
+        src = _tree_inputs(source, revision, output, mx_dtype, bits, tokenizer, variant)
+    else:
+        src = _single_file_inputs({"transformer": transformer, "text_encoder": text_encoder, "vae": vae},
+                                  {"transformer": transformer_config, "vae": vae_config}, tokenizer, variant)
+    if not (src.tokenizer / "tokenizer.json").is_file():
+        raise WeightError(f"{src.tokenizer}: no tokenizer.json (pass --tokenizer DIR with the Qwen3 tokenizer files)")
+
+    tmp = _prepare_output(output)
+    try:
+        t_all = time.perf_counter()
+        components = {name: _convert_component(tmp, name, src, mx_dtype, bits, group_size, log)
+                      for name in ("text_encoder", "transformer", "vae")}
+        _copy_tokenizer_and_scheduler(tmp, src)
+        hashes = {}
+        if hash_sources:
+            log("hashing sources …")
+            hashes = {rel: "sha256:" + file_sha256(p) for rel, p in src.files.items()}
+        manifest = {
+            "format": "zimage_mlx", "format_version": FORMAT_VERSION, "zimage_mlx_version": __version__,
+            "variant": src.variant, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "source": {"kind": src.kind, "source": str(source) if source is not None else None,
+                       "revision": revision, "files": hashes},
+            "components": components, "files": inventory(tmp, hashes=False),   # sha256s: added by publish
+        }
+        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))   # written last: marks completion
+        _install(tmp, output)
+        log(f"wrote {output} in {time.perf_counter() - t_all:.1f} s")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output
+
+
+@dataclass
+class _Sources:
+    """What a conversion reads: the component files (or folders), configs inferred for single files, the
+    tokenizer folder, the scheduler config, the source files to hash, the layout kind and the variant."""
+
+    inputs: dict
+    configs: dict
+    tokenizer: Path
+    scheduler: dict
+    files: dict
+    kind: str
+    variant: str
+
+
+def _check_convert_args(quantize, group_size, source, transformer, text_encoder, vae) -> dict:
     bits = parse_quantize(quantize)
     if bits == "auto":
         raise ValueError("quantize='auto' plans for this machine at load time; conversion needs explicit bits "
@@ -292,89 +187,69 @@ def convert(
     if source is None and not all(singles.values()):
         missing = [f"--{k.replace('_', '-')}" for k, v in singles.items() if not v]
         raise ValueError(f"single-file conversion needs {', '.join(missing)} too")
-    output = check_output(output, overwrite)
+    return bits
 
-    # ---- inputs (every file's header is checked here, before any compute)
+
+def _tree_inputs(source, revision, output, mx_dtype, bits, tokenizer, variant) -> _Sources:
+    """A Hugging Face-layout tree (a folder or a hub id)."""
+    root = resolve_source(source, revision=revision, convert_into=output, dtype=mx_dtype, quantize=bits)
+    for part in MODEL_COMPONENTS:
+        if not (root / part).is_dir():
+            raise WeightError(f"{root}: not a Hugging Face-layout Z-Image directory (no {part}/ folder)")
+    sched_file = root / "scheduler" / "scheduler_config.json"
+    scheduler = _read_json(sched_file) if sched_file.is_file() else TURBO_SCHEDULER
+    files = {str(f.relative_to(root)): f for p in MODEL_COMPONENTS for f in component_files(root / p)}
+    for f in files.values():
+        safetensors_keys(f)
+    return _Sources({p: root / p for p in MODEL_COMPONENTS}, {}, Path(tokenizer) if tokenizer else root / "tokenizer",
+                    scheduler, files, "diffusers",
+                    variant or detect_variant(source, SchedulerConfig.from_dict(scheduler)))
+
+
+def _single_file_inputs(singles: dict, given_configs: dict, tokenizer, variant) -> _Sources:
+    """ComfyUI-style single files (local paths or hub files owner/repo/file), each checked to hold its part."""
+    inputs = {k: resolve_file(v) for k, v in singles.items()}
+    for expected, path in inputs.items():
+        found = detect_file_kind(path)
+        if found != expected:
+            raise WeightError(f"{path}: given as the {expected.replace('_', ' ')}, but it holds {KIND_NAMES[found]}")
     configs = {}
-    if source is not None:
-        root = resolve_source(source, revision=revision, convert_into=output, dtype=mx_dtype, quantize=bits)
-        for part in MODEL_COMPONENTS:
-            if not (root / part).is_dir():
-                raise WeightError(f"{root}: not a Hugging Face-layout Z-Image directory (no {part}/ folder)")
-        inputs = {p: root / p for p in MODEL_COMPONENTS}
-        tok_dir = Path(tokenizer) if tokenizer else root / "tokenizer"
-        sched_file = root / "scheduler" / "scheduler_config.json"
-        scheduler = _read_json(sched_file) if sched_file.is_file() else TURBO_SCHEDULER
-        files = {str(f.relative_to(root)): f for p in MODEL_COMPONENTS for f in component_files(root / p)}
-        for f in files.values():
-            safetensors_keys(f)
-        kind = "diffusers"
-        variant = variant or detect_variant(source, SchedulerConfig.from_dict(scheduler))
-    else:
-        inputs = {k: resolve_file(v) for k, v in singles.items()}   # a path or a hub file owner/repo/file
-        for expected, path in inputs.items():
-            found = detect_file_kind(path)
-            if found != expected:
-                raise WeightError(f"{path}: given as the {expected.replace('_', ' ')}, but it holds "
-                                  f"{KIND_NAMES[found]}")
-        given = {"transformer": transformer_config, "vae": vae_config}
-        for name, path in inputs.items():
-            try:
-                configs[name] = _read_json(given[name]) if given.get(name) else \
-                    CONFIG_FROM_SHAPES[name]({k: shape for k, (shape, _) in safetensors_keys(path).items()})
-            except WeightError as e:
-                raise WeightError(f"{path}: {e}") from None
-        tok_dir = Path(tokenizer) if tokenizer else download_tokenizer()
-        scheduler = TURBO_SCHEDULER
-        files = {p.name: p for p in inputs.values()}
-        kind = "comfyui"
-        variant = variant or "turbo"   # ComfyUI files carry no scheduler; variant="base" for Z-Image (Base)
-    if not (tok_dir / "tokenizer.json").is_file():
-        raise WeightError(f"{tok_dir}: no tokenizer.json (pass --tokenizer DIR with the Qwen3 tokenizer files)")
+    for name, path in inputs.items():
+        try:
+            configs[name] = _read_json(given_configs[name]) if given_configs.get(name) else \
+                CONFIG_FROM_SHAPES[name]({k: shape for k, (shape, _) in safetensors_keys(path).items()})
+        except WeightError as e:
+            raise WeightError(f"{path}: {e}") from None
+    # ComfyUI files carry no scheduler: Turbo unless variant="base" (Z-Image Base)
+    return _Sources(inputs, configs, Path(tokenizer) if tokenizer else download_tokenizer(), TURBO_SCHEDULER,
+                    {p.name: p for p in inputs.values()}, "comfyui", variant or "turbo")
 
-    tmp = _prepare_output(output)
-    try:
-        t_all = time.perf_counter()
-        components = {}
-        for name in ("text_encoder", "transformer", "vae"):
-            t0 = time.perf_counter()
-            b = bits.get(name) if name in QUANTIZABLE else None
-            log(f"converting {name} ({dtype_name(mx_dtype)}{f', {b}-bit' if b else ''}) …")
-            path = inputs[name]
-            model = load_component(name, path, mx_dtype, b, group_size, config=configs.get(name))
-            config = configs.get(name) or read_config(path)
-            shards = save_component(tmp / name, model, config)
-            nbytes = sum((tmp / name / s).stat().st_size for s in shards)
-            del model
-            mx.clear_cache()
-            dt = time.perf_counter() - t0
-            log(f"  {name}: {nbytes / 1e9:.2f} GB in {dt:.1f} s")
-            components[name] = {"dtype": dtype_name(mx_dtype), "bits": b, "group_size": group_size if b else None,
-                                "files": shards, "bytes": nbytes, "seconds": round(dt, 2)}
-        (tmp / "tokenizer").mkdir()
-        for f in TOKENIZER_FILES:
-            if (tok_dir / f).is_file():
-                shutil.copy2(tok_dir / f, tmp / "tokenizer" / f)
-        (tmp / "scheduler").mkdir()
-        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
-        hashes = {}
-        if hash_sources:
-            log("hashing sources …")
-            hashes = {rel: "sha256:" + file_sha256(p) for rel, p in files.items()}
-        manifest = {
-            "format": "zimage_mlx", "format_version": FORMAT_VERSION, "zimage_mlx_version": __version__,
-            "variant": variant, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "source": {"kind": kind, "source": str(source) if source is not None else None, "revision": revision,
-                       "files": hashes},
-            "components": components, "files": inventory(tmp, hashes=False),   # sha256s: added by publish
-        }
-        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))   # written last: marks completion
-        _install(tmp, output)
-        log(f"wrote {output} in {time.perf_counter() - t_all:.1f} s")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return output
+
+def _convert_component(tmp: Path, name: str, src: _Sources, mx_dtype, bits: dict, group_size: int, log) -> dict:
+    """Load one component (cast/quantized tensor by tensor), save it into tmp/name; its manifest entry."""
+    t0 = time.perf_counter()
+    b = bits.get(name) if name in QUANTIZABLE else None
+    log(f"converting {name} ({dtype_name(mx_dtype)}{f', {b}-bit' if b else ''}) …")
+    path = src.inputs[name]
+    model = load_component(name, path, mx_dtype, b, group_size, config=src.configs.get(name))
+    config = src.configs.get(name) or read_config(path)
+    shards = save_component(tmp / name, model, config)
+    nbytes = sum((tmp / name / s).stat().st_size for s in shards)
+    del model
+    mx.clear_cache()
+    dt = time.perf_counter() - t0
+    log(f"  {name}: {nbytes / 1e9:.2f} GB in {dt:.1f} s")
+    return {"dtype": dtype_name(mx_dtype), "bits": b, "group_size": group_size if b else None,
+            "files": shards, "bytes": nbytes, "seconds": round(dt, 2)}
+
+
+def _copy_tokenizer_and_scheduler(tmp: Path, src: _Sources) -> None:
+    (tmp / "tokenizer").mkdir()
+    for f in TOKENIZER_FILES:
+        if (src.tokenizer / f).is_file():
+            shutil.copy2(src.tokenizer / f, tmp / "tokenizer" / f)
+    (tmp / "scheduler").mkdir()
+    (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(src.scheduler, indent=2))
 
 
 def convert_controlnet(
