@@ -505,11 +505,19 @@ class ZImageTransformer(nn.Module):
         return mx.stack(out)
 
     def _forward(self, latents, timestep, g: "CaptionGroup", control=None):
+        u, temb = self.stream_in(latents, timestep, g, control)
+        hints = control.layer_hints(u, g.cos, g.sin, temb) if control is not None else {}
+        return self.stream_out(self.main_layers(u, g, temb, hints), temb, latents.shape)
+
+    # The forward in three parts (_forward = stream_in -> main_layers -> stream_out), so a caller can run main layer
+    # 0 alone and decide about the rest (pipeline/step_cache.py; docs/step-cache.md).
+    def stream_in(self, latents, timestep, g: "CaptionGroup", control=None) -> tuple[mx.array, mx.array]:
+        """Timestep embedding, patch embedding and noise refiner (+ the ControlNet's refiner hints) of one caption
+        group: (the unified [image ; caption] sequence entering the main layers, the timestep embedding)."""
         cfg = self.config
         dtype = self.dtype
         B, C, h, w = latents.shape
-        p, pf = cfg.all_patch_size[0], cfg.all_f_patch_size[0]
-        key = f"{p}-{pf}"
+        p = cfg.all_patch_size[0]
         ht, wt = h // p, w // p
         n_img = ht * wt
 
@@ -517,7 +525,7 @@ class ZImageTransformer(nn.Module):
 
         # Patchify: (B,C,h,w) -> (B, ht*wt, p*p*C), features ordered (ph, pw, c).
         x = latents.astype(dtype).reshape(B, C, ht, p, wt, p).transpose(0, 2, 4, 3, 5, 1)
-        x = self.all_x_embedder[key](x.reshape(B, n_img, p * p * C))
+        x = self.all_x_embedder[self._patch_key](x.reshape(B, n_img, p * p * C))
         if g.n_img > n_img:
             pad = mx.broadcast_to(self.x_pad_token.astype(dtype), (B, g.n_img - n_img, cfg.dim))
             x = mx.concatenate([x, pad], axis=1)
@@ -528,17 +536,28 @@ class ZImageTransformer(nn.Module):
             x = layer(x, img_cos, img_sin, temb)
             if i in hints:
                 x = x + hints[i]
+        return mx.concatenate([x, g.cap], axis=1), temb
 
-        u = mx.concatenate([x, g.cap], axis=1)
-        hints = control.layer_hints(u, g.cos, g.sin, temb) if control is not None else {}
-        for i, layer in enumerate(self.layers):
-            u = layer(u, g.cos, g.sin, temb)
+    def main_layers(self, u, g: "CaptionGroup", temb, hints: dict, start: int = 0) -> mx.array:
+        """Main layers start.. over the unified sequence; hints {layer index: array} are added after those layers."""
+        for i in range(start, len(self.layers)):
+            u = self.layers[i](u, g.cos, g.sin, temb)
             if i in hints:
                 u = u + hints[i]
-        y = self.all_final_layer[key](u[:, :n_img], temb)
+        return u
 
+    def stream_out(self, u, temb, shape) -> mx.array:
+        """Final layer over the image tokens and unpatchify: the float32 (B, C, h, w) velocity."""
+        B, C, h, w = shape
+        p = self.config.all_patch_size[0]
+        ht, wt = h // p, w // p
+        y = self.all_final_layer[self._patch_key](u[:, : ht * wt], temb)
         y = y.reshape(B, ht, wt, p, p, C).transpose(0, 5, 1, 3, 2, 4).reshape(B, C, h, w)
         return y.astype(mx.float32)
+
+    @property
+    def _patch_key(self) -> str:
+        return f"{self.config.all_patch_size[0]}-{self.config.all_f_patch_size[0]}"
 
 
 @dataclass

@@ -1,0 +1,272 @@
+"""Step caching (pipeline/step_cache.py) against the uncached transformer and a torch reference of the written rule.
+
+The oracle for the rules is diffusers' ZImageTransformer2DModel with its main layers replaced by `RuleMain`, a
+plain torch statement of docs/step-cache.md. Random weights need one change to say anything about caching: with
+random adaLN weights layer 0's residual changes ~100 % from step to step and nothing would ever be skipped, so
+every model here has its timestep embedder's output scaled by 0.1 (6-9 % change per step, inside TeaCache's
+calibrated range).
+"""
+
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+
+from conftest import rel_err
+from make_controlnet import make_tiny_controlnet, save_tiny_controlnet
+from make_transformer import make_tiny_transformer
+from zimage_mlx import sampler
+from zimage_mlx.loading.weights import fill_model
+from zimage_mlx.models.controlnet import ControlConditioning, ControlInput, load_controlnet
+from zimage_mlx.models.transformer import ZImageTransformer, ZImageTransformerConfig
+from zimage_mlx.pipeline.step_cache import (MAX_CONSECUTIVE_SKIPS, TEACACHE_RANGE, StepCache, check_cache,
+                                            teacache_price)
+
+LAT = 8                    # 8x8 latents: 16 image tokens (padded to 32)
+CAPS = (20, 40)            # positive / negative caption lengths: two caption groups (32 and 64 tokens)
+STEPS = 12
+TIME_EMBED_SCALE = 0.01
+
+
+def scaled_tiny_transformer(seed=3):
+    """diffusers' tiny transformer with 4 main layers and its timestep embedding scaled by 0.1 (module doc)."""
+    tm = make_tiny_transformer(seed, n_layers=4)
+    with torch.no_grad():
+        last = tm.t_embedder.mlp[2]
+        last.weight.mul_(TIME_EMBED_SCALE)
+        last.bias.mul_(TIME_EMBED_SCALE)
+    weights = {k: mx.array(v.detach().numpy()) for k, v in tm.state_dict().items()}
+    model = ZImageTransformer(ZImageTransformerConfig.from_dict(dict(tm.config)))
+    return tm, fill_model(model, model.sanitize(weights), mx.float32, "torch state dict")
+
+
+@pytest.fixture(scope="module")
+def models():
+    return scaled_tiny_transformer()
+
+
+def _inputs(seed=0, batch=1):
+    rng = np.random.default_rng(seed)
+    noise = rng.standard_normal((batch, 16, LAT, LAT)).astype(np.float32)
+    caps = [rng.standard_normal((n, 64)).astype(np.float32) for n in CAPS]
+    return noise, [caps[0]] * batch + [caps[1]] * batch
+
+
+def denoise(predict, noise, steps=STEPS, guidance=4.0):
+    """The pipeline's loop (sampler functions), with predict(x (2B,...) numpy, t float) -> (2B,...) velocities."""
+    cfg = sampler.SchedulerConfig()
+    sigmas = sampler.sigmas_for(steps, cfg)
+    timesteps = sampler.timesteps_for(sigmas, cfg)
+    latents = mx.array(noise)
+    B = noise.shape[0]
+    for i in range(steps):
+        t = float(sampler.model_time(timesteps[i], cfg))
+        v = mx.array(predict(np.array(latents), t))
+        v = sampler.guidance(v[:B], v[B:], guidance) if guidance else v
+        latents = sampler.euler_step(latents, v, sigmas[i], sigmas[i + 1])
+        mx.eval(latents)
+    return np.array(latents)
+
+
+def mlx_predict(model, caps, cache=None, control=None):
+    captions = model.prepare([mx.array(c) for c in caps], LAT, LAT)
+
+    def predict(x, t):
+        x2 = mx.array(np.concatenate([x, x]))
+        tt = mx.full((x2.shape[0],), t, dtype=mx.float32)
+        if cache is None:
+            return np.array(model(x2, tt, captions, control=control))
+        return np.array(cache.forward(model, x2, tt, captions, control))
+    return predict
+
+
+# --------------------------------------------------------------------------- the torch statement of the rule
+class RuleMain(torch.nn.Module):
+    """diffusers' main layers run under the written rule (docs/step-cache.md); replaces `tm.layers` as its only entry.
+    Means are over the first `n_pos` samples' unmasked positions, in float32."""
+
+    def __init__(self, layers, rule, threshold, num_steps, n_pos):
+        super().__init__()
+        self.inner = layers
+        self.rule, self.threshold, self.num_steps, self.n_pos = rule, threshold, num_steps, n_pos
+        self.ref = self.residual = None
+        self.acc, self.run, self.computed, self.signal = 0.0, 0, [], []
+
+    def forward(self, x, mask, *args):
+        first = self.inner[0](x, mask, *args)
+        r = (first - x).float()[: self.n_pos]
+        keep = torch.ones(r.shape[:2]) if mask is None else mask[: self.n_pos].float()
+        value = None
+        if self.ref is not None:
+            value = float(((r - self.ref).abs().sum(-1) * keep).sum() / ((self.ref.abs().sum(-1) * keep).sum()))
+        step = len(self.computed)
+        if self.rule == "teacache":
+            self.ref = r
+            if step in (0, self.num_steps - 1) or value > TEACACHE_RANGE[1]:
+                compute = True
+            else:
+                x_c = max(value, TEACACHE_RANGE[0])
+                c4, c3, c2, c1, c0 = (-898.9907628349583, 367.7086118008557, -45.41511572598643,
+                                      3.95114319842774, 0.0)
+                self.acc += max(0.0, c4 * x_c**4 + c3 * x_c**3 + c2 * x_c**2 + c1 * x_c + c0)
+                compute = not (self.acc < self.threshold and self.run < 8)
+        else:
+            compute = value is None or value > self.threshold
+        self.computed.append(compute)
+        self.signal.append(value)
+        if not compute:
+            self.run += 1
+            return (x if self.rule == "teacache" else first) + self.residual
+        self.acc, self.run = 0.0, 0
+        if self.rule == "first_block":
+            self.ref = r
+        h = first
+        for layer in self.inner[1:]:
+            h = layer(h, mask, *args)
+        self.residual = h - (x if self.rule == "teacache" else first)
+        return h
+
+
+def torch_predict(tm, caps):
+    def predict(x, t):
+        x2 = np.concatenate([x, x])
+        with torch.no_grad():
+            out = tm([torch.from_numpy(a)[:, None] for a in x2], torch.full((len(x2),), t),
+                     [torch.from_numpy(c) for c in caps], return_dict=False)[0]
+        return np.stack([o[:, 0].numpy() for o in out])
+    return predict
+
+
+# --------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("rule", ["teacache", "first_block"])
+def test_threshold_zero_is_the_uncached_run_bit_for_bit(models, rule):
+    _, model = models
+    noise, caps = _inputs()
+    plain = denoise(mlx_predict(model, caps), noise)
+    cache = StepCache(rule, 0.0, STEPS, positive_rows=range(1))
+    cached = denoise(mlx_predict(model, caps, cache), noise)
+    assert np.array_equal(plain, cached)
+    assert cache.stats.computed == STEPS and cache.stats.skipped == 0
+    assert cache.stats.signal[0] is None and all(0.0 < s < 1.0 for s in cache.stats.signal[1:])
+
+
+@pytest.mark.parametrize("rule, threshold", [("teacache", 0.3), ("teacache", 1.5), ("first_block", 0.15)])
+def test_rule_matches_the_torch_reference(models, rule, threshold):
+    """CFG with captions of different padded lengths (two groups here, a masked batch in diffusers): one decision
+    per step from the positive branch, both branches' residuals reused on skips."""
+    tm, model = models
+    noise, caps = _inputs(1)
+    cache = StepCache(rule, threshold, STEPS, positive_rows=range(1))
+    ours = denoise(mlx_predict(model, caps, cache), noise)
+    reference = RuleMain(tm.layers, rule, threshold, STEPS, n_pos=1)
+    original = tm.layers
+    tm.layers = torch.nn.ModuleList([reference])
+    try:
+        theirs = denoise(torch_predict(tm, caps), noise)
+    finally:
+        tm.layers = original
+    assert cache.stats.computed_steps == reference.computed
+    np.testing.assert_allclose(cache.stats.signal[1:], reference.signal[1:], rtol=1e-4)
+    assert 0 < cache.stats.skipped < STEPS - 2, cache.stats.as_dict()
+    assert rel_err(ours, theirs) <= 1e-4
+    plain = denoise(mlx_predict(model, caps), noise)
+    assert not np.array_equal(ours, plain)        # the skips changed something, a little
+    assert rel_err(ours, plain) < 0.2
+
+
+def test_teacache_first_and_last_steps_compute_and_runs_are_capped(models):
+    _, model = models
+    noise, caps = _inputs(2)
+    cache = StepCache("teacache", 1e6, STEPS, positive_rows=range(1))
+    denoise(mlx_predict(model, caps, cache), noise)
+    steps = cache.stats.computed_steps
+    assert steps[0] and steps[-1]
+    assert steps[1: 1 + MAX_CONSECUTIVE_SKIPS] == [False] * MAX_CONSECUTIVE_SKIPS
+    assert steps[1 + MAX_CONSECUTIVE_SKIPS]
+    assert cache.stats.as_dict()["skipped"] == MAX_CONSECUTIVE_SKIPS + 1   # steps 1-8 and 10 (of 0-11)
+
+
+def test_the_decision_comes_from_the_positive_rows(models):
+    """The same positive inputs with another negative caption (and so another caption grouping): the same signals
+    and decisions."""
+    _, model = models
+    noise, caps = _inputs(1)
+    rng = np.random.default_rng(9)
+    xs = [rng.standard_normal(noise.shape).astype(np.float32) * 0.05 + noise * (1 - k / STEPS) for k in range(STEPS)]
+    runs = []
+    for neg in (caps[1], rng.standard_normal((5, 64)).astype(np.float32)):
+        cache = StepCache("first_block", 0.15, STEPS, positive_rows=range(1))
+        predict = mlx_predict(model, [caps[0], neg], cache)
+        for k, x in enumerate(xs):
+            predict(x, 0.1 + 0.8 * k / STEPS)
+        runs.append(cache.stats)
+    assert runs[0].computed_steps == runs[1].computed_steps and runs[0].skipped > 0
+    np.testing.assert_allclose(runs[0].signal[1:], runs[1].signal[1:], rtol=1e-5)
+
+
+def test_controlnet_hints_only_on_computed_steps(models, tmp_path):
+    tm, model = models
+    cn = make_tiny_controlnet(2, "2.1", transformer_config=dict(n_layers=4))
+    net = load_controlnet(save_tiny_controlnet(tmp_path / "cn", cn), mx.float32)
+    noise, caps = _inputs(3)
+    ctx = mx.array(np.random.default_rng(4).standard_normal((2, 33, LAT, LAT)).astype(np.float32))
+    calls = []
+    layer_hints = net.layer_hints
+
+    def counting_layer_hints(*args):
+        calls.append(1)
+        return layer_hints(*args)
+
+    net.layer_hints = counting_layer_hints
+
+    def run(cache):
+        calls.clear()
+        control = ControlConditioning(net, [ControlInput(ctx, 0.7)])
+        return denoise(mlx_predict(model, caps, cache, control), noise)
+
+    plain = run(None)
+    assert len(calls) == 2 * STEPS                # two caption groups per step
+    assert np.array_equal(run(StepCache("first_block", 0.0, STEPS, positive_rows=range(1))), plain)
+    cache = StepCache("first_block", 0.15, STEPS, positive_rows=range(1))
+    cached = run(cache)
+    assert 0 < cache.stats.skipped and len(calls) == 2 * cache.stats.computed
+    assert rel_err(cached, plain) < 0.2
+
+
+def test_a_one_step_run_skips_nothing(models):
+    _, model = models
+    noise, caps = _inputs()
+    for rule in ("teacache", "first_block"):
+        cache = StepCache(rule, 1e6, 1, positive_rows=range(1))
+        denoise(mlx_predict(model, caps, cache), noise, steps=1)
+        assert cache.stats.as_dict() | {"signal": None} == {
+            "rule": rule, "threshold": 1e6, "steps": 1, "computed": 1, "skipped": 0, "signal": None,
+            "computed_steps": [True]}
+
+
+def test_teacache_price_is_the_published_polynomial_clamped():
+    assert teacache_price(0.0) == teacache_price(TEACACHE_RANGE[0]) > 0.08
+    assert teacache_price(0.1) == pytest.approx(3.95114319842774 * 0.1 - 45.41511572598643 * 0.01
+                                                + 367.7086118008557 * 1e-3 - 898.9907628349583 * 1e-4)
+    assert teacache_price(1.0) == 0.0           # the fit goes negative far past its range: max(0, p)
+
+
+@pytest.mark.parametrize("cache, threshold, message", [
+    ("magcache", None, "cache must be one of"),
+    ("teacache", -0.1, "cache_threshold must be a finite number >= 0"),
+    ("first_block", math.nan, "cache_threshold must be a finite number >= 0"),
+    ("teacache", "0.1", "cache_threshold must be a finite number >= 0"),
+    (None, 0.1, "cache_threshold=0.1 needs cache="),
+])
+def test_bad_cache_arguments(cache, threshold, message):
+    with pytest.raises(ValueError, match=message):
+        check_cache(cache, threshold)
+
+
+def test_cache_defaults_and_the_cli_spelling():
+    assert check_cache(None, None) == (None, None)
+    assert check_cache("teacache", None) == ("teacache", 0.12)
+    assert check_cache("first-block", None) == ("first_block", 0.05)
+    assert check_cache("first_block", 0) == ("first_block", 0.0)
