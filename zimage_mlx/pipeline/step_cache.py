@@ -104,6 +104,14 @@ class StepCache:
         self._run = 0
 
     # ------------------------------------------------------------------ the forward
+    def model_call(self, transformer, control=None):
+        """The transformer (with the ControlNet hook `control`) as guidance.py's model call (x, t, captions,
+        doubled), run through this cache; doubled: x is CFG's [positive ; negative] batch."""
+        def call(x, t, captions, doubled=False):
+            hook = control.doubled() if doubled and control is not None else control
+            return self.forward(transformer, x, t, captions, hook)
+        return call
+
     def forward(self, model, latents: mx.array, timestep, captions, control=None) -> mx.array:
         """model(latents, timestep, captions, control) with main layers 1..N-1 run or reused per this rule.
         captions: `model.prepare`'s Captions for this batch (the pipeline prepares them once per call)."""
