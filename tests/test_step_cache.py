@@ -246,6 +246,17 @@ def test_a_one_step_run_skips_nothing(models):
             "computed_steps": [True]}
 
 
+@pytest.mark.parametrize("rule", ["teacache", "first_block"])
+def test_a_non_finite_signal_computes(rule):
+    """A NaN in layer 0's residual must not freeze the rule into skipping (mlx-teacache's "numerical miss")."""
+    cache = StepCache(rule, 1e6, 10)
+    r = mx.ones((1, 32, 8))
+    assert cache._decide("layout", [([0], r)], have_residual=False)          # step 0
+    assert not cache._decide("layout", [([0], r * 1.01)], have_residual=True)
+    assert cache._decide("layout", [([0], r * mx.nan)], have_residual=True)
+    assert math.isnan(cache.stats.signal[-1])
+
+
 def test_teacache_price_is_the_published_polynomial_clamped():
     assert teacache_price(0.0) == teacache_price(TEACACHE_RANGE[0]) > 0.08
     assert teacache_price(0.1) == pytest.approx(3.95114319842774 * 0.1 - 45.41511572598643 * 0.01

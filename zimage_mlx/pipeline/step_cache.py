@@ -159,7 +159,8 @@ class StepCache:
             compute = self._teacache(step, value)
         else:
             compute = value is None or value > self.threshold
-        compute = compute or not have_residual
+        # a NaN/inf signal (as mlx-teacache's "numerical miss") or a missing residual: compute
+        compute = compute or not have_residual or (value is not None and not math.isfinite(value))
         if compute:
             self._acc, self._run = 0.0, 0
             if self.rule == "first_block":
@@ -171,7 +172,7 @@ class StepCache:
         return compute
 
     def _teacache(self, step: int, x: float | None) -> bool:
-        if step == 0 or step >= self.num_steps - 1 or x is None or x > TEACACHE_RANGE[1]:
+        if step == 0 or step >= self.num_steps - 1 or x is None or not math.isfinite(x) or x > TEACACHE_RANGE[1]:
             return True
         self._acc += teacache_price(x)
         return not (self._acc < self.threshold and self._run < MAX_CONSECUTIVE_SKIPS)
