@@ -281,3 +281,63 @@ def test_cache_defaults_and_the_cli_spelling():
     assert check_cache("teacache", None) == ("teacache", 0.12)
     assert check_cache("first-block", None) == ("first_block", 0.05)
     assert check_cache("first_block", 0) == ("first_block", 0.0)
+
+
+# --------------------------------------------------------------------------- through the pipeline
+def tiny_pipe(model, tm):
+    from zimage_mlx import ZImagePipeline
+
+    return ZImagePipeline(tokenizer=None, scheduler_config=sampler.SchedulerConfig(), transformer=model,
+                          configs={"transformer": dict(tm.config), "vae": {"block_out_channels": [8, 8, 8, 8]}},
+                          variant="base", dtype=mx.float32)
+
+
+def pipe_run(pipe, caps, noise, steps=STEPS, **kw):
+    return pipe(prompt_embeds=[mx.array(caps[0])], negative_prompt_embeds=[mx.array(caps[1])], latents=noise,
+                num_inference_steps=steps, guidance_scale=4.0, height=LAT * 8, width=LAT * 8, output_type="latent",
+                **kw)
+
+
+def test_pipeline_cache_follows_the_written_rule(models):
+    """pipe(..., cache=, cache_threshold=): threshold 0 is the uncached call bit for bit; with a threshold the
+    latents are the torch reference's (diffusers' transformer under RuleMain) within 1e-4."""
+    tm, model = models
+    pipe = tiny_pipe(model, tm)
+    noise, caps = _inputs(1)
+    plain = pipe_run(pipe, caps, noise)
+    assert plain.cache_stats is None
+    zero = pipe_run(pipe, caps, noise, cache="first_block", cache_threshold=0)
+    assert np.array_equal(np.array(zero.images), np.array(plain.images))
+    assert zero.cache_stats["computed"] == STEPS
+    out = pipe_run(pipe, caps, noise, cache="teacache", cache_threshold=0.3)
+    reference = RuleMain(tm.layers, "teacache", 0.3, STEPS, n_pos=1)
+    original = tm.layers
+    tm.layers = torch.nn.ModuleList([reference])
+    try:
+        theirs = denoise(torch_predict(tm, caps), noise)
+    finally:
+        tm.layers = original
+    stats = out.cache_stats
+    assert stats["computed_steps"] == reference.computed and stats["skipped"] > 0
+    assert stats["steps"] == STEPS and stats["computed"] + stats["skipped"] == STEPS
+    assert len(stats["signal"]) == STEPS and stats["rule"] == "teacache" and stats["threshold"] == 0.3
+    assert rel_err(np.array(out.images), theirs) <= 1e-4
+
+
+def test_pipeline_cache_defaults_and_bad_arguments(models):
+    tm, model = models
+    pipe = tiny_pipe(model, tm)
+    noise, caps = _inputs()
+    one = pipe_run(pipe, caps, noise, steps=1, cache="first-block")
+    assert one.cache_stats | {"signal": None} == {"rule": "first_block", "threshold": 0.05, "steps": 1,
+                                                  "computed": 1, "skipped": 0, "signal": None,
+                                                  "computed_steps": [True]}
+    for kw, field, message in [
+        (dict(cache="magcache"), "cache", "cache must be one of"),
+        (dict(cache="teacache", cache_threshold=-1), "cache_threshold", "finite number >= 0"),
+        (dict(cache="teacache", cache_threshold=float("nan")), "cache_threshold", "finite number >= 0"),
+        (dict(cache_threshold=0.1), "cache_threshold", "needs cache="),
+    ]:
+        with pytest.raises(ValueError, match=message) as err:
+            pipe_run(pipe, caps, noise, steps=2, **kw)
+        assert err.value.field == field

@@ -15,6 +15,7 @@ from .denoise import (DenoiseState, compose_predict, denoise, diffusers_callback
 from .guidance import prepare_captions, step_predictor, with_control
 from .images import load_image, mask_to_latent, preprocess_image, preprocess_mask, to_pil
 from .request import GenerationRequest, PipelineOutput, expand_negative, expand_seeds
+from .step_cache import StepCache
 
 
 class GenerationError(RuntimeError):
@@ -50,14 +51,25 @@ def generate(pipe, req: GenerationRequest) -> PipelineOutput:
     if req.inpaint:
         m_lat = mask_to_latent(mask, shape[2], shape[3], soft=req.mask_blur > 0)
         after_step.append(inpaint_blend(start.z0, start.eps, m_lat, sigmas))
+    cache = step_cache(pipe, req)
     with pipe.lora_weights(req.loras):      # the adapters' weights this call asks for, restored after
         latents = run_denoise(pipe, req, DenoiseState(start.latents, sigmas, timesteps, req.first_step), pos, neg,
-                              control, after_step)
+                              control, after_step, cache)
     images = decode(pipe, req, latents, init_image, mask)
     pipe.timings["total"] = time.perf_counter() - t_start
     reported = [None] * batch if req.latents is not None and req.seed is None else seeds
     return PipelineOutput(images=images, seeds=reported, timings=dict(pipe.timings),
-                          peak_memory_gb=mx.get_peak_memory() / 1e9)
+                          peak_memory_gb=mx.get_peak_memory() / 1e9,
+                          cache_stats=cache.stats.as_dict() if cache is not None else None)
+
+
+def step_cache(pipe, req: GenerationRequest) -> StepCache | None:
+    """The request's step cache (step_cache.py): decisions from the positive rows; under parallel "tensor" / "cfg"
+    every process takes rank 0's signal."""
+    if req.cache is None:
+        return None
+    group = pipe.group if pipe.parallel in ("tensor", "cfg") else None
+    return StepCache(req.cache, req.cache_threshold, req.steps_to_run, positive_rows=range(req.batch), group=group)
 
 
 def load_inputs(req: GenerationRequest, multiple: int):
@@ -104,13 +116,16 @@ def step_callbacks(pipe, req: GenerationRequest) -> list:
     return out
 
 
-def run_denoise(pipe, req: GenerationRequest, state: DenoiseState, pos, neg, control, after_step) -> mx.array:
-    """The loop with predict composed once: transformer → ControlNet hook → guidance strategy → wrappers."""
+def run_denoise(pipe, req: GenerationRequest, state: DenoiseState, pos, neg, control, after_step,
+                cache: StepCache | None = None) -> mx.array:
+    """The loop with predict composed once: transformer → ControlNet hook (→ step cache, which runs inside the
+    transformer's forward) → guidance strategy → wrappers."""
     transformer = pipe.transformer
     t0 = time.perf_counter()
     caps = prepare_captions(transformer, pos, neg, state.latents.shape[2], state.latents.shape[3])
     split = pipe.group if pipe.parallel == "cfg" and pipe.group is not None else None
-    predict = step_predictor(with_control(transformer, control), caps, state.timesteps, pipe.scheduler_config,
+    model = cache.model_call(transformer, control) if cache is not None else with_control(transformer, control)
+    predict = step_predictor(model, caps, state.timesteps, pipe.scheduler_config,
                              scale=req.guidance_scale, truncation=req.cfg_truncation,
                              normalization=req.cfg_normalization,
                              model_dtype=getattr(transformer, "dtype", mx.float32), split_group=split)

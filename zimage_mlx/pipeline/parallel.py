@@ -39,4 +39,5 @@ def generate_data_parallel(req: GenerationRequest, group, generate: Callable[[Ge
     batch = req.batch
     seeds = [None] * batch if req.seed is None else expand_seeds(req.seed, batch)
     return PipelineOutput(images=images, seeds=seeds, timings=dict(out.timings if out else timings),
-                          peak_memory_gb=mx.get_peak_memory() / 1e9)
+                          peak_memory_gb=mx.get_peak_memory() / 1e9,
+                          cache_stats=out.cache_stats if out else None)      # this process's images' run

@@ -269,6 +269,8 @@ class ZImagePipeline(LazyModels, LoRAMixin):
         on_step: Callable[[StepRecord], Any] | Sequence[Callable[[StepRecord], Any]] | None = None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        cache: str | None = None,
+        cache_threshold: float | None = None,
     ) -> PipelineOutput:
         """Generate images. Arguments mirror diffusers' ZImagePipeline (and ZImageImg2ImgPipeline with `image`,
         ZImageInpaintPipeline with `image` + `mask_image`, ZImageControlNet(Inpaint)Pipeline with `control_image`).
@@ -295,6 +297,9 @@ class ZImagePipeline(LazyModels, LoRAMixin):
         callback_on_step_end(pipe, i, t, callback_kwargs), callback_on_step_end_tensor_inputs: diffusers' callback
         (t: the scheduler timestep; callback_kwargs["latents"]; a returned {"latents": ...} replaces them).
         output_type: "pil" | "np" | "latent".
+        cache: "teacache" | "first_block" skips main layers 1-29 of the steps a rule finds close to the last computed
+        one (docs/step-cache.md); cache_threshold: the rule's threshold (default 0.12 / 0.05). Off by default;
+        `out.cache_stats` then reports the steps computed and skipped and the per-step signal.
         Under `mlx.launch` (`from_pretrained`'s `parallel`) every process makes this same call and gets the whole
         result; in data-parallel mode a failure on one process is raised on all of them.
         """

@@ -23,6 +23,7 @@ import numpy as np
 
 from ..sampler import VARIANT_DEFAULTS, check_variant, img2img_start
 from .images import check_min_size, image_size
+from .step_cache import cache_rule, cache_threshold
 
 DEFAULT_SIZE = 1024
 DEFAULT_STRENGTH = 0.6          # img2img (diffusers' ZImageImg2ImgPipeline default)
@@ -96,6 +97,8 @@ class GenerationRequest:
     on_step: Callable | Sequence[Callable] | None = _py()
     callback_on_step_end: Callable | None = _py()
     callback_on_step_end_tensor_inputs: Sequence[str] = _py(("latents",))
+    cache: str | None = None              # step caching: "teacache" | "first_block" (step_cache.py)
+    cache_threshold: float | None = None
     image_seed: int | None = _py()        # internal: img2img's VAE-sample key (data-parallel shards keep image 0's)
 
     # ------------------------------------------------------------------ construction
@@ -176,7 +179,7 @@ class GenerationRequest:
                       cfg_normalization=float_arg("cfg_normalization", float(r.cfg_normalization or 0.0), 0.0),
                       mask_blur=float_arg("mask_blur", r.mask_blur, 0.0),
                       max_sequence_length=int_arg("max_sequence_length", r.max_sequence_length, 1))
-        r = r._check_control(limits)._check_strength()._check_loras(limits)
+        r = r._check_control(limits)._check_strength()._check_loras(limits)._check_cache()
         if limits.cfg_split and not r.do_cfg:
             raise RequestError("guidance_scale", "parallel='cfg' splits classifier-free guidance, which is off "
                                "(guidance_scale 0, as Turbo uses); use parallel='data' or 'tensor'")
@@ -264,6 +267,17 @@ class GenerationRequest:
             loaded = ", ".join(map(repr, limits.adapters)) or "none (load one with load_lora_weights)"
             raise RequestError("loras", f"no LoRA named {unknown[0]!r}; loaded: {loaded}")
         return self.replace(loras={k: float(v) for k, v in self.loras.items()})
+
+    def _check_cache(self) -> "GenerationRequest":
+        """The step cache's rule and threshold (its default when not given); see step_cache.py."""
+        try:
+            rule = cache_rule(self.cache, self.cache_threshold)
+        except ValueError as e:
+            raise RequestError("cache" if self.cache is not None else "cache_threshold", str(e)) from None
+        try:
+            return self.replace(cache=rule, cache_threshold=cache_threshold(rule, self.cache_threshold))
+        except ValueError as e:
+            raise RequestError("cache_threshold", str(e)) from None
 
     def _check_callbacks(self) -> None:
         for name in ("callback", "callback_on_step_end"):
@@ -418,3 +432,4 @@ class PipelineOutput:
     seeds: list[int | None] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)   # seconds per stage
     peak_memory_gb: float = 0.0
+    cache_stats: dict | None = None  # with a step cache: steps, computed, skipped, the per-step signal (step_cache.py)

@@ -34,21 +34,33 @@ MAX_CONSECUTIVE_SKIPS = 8       # mlx-teacache _kernel/gate.py: a runaway-skip g
 
 
 def check_cache(cache, threshold) -> tuple[str | None, float | None]:
-    """(rule, threshold) from the user's `cache` / `cache_threshold`, or a ValueError naming the bad one.
-    "first-block" is accepted for "first_block" (the CLI's spelling); threshold None means the rule's default."""
+    """(rule, threshold) from the user's `cache` / `cache_threshold`, or a ValueError naming the bad one."""
+    return cache_rule(cache, threshold), cache_threshold(cache_rule(cache, threshold), threshold)
+
+
+def cache_rule(cache, threshold=None) -> str | None:
+    """The rule's name ("first-block", the CLI's spelling, is "first_block"), or None for no cache; a ValueError
+    for an unknown name or a threshold without a cache."""
     if cache is None:
         if threshold is not None:
             raise ValueError(f"cache_threshold={threshold!r} needs cache='teacache' or 'first_block'")
-        return None, None
+        return None
     rule = cache.replace("-", "_") if isinstance(cache, str) else cache
     if rule not in RULES:
         raise ValueError(f"cache must be one of {RULES} (or None), got {cache!r}")
+    return rule
+
+
+def cache_threshold(rule: str | None, threshold) -> float | None:
+    """The threshold checked (a finite number >= 0), or the rule's default for None."""
+    if rule is None:
+        return None
     if threshold is None:
-        return rule, DEFAULT_THRESHOLDS[rule]
+        return DEFAULT_THRESHOLDS[rule]
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold) \
             or threshold < 0:
         raise ValueError(f"cache_threshold must be a finite number >= 0, got {threshold!r}")
-    return rule, float(threshold)
+    return float(threshold)
 
 
 def teacache_price(x: float) -> float:
