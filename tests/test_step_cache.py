@@ -341,3 +341,63 @@ def test_pipeline_cache_defaults_and_bad_arguments(models):
         with pytest.raises(ValueError, match=message) as err:
             pipe_run(pipe, caps, noise, steps=2, **kw)
         assert err.value.field == field
+
+
+# --------------------------------------------------------------------------- CLI and server
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, qwen_tokenizer_dir):
+    from make_pipeline import save_tiny_pipeline
+
+    root, _ = save_tiny_pipeline(tmp_path_factory.mktemp("cache") / "Z-Image-tiny", qwen_tokenizer_dir)
+    return root
+
+
+def test_cli_cache_flags(tiny_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from zimage_mlx.apps.cli import generate
+
+    fast = ["-m", str(tiny_dir), "--quantize", "none", "--dtype", "float32", "--steps", "3", "-W", "64", "-H", "64",
+            "--guidance", "2"]
+    r = CliRunner().invoke(generate, ["a fox", *fast, "-o", str(tmp_path / "a.png"), "--cache", "first-block",
+                                      "--cache-threshold", "0"])
+    assert r.exit_code == 0, r.output
+    assert "step cache first-block: 3 of 3 steps computed" in r.output
+    for args, message in [(["--cache-threshold", "0.1"], "--cache-threshold needs --cache"),
+                          (["--cache", "magcache"], "'magcache' is not one of"),
+                          (["--cache", "teacache", "--cache-threshold", "-1"], "--cache-threshold"),
+                          (["--cache", "teacache", "--cache-threshold", "nan"], "must be a number")]:
+        r = CliRunner().invoke(generate, ["a fox", *fast, "-o", str(tmp_path / "b.png"), *args])
+        assert r.exit_code == 2 and message in r.output, r.output
+
+
+def test_server_cache_fields(tiny_dir):
+    from starlette.testclient import TestClient
+
+    from zimage_mlx import ZImagePipeline
+    from zimage_mlx.apps.server import ServerConfig, create_app
+
+    pipe = ZImagePipeline.from_pretrained(tiny_dir, dtype="float32", quantize=None, keep_text_encoder=True)
+    body = {"prompt": "a fox", "size": "64x64", "num_inference_steps": 3, "seed": 5, "guidance_scale": 2.0}
+    with TestClient(create_app(pipe, ServerConfig(default_size=64, model="tiny")),
+                    raise_server_exceptions=False) as client:
+        r = client.post("/v1/images/generations", json={**body, "cache": "first_block", "cache_threshold": 1e6})
+        assert r.status_code == 200, r.text
+        expected = client.app.state.worker.call(lambda p: np.asarray(p(
+            "a fox", height=64, width=64, num_inference_steps=3, seed=5, guidance_scale=2.0, cache="first_block",
+            cache_threshold=1e6).images[0]), 60)
+        plain = client.app.state.worker.call(lambda p: np.asarray(p(
+            "a fox", height=64, width=64, num_inference_steps=3, seed=5, guidance_scale=2.0).images[0]), 60)
+        import base64
+        import io
+
+        from PIL import Image
+
+        got = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"]))))
+        assert np.array_equal(got, expected) and not np.array_equal(got, plain)    # steps 2-3 reused step 1's
+        for extra, message in [({"cache": "magcache"}, "'cache' must be one of"),
+                               ({"cache_threshold": 0.1}, "'cache_threshold' needs 'cache'"),
+                               ({"cache": "teacache", "cache_threshold": -1}, "'cache_threshold' must be between"),
+                               ({"cache": "teacache", "cache_threshold": "x"}, "'cache_threshold' must be a number")]:
+            r = client.post("/v1/images/generations", json={**body, **extra})
+            assert r.status_code == 400 and message in r.json()["error"]["message"], r.text

@@ -337,7 +337,7 @@ def _generate(o: dict) -> None:
 
     # Data-parallel: each call makes one image per process (image k on process k mod N); else one image per call.
     per_call = pipe.world_size if pipe.parallel == "data" else 1
-    calls = 0
+    calls, cached = 0, [0, 0]       # step cache: steps computed, steps
     for start in range(0, len(o["seeds"]), per_call):
         seeds = o["seeds"][start: start + per_call]
         count = f"{start + 1}-{start + len(seeds)}" if len(seeds) > 1 else f"{start + 1}"
@@ -351,8 +351,10 @@ def _generate(o: dict) -> None:
                    image=o["image"], strength=o["strength"], mask_image=o["mask"], mask_blur=o["mask_blur"],
                    paste_back=o["paste_back"], control_image=list(o["control_image"]) or None,
                    control_type=o["control_type"], controlnet_conditioning_scale=o["control_scale"],
-                   on_step=callback)
+                   on_step=callback, cache=o["cache"], cache_threshold=o["cache_threshold"])
         calls += 1
+        if out.cache_stats:
+            cached = [a + b for a, b in zip(cached, (out.cache_stats["computed"], out.cache_stats["steps"]))]
         for k, v in out.timings.items():
             if k != "total":
                 key = "load" if k.startswith("load_") else k
@@ -373,6 +375,8 @@ def _generate(o: dict) -> None:
     n = len(o["seeds"])
     per_step = stages.get("denoise", 0.0) / (calls * run_steps)
     parts = [f"{k} {v:.1f} s" + (f" ({per_step:.2f} s/step)" if k == "denoise" else "") for k, v in stages.items()]
+    if o["cache"]:
+        parts.append(f"step cache {o['cache']}: {cached[0]} of {cached[1]} steps computed")
     note(f"done: {n} image{'s' * (n > 1)} in {time.perf_counter() - t_all:.1f} s - {', '.join(parts)}; "
          f"peak memory {mx.get_peak_memory() / 1e9:.2f} GB{' (process 0)' if pipe.world_size > 1 else ''}")
 
@@ -429,6 +433,11 @@ def _generate(o: dict) -> None:
               help="Turn guidance off once the normalized time passes this (1 = never).")
 @click.option("--cfg-normalization", type=click.FloatRange(0.0), default=0.0, show_default=True, callback=_finite,
               help="Cap the guided prediction's norm at this multiple of the positive one (0 = off).")
+@click.option("--cache", type=click.Choice(["teacache", "first-block"]), default=None,
+              help="Step caching: skip the main layers of the steps close to the last computed one (Base, ControlNet "
+                   "runs; docs/step-cache.md).")
+@click.option("--cache-threshold", type=click.FloatRange(0.0), default=None, callback=_finite,
+              help="The step cache's threshold (larger skips more)  [default: teacache 0.12, first-block 0.05]")
 @click.option("--lora", multiple=True, callback=_lora_option, metavar="PATH[:WEIGHT]",
               help="Apply a LoRA (.safetensors file or hub file owner/repo/file.safetensors) with this weight "
                    "(default 1); repeat for several.")
@@ -480,6 +489,8 @@ def generate(**o):
                       "control_type": o["control_type"] if o["control_image"] else None,
                       "control_scale": o["control_scale"] if o["control_image"] else None,
                       "controlnet": o["controlnet"]}
+    if o["cache_threshold"] is not None and o["cache"] is None:
+        raise click.UsageError("--cache-threshold needs --cache teacache|first-block")
     if len(o["seed"]) > 1 and o["num_images"] not in (1, len(o["seed"])):
         raise click.UsageError(f"{len(o['seed'])} seeds but --num-images {o['num_images']}: give one seed or "
                                f"{o['num_images']}")

@@ -3,8 +3,8 @@
 Endpoints (shapes follow OpenAI's Images API, so the official SDKs work with base_url=http://127.0.0.1:8000/v1):
   POST /v1/images/generations   JSON: prompt, n (1-10), size "WxH" | "auto", response_format b64_json | url,
                                 output_format png | jpeg | webp, output_compression, stream, partial_images, and
-                                our extras (seed, num_inference_steps, guidance_scale, negative_prompt, loras),
-                                which the SDK sends through extra_body
+                                our extras (seed, num_inference_steps, guidance_scale, negative_prompt, loras,
+                                cache, cache_threshold), which the SDK sends through extra_body
   POST /v1/images/edits         multipart: image, optional mask (transparent = edit: inpainting), prompt, n, size,
                                 strength, ... (image-to-image without a mask)
   GET  /v1/models, GET /health, GET /files/NAME (url responses), GET / (the web page)
@@ -24,6 +24,7 @@ import base64
 import contextlib
 import io
 import json
+import math
 import os
 import queue
 import re
@@ -49,6 +50,7 @@ from ..pipeline.pipeline import (DEFAULT_INPAINT_STRENGTH, DEFAULT_STRENGTH, MAX
 from .pngfile import png_params
 from ..pipeline.images import mask_image_to_l
 from ..pipeline.preview import Previewer
+from ..pipeline.step_cache import RULES as CACHE_RULES
 from ..loading.weights import WeightError
 
 FORMATS = {"png": ("PNG", "image/png"), "jpeg": ("JPEG", "image/jpeg"), "webp": ("WEBP", "image/webp")}
@@ -109,6 +111,8 @@ class ImageRequest:
     image: Image.Image | None = None           # edits
     mask: Image.Image | None = None
     strength: float | None = None
+    cache: str | None = None                   # step caching (docs/step-cache.md)
+    cache_threshold: float | None = None
 
 
 def _typed(body: dict, name: str, kind, default=None, lo=None, hi=None):
@@ -191,7 +195,19 @@ def parse_request(body: Any, cfg: ServerConfig, edit: bool = False) -> ImageRequ
         negative_prompt=_typed(body, "negative_prompt", str, None),
         loras=loras,
         strength=_typed(body, "strength", float, None, 0.0, 1.0),
+        **_cache_fields(body),
     )
+
+
+def _cache_fields(body: dict) -> dict:
+    """"cache": "teacache" | "first_block" and "cache_threshold" (>= 0), checked as the pipeline checks them."""
+    cache = None if body.get("cache") is None else _choice(body, "cache", CACHE_RULES, None)
+    threshold = _typed(body, "cache_threshold", float, None, 0.0)
+    if threshold is not None and not math.isfinite(threshold):
+        raise APIError(400, "'cache_threshold' must be a finite number", param="cache_threshold")
+    if threshold is not None and cache is None:
+        raise APIError(400, "'cache_threshold' needs 'cache' (teacache or first_block)", param="cache_threshold")
+    return {"cache": cache, "cache_threshold": threshold}
 
 
 def _form_value(v: str):
@@ -327,7 +343,8 @@ class Worker:
                 callback = _StepCallback(job, k, partial_at,
                                          Previewer(self.cfg.preview_decoder) if partial_at else None)
                 out = pipe(prompt=req.prompt, negative_prompt=negative, height=req.height, width=req.width,
-                           num_inference_steps=steps, guidance_scale=g, seed=s, on_step=callback, **extra)
+                           num_inference_steps=steps, guidance_scale=g, seed=s, on_step=callback,
+                           cache=req.cache, cache_threshold=req.cache_threshold, **extra)
                 img = out.images[0]
                 meta = png_params(req.prompt, negative, s, steps, g, f"{img.width}x{img.height}", cfg.model,
                                   pipe.quantization, pipe.dtype_name,
