@@ -19,7 +19,12 @@ CASES = {
     "cfg": dict(parallel="cfg", quantize=None, guidance_scale=4.0),
     "tensor": dict(parallel="tensor", quantize=None, guidance_scale=0.0),
     "tensor-cfg-4bit": dict(parallel="tensor", quantize=4, guidance_scale=3.0),
+    # step caching (docs/step-cache.md): one decision per step on every process, from the positive branch
+    "cfg-cache": dict(parallel="cfg", quantize=None, guidance_scale=4.0, cache="first_block", threshold=0.16),
+    "tensor-cache": dict(parallel="tensor", quantize=None, guidance_scale=4.0, cache="teacache", threshold=0.3),
 }
+CACHE_STEPS = 8
+TIME_EMBED_SCALE = 0.01    # random adaLN weights change layer 0's residual ~100 % per step: scaled, 6-12 % per step
 
 
 def run(root: str, name: str) -> dict:
@@ -32,12 +37,21 @@ def run(root: str, name: str) -> dict:
     before = mx.get_active_memory()
     pipe.transformer  # noqa: B018 - load it alone to weigh it
     transformer_bytes = mx.get_active_memory() - before
-    out = pipe(prompt="a red fox in the snow", negative_prompt="blurry", height=64, width=64, num_inference_steps=2,
-               guidance_scale=case["guidance_scale"], seed=3, output_type="latent")
+    cache = {}
+    if "cache" in case:
+        last = pipe.transformer.t_embedder.mlp[2]
+        last.weight, last.bias = last.weight * TIME_EMBED_SCALE, last.bias * TIME_EMBED_SCALE
+        cache = dict(cache=case["cache"], cache_threshold=case["threshold"], num_inference_steps=CACHE_STEPS)
+    out = pipe(**{"prompt": "a red fox in the snow", "negative_prompt": "blurry", "height": 64, "width": 64,
+                  "num_inference_steps": 2, "guidance_scale": case["guidance_scale"], "seed": 3,
+                  "output_type": "latent", **cache})
     attention = pipe.transformer.layers[0].attention
     result = {name: np.array(out.images), f"{name}/peak": mx.get_peak_memory(),
               f"{name}/transformer_bytes": transformer_bytes,
               f"{name}/fused": "to_qkv" in attention and "to_q" not in attention}
+    if out.cache_stats:
+        result[f"{name}/computed"] = np.array(out.cache_stats["computed_steps"])
+        result[f"{name}/signal"] = np.array([np.nan if v is None else v for v in out.cache_stats["signal"]])
     del pipe, out
     return result
 

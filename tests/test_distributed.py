@@ -116,12 +116,12 @@ def test_gather_with_one_process_returns_its_batch():
 def test_cfg_and_tensor_parallel_match_one_process(tiny, tmp_path):
     """CFG- and tensor-parallel latents equal one process's to float32 round-off; a tensor-parallel process holds
     and peaks at well under one process's memory (4-bit included); CFG-parallel refuses a call without guidance."""
-    cases = ["cfg", "tensor", "tensor-cfg-4bit"]
+    cases = ["cfg", "tensor", "tensor-cfg-4bit", "cfg-cache", "tensor-cache"]
     args = [str(WORKER), str(tiny)]
     one = subprocess.Popen([sys.executable, *args, str(tmp_path / "one"), *cases], cwd=REPO, env=_env(),
                            stderr=subprocess.PIPE, text=True)
     two = _launch([*args, str(tmp_path / "two"), *cases, "cfg-without-guidance"])
-    rc, _, err = _finish(two)
+    rc, _, err = _finish(two, TIMEOUT + 60)     # five cases, two of them 8 steps
     assert rc == 0, err[-3000:]
     rc, _, err = _finish(one)
     assert rc == 0, err[-3000:]
@@ -133,6 +133,15 @@ def test_cfg_and_tensor_parallel_match_one_process(tiny, tmp_path):
         # tensor-parallel ranks fuse their shards of q/k/v (all-to-sharded layers) like one process does
         assert ref[f"{case}/fused"] and all(r[f"{case}/fused"] for r in ranks), case
         np.testing.assert_array_equal(ranks[1][case], ranks[0][case])
+    for case in ("cfg-cache", "tensor-cache"):
+        # a step cache decides once per step, the same on every process (rank 0's positive-branch signal), as
+        # one process decides; and it skips some steps, not all
+        computed = ref[f"{case}/computed"]
+        assert 0 < (~computed).sum() < len(computed) - 1, (case, computed)
+        for r in ranks:
+            np.testing.assert_array_equal(r[f"{case}/computed"], computed)
+            np.testing.assert_array_equal(r[f"{case}/signal"], ranks[0][f"{case}/signal"])
+        np.testing.assert_allclose(ranks[0][f"{case}/signal"], ref[f"{case}/signal"], rtol=1e-4)
     for r in ranks:
         for case in ("tensor", "tensor-cfg-4bit"):
             assert r[f"{case}/peak"] < 0.75 * ref[f"{case}/peak"], (case, r[f"{case}/peak"], ref[f"{case}/peak"])
