@@ -121,6 +121,7 @@ def bench(name: str, args) -> list[dict]:
         st = cache.stats
         diff = float(mx.abs(out - plain).max() / mx.abs(plain).max())
         signal = [v for v in st.signal if v is not None]
+        print(f"  {name} {rule} {threshold:g}: {st.computed}/{st.steps} steps computed, {t:.1f} s", flush=True)
         rows.append(dict(setting=name, rule=rule, threshold=threshold, computed=st.computed * passes // st.steps,
                          passes=passes, seconds=t, cpu=c, speedup=c_plain / c, ideal=st.steps / st.computed, diff=diff,
                          signal=(min(signal), float(np.median(signal)), max(signal))))
