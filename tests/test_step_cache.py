@@ -250,10 +250,10 @@ def test_a_one_step_run_skips_nothing(models):
 def test_a_non_finite_signal_computes(rule):
     """A NaN in layer 0's residual must not freeze the rule into skipping (mlx-teacache's "numerical miss")."""
     cache = StepCache(rule, 1e6, 10)
-    r = mx.ones((1, 32, 8))
-    assert cache._decide("layout", [([0], r)], have_residual=False)          # step 0
-    assert not cache._decide("layout", [([0], r * 1.01)], have_residual=True)
-    assert cache._decide("layout", [([0], r * mx.nan)], have_residual=True)
+    u, r = mx.zeros((1, 32, 8)), mx.ones((1, 32, 8))
+    assert cache._decide("layout", [([0], r, u)], have_residual=False)          # step 0
+    assert not cache._decide("layout", [([0], r * 1.01, u)], have_residual=True)
+    assert cache._decide("layout", [([0], r * mx.nan, u)], have_residual=True)
     assert math.isnan(cache.stats.signal[-1])
 
 

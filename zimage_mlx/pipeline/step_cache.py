@@ -139,7 +139,7 @@ class StepCache:
             first = model.layers[0](u, g.cos, g.sin, temb)
             parts.append((g, lat, u, first, temb, ctl))
         layout = id(captions)
-        compute = self._decide(layout, [(g.index, first - u) for g, _, u, first, _, _ in parts],
+        compute = self._decide(layout, [(g.index, first, u) for g, _, u, first, _, _ in parts],
                                all((layout, k) in self._residual for k in range(len(parts))))
         out = [None] * B
         for k, (g, lat, u, first, temb, ctl) in enumerate(parts):
@@ -160,9 +160,10 @@ class StepCache:
 
     # ------------------------------------------------------------------ the rules
     def _decide(self, layout, signals: list, have_residual: bool) -> bool:
-        """True: compute main layers 1..N-1 this step. signals: (batch rows, r) per caption group."""
+        """True: compute main layers 1..N-1 this step. signals: (batch rows, layer-0 output, its input) per caption
+        group."""
         step = len(self.stats.computed_steps)
-        r = [self._positive(rows, s) for rows, s in signals]
+        r = [self._positive(rows, first, u) for rows, first, u in signals]
         mx.eval([a for a in r if a is not None])
         ref = self._signal_ref.get(layout)
         value = self._relative_change(r, ref) if ref is not None else None
@@ -189,12 +190,14 @@ class StepCache:
         self._acc += teacache_price(x)
         return not (self._acc < self.threshold and self._run < MAX_CONSECUTIVE_SKIPS)
 
-    def _positive(self, rows, r: mx.array) -> mx.array | None:
+    def _positive(self, rows, first: mx.array, u: mx.array) -> mx.array | None:
+        """The positive rows' signal r = first − u in float32 (None when the group has no positive row)."""
         keep = [j for j, i in enumerate(rows) if self.positive_rows is None or i in self.positive_rows]
         if not keep:
             return None
-        r = r if len(keep) == len(rows) else r[mx.array(keep)]
-        return r.astype(mx.float32)
+        if len(keep) < len(rows):
+            first, u = first[mx.array(keep)], u[mx.array(keep)]
+        return first.astype(mx.float32) - u.astype(mx.float32)
 
     def _relative_change(self, r: list, ref: list) -> float:
         """sum|r − ref| / sum|ref| over the positive rows (= the ratio of the two means), rank 0's under a group."""
