@@ -21,7 +21,7 @@ from ..distributed import check_mode, shared_random_seed
 from ..loading.hub import DEFAULT_REPO
 from ..loading.weights import dtype_name
 from ..lora.adapters import LoRAState
-from ..memory import MemoryPlan, check_fits, size_multiple
+from ..memory import MemoryPlan, applied_limits, check_fits, runtime_limits, size_multiple
 from ..models.text_encoder import encode_prompts
 from ..sampler import SchedulerConfig, check_variant
 from .conditioning import LATENT_CHANNELS, PROMPT_CACHE_SIZE, PromptCache, image_noise_key, noise
@@ -311,10 +311,11 @@ class ZImagePipeline(LazyModels, LoRAMixin):
         """Run a GenerationRequest: what `__call__` builds from its arguments, and what the CLI and the server
         build with `GenerationRequest.from_dict`. Validated here against `self.limits`."""
         req = request.validate(self.limits)
-        if self.group is None:
+        with applied_limits(runtime_limits(self.plan)):     # Metal: the plan's peak wired, the cache capped
+            if self.group is None:
+                return generate_one(self, req)
+            if req.seed is None and req.latents is None:
+                req = req.replace(seed=shared_random_seed(self.group))   # every process must draw the same noise
+            if self.parallel == "data":
+                return generate_data_parallel(req, self.group, lambda r: generate_one(self, r), self.timings)
             return generate_one(self, req)
-        if req.seed is None and req.latents is None:
-            req = req.replace(seed=shared_random_seed(self.group))     # every process must draw the same noise
-        if self.parallel == "data":
-            return generate_data_parallel(req, self.group, lambda r: generate_one(self, r), self.timings)
-        return generate_one(self, req)
