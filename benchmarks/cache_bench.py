@@ -17,7 +17,8 @@ CFG, Euler steps):
   controlnet  20 steps, no CFG, a 2.1-shaped ControlNet (15 control layers every 2nd main layer, 2 refiner blocks).
 Per run: transformer passes whose main layers 1..29 ran (of all), the speedup over the uncached run -- ideal (all
 passes ÷ computed passes: a skipped pass costing nothing) and from the step times (a computed and a skipped
-transformer call timed round-robin, the fastest of --repeats; a skipped pass still runs the noise refiner, layer 0 and the final
+transformer call through the cache timed round-robin, the fastest of --repeats; the uncached call is printed
+beside them; a skipped pass still runs the noise refiner, layer 0 and the final
 layer, the ControlNet's refiner, and the decision) -- the loop's wall time (only steady on an idle machine), and
 max|Δ| / max|uncached| of the final latents. Also the signal's own cost (the float32 reduction and the host sync
 deciding a step) next to one step. Prints a table; never part of the tests.
@@ -141,7 +142,7 @@ def bench(name: str, args) -> list[dict]:
         st = cache.stats
         diff = float(mx.abs(out - plain).max() / mx.abs(plain).max())
         signal = [v for v in st.signal if v is not None]
-        modeled = st.steps * cost["plain"] / (st.computed * cost["computed"] + st.skipped * cost["skipped"])
+        modeled = st.steps * cost["computed"] / (st.computed * cost["computed"] + st.skipped * cost["skipped"])
         print(f"  {name} {rule} {threshold:g}: {st.computed}/{st.steps} steps computed, {t:.1f} s", flush=True)
         rows.append(dict(setting=name, rule=rule, threshold=threshold, computed=st.computed * passes // st.steps,
                          passes=passes, seconds=t, modeled=modeled, ideal=st.steps / st.computed, diff=diff,
