@@ -7,7 +7,7 @@ difference to the uncached run, per rule and threshold.
 Model: the reduced configuration of benchmarks/bench.py (dim 256, 4 heads, caption features 256) with the real 30
 main layers and 2 + 2 refiner blocks, MLX's default random initialization, float32. Random weights change layer 0's
 residual almost completely from step to step (nothing would ever be skipped), so the timestep embedder's output is
-scaled by --time-embed-scale: ×0.03 gives a signal (layer 0's residual change) of 7-10 % per step over 50 steps
+scaled by --time-embed-scale: ×0.03 gives a signal (layer 0's residual change) of 4-10 % per step over 50 steps
 here, inside TeaCache's calibrated range (2.8-26 %); ×0.1 gives 20-33 %. The table prints the signal's range. Random weights say nothing about image quality: the latent differences only show
 how far a threshold moves the result, not whether an image still looks right.
 
