@@ -42,7 +42,15 @@ def files(tmp_path):
     (tmp_path / "plain").write_text("a file, not a folder")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
+    Image.new("L", (64, 32), 255).save(tmp_path / "wide.png")
     return tmp_path
+
+
+@pytest.fixture(scope="module")
+def controlnet(tmp_path_factory) -> Path:
+    from make_controlnet import make_tiny_controlnet, save_tiny_controlnet
+
+    return save_tiny_controlnet(tmp_path_factory.mktemp("cn") / "controlnet-2.1", make_tiny_controlnet(1, "2.1"))
 
 
 # (CLI arguments with {model} and {tmp} filled in, exit code, fragment of the one line printed)
@@ -90,20 +98,33 @@ CLI_CASES = [
     ("convert -o {tmp}/out --controlnet {model}/vae/diffusion_pytorch_model.safetensors", 1,
      "given as a ControlNet, but it holds a FLUX 16-channel VAE"),
     ("convert {model} -o {tmp}/out --controlnet {tmp}/red.png", 2, "converts a ControlNet alone"),
+    # checked from the arguments and files before the pipeline is built (exit 2, no plan line)
+    ("generate a-cat -m {model} --controlnet {cn} --control-image {tmp}/red.png --control-scale nan", 2,
+     "finite number, got nan"),
+    ("generate a-cat -m {model} --controlnet {cn} --control-image {tmp}/red.png --control-scale inf", 2,
+     "finite number, got inf"),
+    ("generate a-cat -m {model} --image {tmp}/red.png --mask {tmp}/plain", 2, "--mask"),
+    ("generate a-cat -m {model} --image {tmp}/red.png --mask {tmp}/wide.png", 2, "aspect ratio"),
+    ("generate a-cat -m {model} --controlnet {cn}", 2, "--controlnet needs --control-image"),
+    ("generate a-cat -m {model} --controlnet {cn} --control-image {tmp}/dot.png -W 32 -H 32", 2, "1x1 pixels"),
+    ("generate a-cat -m {model} --controlnet {cn} --control-image {tmp}/red.png --control-image {tmp}/dot.png", 2,
+     "1x1 pixels"),
 ]
 
 
 @pytest.mark.parametrize("line, code, message", CLI_CASES, ids=[c[0].split(" -m ")[-1][:40] for c in CLI_CASES])
-def test_cli_bad_input(model, files, line, code, message, monkeypatch):
+def test_cli_bad_input(model, files, controlnet, line, code, message, monkeypatch):
     monkeypatch.chdir(files)
     before = sorted(p.relative_to(files) for p in files.rglob("*"))
-    args = [a.replace("{model}", str(model)).replace("{tmp}", str(files)).replace("a-cat", "a cat")
-            for a in line.split()]
+    args = [a.replace("{model}", str(model)).replace("{tmp}", str(files)).replace("{cn}", str(controlnet))
+            .replace("a-cat", "a cat") for a in line.split()]
     r = CliRunner().invoke(cli, args)
     lines = r.output.strip().splitlines()
     assert r.exit_code == code, r.output
     assert message in lines[-1], r.output
     assert len([ln for ln in lines if "rror" in ln]) == 1 and "Traceback" not in r.output, r.output
+    if code == 2 and line.startswith("generate"):
+        assert "Z-Image" not in r.output, r.output      # refused before the plan line (no weight was read)
     assert sorted(p.relative_to(files) for p in files.rglob("*")) == before, "something was written or removed"
 
 
@@ -124,7 +145,7 @@ def test_several_images_never_share_a_file(model, tmp_path):
 
 
 def test_failed_save_falls_back_to_the_current_folder(model, tmp_path, monkeypatch):
-    import zimage_mlx.apps.cli as cli_mod
+    import zimage_mlx.apps.outputs as cli_mod
 
     real = cli_mod.save_png
     dest = tmp_path / "dest"

@@ -218,3 +218,23 @@ def test_group_help_and_version():
     r = CliRunner().invoke(cli, ["--help"])
     assert r.exit_code == 0 and "generate" in r.output and "info" in r.output
     assert __version__ in CliRunner().invoke(cli, ["--version"]).output
+
+
+@pytest.mark.parametrize("command", ["convert", "generate", "serve"])
+def test_ctrl_c_while_a_command_is_importing_is_one_line(command, monkeypatch):
+    """Ctrl-C that lands while the command's libraries still import (seconds for MLX and the hub client) ends like
+    one that lands later: "interrupted", exit 130, no traceback."""
+    import importlib.abc
+
+    name = f"zimage_mlx.apps.{command}_cmd"
+
+    class Interrupting(importlib.abc.MetaPathFinder):
+        def find_spec(self, fullname, path=None, target=None):
+            if fullname == name:
+                raise KeyboardInterrupt
+            return None
+
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setattr(sys, "meta_path", [Interrupting(), *sys.meta_path])
+    r = CliRunner().invoke(cli, [command, "--help"])
+    assert r.exit_code == 130 and r.output.strip() == "interrupted" and "Traceback" not in r.output, r.output

@@ -409,15 +409,15 @@ def test_memory_stays_flat_over_30_requests(client):
 
 # ---------------------------------------------------------------------------------------------- the CLI command
 def test_serve_command_builds_a_working_app(pipe, monkeypatch, tmp_path):
-    import uvicorn
     from click.testing import CliRunner
 
+    from zimage_mlx.apps import serve_cmd
     from zimage_mlx.apps.cli import cli
 
     started = {}
 
-    def fake_run(app, host, port, **kw):   # no socket: drive the app the command built in-process
-        started.update(host=host, port=port)
+    def fake_serve(app, sock, verbose):   # the socket is bound; drive the app the command built in-process
+        started.update(address=sock.getsockname()[:2])
         with TestClient(app) as c:
             started["health"] = c.get("/health").json()
             started["denied"] = c.post("/v1/images/generations", json={"prompt": "x"}).status_code
@@ -425,27 +425,45 @@ def test_serve_command_builds_a_working_app(pipe, monkeypatch, tmp_path):
                        json={"prompt": "a fox", "size": "32x32", "num_inference_steps": 2, "seed": 9})
             started["image"] = _png(r.json()["data"][0]["b64_json"])
 
-    monkeypatch.setattr(uvicorn, "run", fake_run)
+    monkeypatch.setattr(serve_cmd, "serve_forever", fake_serve)
     r = CliRunner().invoke(cli, ["serve", "--model", pipe.source, "--quantize", "none", "--dtype", "float32",
-                                 "--port", "8123", "--api-key", "k1", "--max-queue", "3"])
+                                 "--port", "0", "--api-key", "k1", "--max-queue", "3"])
     assert r.exit_code == 0, r.output + repr(r.exception)
-    assert started["host"] == "127.0.0.1" and started["port"] == 8123          # localhost unless told otherwise
+    host, port = started["address"]
+    assert host == "127.0.0.1" and port > 0                                      # localhost unless told otherwise
     assert started["health"]["max_queue"] == 3 and started["health"]["auth"] is True
     assert started["health"]["model"] == "Z-Image-Turbo-tiny" and started["denied"] == 401
     assert started["image"].size == (32, 32)
     meta = started["image"].text
     assert meta["seed"] == "9" and meta["model"] == "Z-Image-Turbo-tiny" and meta["prompt"] == "a fox"
-    assert "serving on http://127.0.0.1:8123/" in r.output
+    assert f"serving on http://127.0.0.1:{port}/" in r.output
 
     lora = tmp_path / "style.safetensors"
     lora.write_bytes(b"")
-    r = CliRunner().invoke(cli, ["serve", "--model", pipe.source, "--lora", f"{lora}:0.5"])
-    if hasattr(ZImagePipeline, "load_lora_weights"):    # an empty file is no LoRA: one line naming it
-        assert r.exit_code == 1 and "style.safetensors" in r.output.strip().splitlines()[-1], r.output
-    else:
-        assert r.exit_code == 2 and "no LoRA support yet" in r.output
+    r = CliRunner().invoke(cli, ["serve", "--model", pipe.source, "--port", "0", "--lora", f"{lora}:0.5"])
+    assert r.exit_code == 1 and "style.safetensors" in r.output.strip().splitlines()[-1], r.output   # no LoRA
     r = CliRunner().invoke(cli, ["serve", "--model", pipe.source, "--lora", str(tmp_path / "missing.safetensors")])
     assert r.exit_code == 2 and "no such file" in r.output
+
+
+def test_serve_on_a_port_in_use_is_one_line_and_exit_1(pipe, monkeypatch):
+    """The port is bound before anything is printed or loaded: no "serving on", no uvicorn error, exit 1."""
+    import socket
+
+    from click.testing import CliRunner
+
+    from zimage_mlx.apps.cli import cli
+
+    loads = []
+    monkeypatch.setattr(ZImagePipeline, "from_pretrained", classmethod(lambda cls, *a, **kw: loads.append(a)))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        r = CliRunner().invoke(cli, ["serve", "--model", pipe.source, "--port", str(port)])
+    lines = r.output.strip().splitlines()
+    assert r.exit_code == 1 and len(lines) == 1 and not loads, r.output
+    assert f"cannot listen on 127.0.0.1:{port}" in lines[0] and "in use" in lines[0] and "serving" not in r.output
 
 
 # ---------------------------------------------------------------------------------------------- the official SDK

@@ -1,0 +1,106 @@
+"""`zimage-mlx serve`: load the pipeline once, bind the port, and serve OpenAI's images API (server.py) on it."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import click
+
+from ..loading.hub import DEFAULT_REPO
+from ..pipeline.pipeline import ZImagePipeline
+from ..pipeline.preview import load_tiny_decoder
+from .command import Command, note, run_guarded
+from .options import lora_option, quantize_option
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before anything is printed or loaded: a port in use is one line, exit 1."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise RuntimeError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise RuntimeError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+def serve_forever(app, sock: socket.socket, verbose: bool) -> None:
+    import uvicorn
+
+    config = uvicorn.Config(app, log_level="info" if verbose else "warning", timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def _pipeline(model, quantize, dtype, lora) -> tuple[ZImagePipeline, dict[str, float]]:
+    # keep_text_encoder=None: the plan keeps it warm between requests when that fits
+    pipe = ZImagePipeline.from_pretrained(model, dtype=dtype, quantize=quantize, verbose=True, keep_text_encoder=None)
+    note(f"Z-Image {pipe.variant.capitalize()}, {pipe.dtype_name}; {pipe.plan.summary()}")
+    names = {}
+    for path, weight in lora:
+        name = Path(path).stem
+        pipe.load_lora_weights(path, adapter_name=name)
+        names[name] = weight
+    if names:
+        pipe.set_adapters(list(names), list(names.values()))
+    return pipe, names
+
+
+@click.command("serve", cls=Command)
+@click.option("--model", "-m", default=DEFAULT_REPO, show_default=True,
+              help="Hub id, Hugging Face-layout directory, or a directory made by `zimage-mlx convert`.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Interface to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--api-key", envvar="ZIMAGE_MLX_API_KEY", default=None,
+              help="Require `Authorization: Bearer KEY` on /v1/* (also read from $ZIMAGE_MLX_API_KEY).")
+@click.option("--max-queue", type=click.IntRange(1), default=16, show_default=True,
+              help="Requests accepted at once (running and waiting); more are answered 429.")
+@click.option("--quantize", "-q", default="auto", show_default=True, callback=quantize_option,
+              help="auto (fit the machine's memory) | none | 4 | 8 | per model: transformer=4,text_encoder=8")
+@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float32"]), default="auto", show_default=True,
+              callback=lambda ctx, p, v: None if v == "auto" else v,
+              help="Compute dtype; auto = bfloat16 on a GPU, float32 on the CPU.")
+@click.option("--lora", multiple=True, callback=lora_option,
+              help="LoRA file to load at start, PATH or PATH:WEIGHT; repeat for several. Requests pick them by "
+                   "name (the file's stem) with {\"loras\": {\"NAME\": WEIGHT}}.")
+@click.option("--url-ttl", type=click.FloatRange(1), default=3600, show_default=True,
+              help="Seconds a response_format=url image stays downloadable.")
+@click.option("--taef1", default=None,
+              help="TAEF1 weights (taef1_decoder.safetensors, a path or hub file) for full-size streamed previews.")
+@click.option("--verbose", "-v", is_flag=True, help="Show the traceback when something fails.")
+def serve(model, host, port, api_key, max_queue, quantize, dtype, lora, url_ttl, taef1, verbose):
+    """Serve OpenAI's images API (/v1/images/generations, /v1/images/edits) and a web page at http://HOST:PORT/."""
+    try:
+        import uvicorn  # noqa: F401 - checked here, used by serve_forever
+
+        from . import server
+    except ImportError as e:
+        raise click.UsageError(f"the server needs the serve extra: pip install 'zimage-mlx[serve]' ({e})") from None
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        note(f"warning: listening on {host} without --api-key: anyone who can reach this port can use it")
+
+    def start():
+        sock = bind(host, port)
+        try:
+            pipe, names = _pipeline(model, quantize, dtype, lora)
+            config = server.ServerConfig(model=Path(model).name if Path(model).exists() else model,
+                                         api_key=api_key, max_queue=max_queue, url_ttl=url_ttl, loras=names,
+                                         preview_decoder=load_tiny_decoder(taef1) if taef1 else None)
+            app = server.create_app(pipe, config)
+            note("loading the models …")
+            app.state.worker.call(lambda p: (p.transformer, p.vae, p.text_encoder if p.keep_text_encoder else None))
+            bound = sock.getsockname()[1]
+            note(f"serving on http://{host}:{bound}/ (OpenAI base_url http://{host}:{bound}/v1)")
+            serve_forever(app, sock, verbose)
+        finally:
+            sock.close()
+
+    run_guarded(start, verbose)
