@@ -21,7 +21,8 @@ from make_pipeline import save_tiny_pipeline
 
 from zimage_mlx import ZImagePipeline, sampler
 from zimage_mlx.apps.pngfile import png_params, read_png_params
-from zimage_mlx.apps.server import ServerConfig, _partial_steps, create_app
+from zimage_mlx.apps.jobs import partial_steps as _partial_steps
+from zimage_mlx.apps.server import ServerConfig, create_app
 
 H = W = 64
 STEPS = 3

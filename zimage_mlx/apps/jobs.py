@@ -1,0 +1,203 @@
+"""The server's job queue: one worker thread owns every MLX call and runs requests one at a time, in arrival order;
+a full queue answers 429; a job whose client has gone stops at its next denoising step. Image k of a request with
+seed s is `pipe(prompt, seed=s + k, ...)`, the very call a Python API user makes."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import queue
+import secrets
+import threading
+from typing import Any, Callable
+
+import mlx.core as mx
+from PIL import Image
+
+from ..loading.weights import WeightError
+from ..pipeline.pipeline import (DEFAULT_INPAINT_STRENGTH, DEFAULT_STRENGTH, GenerationCancelled, GenerationError,
+                                 ZImagePipeline)
+from ..pipeline.preview import Previewer
+from .openai_request import FORMATS, APIError, ImageRequest, ServerConfig
+from .pngfile import png_params
+
+
+class Job:
+    """One request's generation: run on the worker thread, its events delivered to the request's event loop."""
+
+    def __init__(self, req: ImageRequest, loop: asyncio.AbstractEventLoop | None = None,
+                 fn: Callable[[ZImagePipeline], Any] | None = None):
+        self.req, self.fn = req, fn
+        self.loop = loop
+        self.events: asyncio.Queue | None = asyncio.Queue() if loop is not None else None
+        self.cancelled = threading.Event()
+        self.done = threading.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def emit(self, event: tuple) -> None:
+        if self.loop is not None and not self.loop.is_closed():
+            try:
+                self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+            except RuntimeError:   # the request's loop has gone
+                pass
+
+
+class Worker:
+    """The one thread that runs the pipeline (and every other MLX call), taking jobs in arrival order."""
+
+    def __init__(self, pipe: ZImagePipeline, cfg: ServerConfig):
+        self.pipe, self.cfg = pipe, cfg
+        self.jobs: queue.Queue[Job | None] = queue.Queue()
+        self.lock = threading.Lock()
+        self.active = 0          # accepted and not finished
+        self.running = False
+        self.stats = {"completed": 0, "cancelled": 0, "failed": 0, "images": 0, "active_memory_mb": 0.0}
+        self.thread = threading.Thread(target=self._loop, name="zimage-mlx-worker", daemon=True)
+        self.thread.start()
+
+    def submit(self, job: Job) -> None:
+        with self.lock:
+            if self.active >= self.cfg.max_queue:
+                raise APIError(429, f"the queue is full ({self.cfg.max_queue} requests waiting or running); retry "
+                                    "later", code="queue_full")
+            self.active += 1
+        self.jobs.put(job)
+
+    def call(self, fn: Callable[[ZImagePipeline], Any], timeout: float | None = None) -> Any:
+        """Run fn(pipe) on the worker thread (after the queued jobs) and return its result."""
+        job = Job(ImageRequest(prompt=""), fn=fn)
+        with self.lock:
+            self.active += 1
+        self.jobs.put(job)
+        if not job.done.wait(timeout):
+            raise TimeoutError("the worker did not answer in time")
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    def stop(self) -> None:
+        self.jobs.put(None)
+
+    def _loop(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            self.running = True
+            try:
+                self._run(job)
+            finally:
+                self.stats["active_memory_mb"] = mx.get_active_memory() / 2**20
+                self.running = False
+                with self.lock:
+                    self.active -= 1
+                job.done.set()
+
+    def _run(self, job: Job) -> None:
+        try:
+            if job.fn is not None:
+                job.result = job.fn(self.pipe)
+            elif job.cancelled.is_set():
+                self.stats["cancelled"] += 1
+                job.emit(("cancelled",))
+            else:
+                self._generate(job)
+                self.stats["completed"] += 1
+                job.emit(("done",))
+        except GenerationCancelled:
+            self.stats["cancelled"] += 1
+            job.emit(("cancelled",))
+        except Exception as e:  # noqa: BLE001 - every failure becomes an OpenAI-shaped error; the server goes on
+            job.error = e
+            self.stats["failed"] += 1
+            job.emit(("error", as_api_error(e)))
+
+    def _generate(self, job: Job) -> None:
+        """Image k = pipe(prompt, seed=seed + k, ...) (prompts are cached by the pipeline, so the text encoder runs
+        once per prompt)."""
+        pipe, req, cfg = self.pipe, job.req, self.cfg
+        steps, g = pipe.defaults(req.num_inference_steps, req.guidance_scale)
+        negative = req.negative_prompt if g > 0 else None
+        seed = secrets.randbelow(2**31) if req.seed is None else req.seed
+        default = DEFAULT_INPAINT_STRENGTH if req.mask is not None else DEFAULT_STRENGTH
+        strength = (default if req.strength is None else req.strength) if req.image is not None else None
+        run_steps = pipe.steps_to_run(steps, strength)
+        if run_steps <= 0:
+            raise APIError(400, f"strength {strength} with {steps} steps leaves no step to run", param="strength")
+        partial_at = partial_steps(run_steps, req.partial_images) if req.stream else set()
+        extra = {} if req.image is None else {"image": req.image, "strength": strength, "mask_image": req.mask}
+        if req.loras is not None:
+            pipe.set_adapters(list(cfg.loras), [req.loras.get(k, 0.0) for k in cfg.loras])
+        try:
+            for k in range(req.n):
+                if job.cancelled.is_set():
+                    raise GenerationCancelled("the client has gone")
+                s = seed + k
+                callback = StepCallback(job, k, partial_at, Previewer(cfg.preview_decoder) if partial_at else None)
+                out = pipe(prompt=req.prompt, negative_prompt=negative, height=req.height, width=req.width,
+                           num_inference_steps=steps, guidance_scale=g, seed=s, on_step=callback, **extra)
+                img = out.images[0]
+                meta = png_params(req.prompt, negative, s, steps, g, f"{img.width}x{img.height}", cfg.model,
+                                  pipe.quantization, pipe.dtype_name,
+                                  image="upload" if req.image is not None else None, strength=strength,
+                                  loras=pipe.loras)
+                job.emit(("image", k, s, img.size, encode(img, req, meta)))
+                self.stats["images"] += 1
+        finally:
+            if req.loras is not None:
+                pipe.set_adapters(list(cfg.loras), list(cfg.loras.values()))
+
+
+class StepCallback:
+    """The pipeline callback of one image: False once the client has gone; a partial image at the chosen steps."""
+
+    def __init__(self, job: Job, index: int, partial_at: set[int], previewer: Previewer | None):
+        self.job, self.index, self.partial_at, self.previewer = job, index, partial_at, previewer
+        self.step = self.partials = 0
+
+    def __call__(self, record) -> bool:
+        """record: the step's denoise.StepRecord (its x̂0 is the partial image)."""
+        if self.job.cancelled.is_set():
+            return False
+        if self.previewer is not None:
+            if self.step in self.partial_at:
+                img = self.previewer.image(record)
+                self.job.emit(("partial", self.index, self.partials, encode(img, self.job.req, None)))
+                self.partials += 1
+        self.step += 1
+        return True
+
+
+def partial_steps(run_steps: int, partial_images: int) -> set[int]:
+    """Which steps (0-based, of those run) send a partial image: evenly spread, never the last (the final follows)."""
+    p = min(partial_images, run_steps - 1)
+    return {round(run_steps * (j + 1) / (p + 1)) - 1 for j in range(p)}
+
+
+def encode(img: Image.Image, req: ImageRequest, meta: dict | None) -> bytes:
+    fmt = FORMATS[req.output_format][0]
+    buf = io.BytesIO()
+    if fmt == "PNG":
+        from PIL.PngImagePlugin import PngInfo
+
+        info = PngInfo()
+        for k, v in (meta or {}).items():
+            info.add_text(k, v)
+        img.save(buf, format="PNG", pnginfo=info, compress_level=1 if meta is None else 6)
+    else:
+        img.save(buf, format=fmt, quality=req.output_compression)
+    return buf.getvalue()
+
+
+def as_api_error(e: BaseException) -> APIError:
+    if isinstance(e, APIError):
+        return e
+    msg = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, (ValueError, WeightError)):
+        return APIError(400, msg)
+    if isinstance(e, MemoryError) or "out of memory" in msg.lower() or "resource limit" in msg.lower():
+        return APIError(500, f"out of memory: {msg}; try a smaller size or fewer images", code="out_of_memory")
+    if isinstance(e, GenerationError):
+        return APIError(500, msg, code="generation_failed")
+    return APIError(500, f"generation failed: {msg}", code="generation_failed")

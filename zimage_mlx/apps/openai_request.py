@@ -1,0 +1,223 @@
+"""OpenAI's Images API request → our ImageRequest: every parameter checked where it enters, a bad one answered 400
+with OpenAI's error shape naming it (`param`). Shared by the JSON (/v1/images/generations) and the multipart
+(/v1/images/edits) bodies; the worker (jobs.py) turns an ImageRequest into `pipe(...)` calls."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+from starlette.responses import JSONResponse
+
+from ..pipeline.images import mask_image_to_l
+from ..pipeline.pipeline import MAX_SEED
+
+FORMATS = {"png": ("PNG", "image/png"), "jpeg": ("JPEG", "image/jpeg"), "webp": ("WEBP", "image/webp")}
+MAX_N = 10
+MAX_PARTIALS = 50        # OpenAI allows 0-3; the web page asks for one per step
+MAX_STEPS = 200
+MAX_LORA_WEIGHT = 100.0  # ComfyUI's LoraLoader range; beyond it the activations overflow
+TEXT_FIELDS = ("prompt", "negative_prompt", "size", "response_format", "output_format", "model", "user")
+LORAS_SHAPE = "'loras' must map adapter names to weights, e.g. {\"style\": 0.8}"
+
+
+@dataclass
+class ServerConfig:
+    model: str = "z-image-turbo"               # the id /v1/models lists and PNG metadata records
+    api_key: str | None = None                 # when set, /v1/* needs `Authorization: Bearer KEY`
+    max_queue: int = 16                        # requests accepted and not finished (the running one included)
+    url_ttl: float = 3600.0                    # seconds a `url` response stays downloadable
+    max_side: int = 4096                       # pixels per side
+    max_pixels: int = 2048 * 2048
+    max_body: int = 25 * 1024 * 1024           # bytes of a request body, whatever its transfer encoding
+    default_size: int = 1024
+    loras: dict[str, float] = field(default_factory=dict)   # adapters loaded at start: name -> default weight
+    preview_decoder: Any = None                # preview.LatentRGB (default) or a TinyDecoder (TAEF1)
+
+
+class APIError(Exception):
+    TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+             405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+             500: "server_error", 503: "server_error"}
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        # a client's text quoted back may hold lone surrogates, which no JSON response can encode
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "server_error"),
+                          "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+@dataclass
+class ImageRequest:
+    prompt: str
+    n: int = 1
+    width: int | None = 1024
+    height: int | None = 1024
+    response_format: str = "b64_json"
+    output_format: str = "png"
+    output_compression: int = 90
+    stream: bool = False
+    partial_images: int = 0
+    seed: int | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    negative_prompt: str | None = None
+    loras: dict[str, float] | None = None
+    image: Image.Image | None = None           # edits
+    mask: Image.Image | None = None
+    strength: float | None = None
+
+
+def _show(v) -> str:
+    return json.dumps(v, ensure_ascii=True, default=str)[:40]
+
+
+def _finite(x) -> bool:
+    """A JSON number that is a finite float (NaN, ±Infinity and integers beyond the float range are not)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:
+        return False
+
+
+def _typed(body: dict, name: str, kind, default=None, lo=None, hi=None):
+    """body[name] checked for type (bool is not an int), finiteness and range, else APIError 400 naming it."""
+    v = body.get(name, default)
+    if v is None:
+        return default
+    ok = {int: lambda x: isinstance(x, int) and not isinstance(x, bool),
+          float: _finite,
+          bool: lambda x: isinstance(x, bool), str: lambda x: isinstance(x, str)}[kind](v)
+    if not ok:
+        what = {int: "an integer", float: "a finite number", bool: "a boolean", str: "a string"}[kind]
+        raise APIError(400, f"'{name}' must be {what}, got {_show(v)}", param=name, code="invalid_type")
+    if kind is str:
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise APIError(400, f"'{name}' is not valid Unicode text (a lone surrogate at character {e.start})",
+                           param=name, code="invalid_value") from None
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        raise APIError(400, f"'{name}' must be between {lo} and {hi}, got {v}", param=name, code="invalid_value")
+    return float(v) if kind is float else v
+
+
+def _choice(body: dict, name: str, choices, default):
+    v = _typed(body, name, str, default)
+    if v not in choices:
+        raise APIError(400, f"'{name}' must be one of {', '.join(choices)}, got {v!r}", param=name,
+                       code="invalid_value")
+    return v
+
+
+def _size(value, cfg: ServerConfig, default: tuple[int, int] | None, multiple: int) -> tuple[int, int] | None:
+    if value is None or value == "auto":
+        return default
+    m = re.fullmatch(r"\s*(\d{1,6})\s*[xX×]\s*(\d{1,6})\s*", value) if isinstance(value, str) else None
+    if m is None:
+        raise APIError(400, f"'size' must be \"WIDTHxHEIGHT\" (e.g. \"1024x1024\") or \"auto\", got {_show(value)}",
+                       param="size", code="invalid_value")
+    w, h = int(m[1]), int(m[2])
+    for side in (w, h):
+        if side <= 0 or side % multiple or side > cfg.max_side:
+            raise APIError(400, f"'size' {w}x{h}: width and height must be positive multiples of {multiple}, at "
+                                f"most {cfg.max_side}", param="size", code="invalid_value")
+    if w * h > cfg.max_pixels:
+        raise APIError(400, f"'size' {w}x{h} has more than {cfg.max_pixels} pixels", param="size",
+                       code="invalid_value")
+    return w, h
+
+
+def _loras(value, cfg: ServerConfig) -> dict[str, float] | None:
+    """{"name": weight} or [{"name": ..., "weight": ...}, "name", ...] → {name: weight}, names among the loaded
+    adapters, weights finite and at most MAX_LORA_WEIGHT in size."""
+    if value is None:
+        return None
+    if isinstance(value, list):
+        pairs = []
+        for x in value:
+            if isinstance(x, str):
+                pairs.append((x, 1.0))
+            elif isinstance(x, dict) and isinstance(x.get("name"), str):
+                pairs.append((x["name"], x.get("weight", 1.0)))
+            else:
+                raise APIError(400, f"{LORAS_SHAPE}; got the item {_show(x)}", param="loras")
+        value = dict(pairs)
+    if not isinstance(value, dict):
+        raise APIError(400, LORAS_SHAPE, param="loras")
+    for name, w in value.items():
+        if not _finite(w) or abs(w) > MAX_LORA_WEIGHT:
+            raise APIError(400, f"'loras': the weight of {_show(name)} must be a finite number between "
+                                f"-{MAX_LORA_WEIGHT:g} and {MAX_LORA_WEIGHT:g}, got {_show(w)}",
+                           param="loras", code="invalid_value")
+    unknown = [k for k in value if k not in cfg.loras]
+    if unknown:
+        known = ", ".join(cfg.loras) or "none (start the server with --lora PATH[:WEIGHT])"
+        raise APIError(400, f"unknown LoRA adapter(s) {', '.join(map(_show, unknown))}; loaded: {known}",
+                       param="loras", code="invalid_value")
+    return {k: float(v) for k, v in value.items()}
+
+
+def parse_request(body: Any, cfg: ServerConfig, edit: bool = False, multiple: int = 16) -> ImageRequest:
+    """A JSON (or form) body → ImageRequest, or APIError 400 naming the first bad parameter.
+    multiple: the pipeline's size multiple (pipe.size_multiple)."""
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    if body.get("prompt") is None:
+        raise APIError(400, "'prompt' is required", param="prompt", code="missing_required_parameter")
+    prompt = _typed(body, "prompt", str)
+    if not prompt.strip():
+        raise APIError(400, "'prompt' must not be empty", param="prompt", code="invalid_value")
+    size = _size(body.get("size"), cfg, None if edit else (cfg.default_size, cfg.default_size), multiple)
+    return ImageRequest(
+        prompt=prompt,
+        n=_typed(body, "n", int, 1, 1, MAX_N),
+        width=size[0] if size else None, height=size[1] if size else None,
+        response_format=_choice(body, "response_format", ("b64_json", "url"), "b64_json"),
+        output_format=_choice(body, "output_format", tuple(FORMATS), "png"),
+        output_compression=_typed(body, "output_compression", int, 90, 0, 100),
+        stream=_typed(body, "stream", bool, False),
+        partial_images=_typed(body, "partial_images", int, 0, 0, MAX_PARTIALS),
+        seed=_typed(body, "seed", int, None, 0, MAX_SEED - MAX_N),
+        num_inference_steps=_typed(body, "num_inference_steps", int, None, 1, MAX_STEPS),
+        guidance_scale=_typed(body, "guidance_scale", float, None, 0.0, 100.0),
+        negative_prompt=_typed(body, "negative_prompt", str, None),
+        loras=_loras(body.get("loras"), cfg),
+        strength=_typed(body, "strength", float, None, 0.0, 1.0),
+    )
+
+
+def form_value(v: str):
+    """Multipart fields arrive as text: read numbers and booleans the way a JSON body would carry them."""
+    if v in ("true", "false"):
+        return v == "true"
+    for kind in (int, float):
+        try:
+            return kind(v)
+        except ValueError:
+            pass
+    if v.startswith(("{", "[")):
+        try:
+            return json.loads(v)
+        except ValueError:
+            pass
+    return v
+
+
+def openai_mask(mask: Image.Image) -> Image.Image:
+    """An OpenAI edit mask (transparent = the area to edit) as the pipeline's (diffusers') mask: white = repaint;
+    the pipeline's one mask rule (pipeline/images.py: a mask without transparency is read by its luminance)."""
+    return mask_image_to_l(mask)
