@@ -117,14 +117,10 @@ class Worker:
         """Image k = pipe(prompt, seed=seed + k, ...) (prompts are cached by the pipeline, so the text encoder runs
         once per prompt)."""
         pipe, req, cfg = self.pipe, job.req, self.cfg
-        steps, g = pipe.defaults(req.num_inference_steps, req.guidance_scale)
+        steps, g, strength = resolve(pipe, req)
         negative = req.negative_prompt if g > 0 else None
         seed = secrets.randbelow(2**31) if req.seed is None else req.seed
-        default = DEFAULT_INPAINT_STRENGTH if req.mask is not None else DEFAULT_STRENGTH
-        strength = (default if req.strength is None else req.strength) if req.image is not None else None
         run_steps = pipe.steps_to_run(steps, strength)
-        if run_steps <= 0:
-            raise APIError(400, f"strength {strength} with {steps} steps leaves no step to run", param="strength")
         partial_at = partial_steps(run_steps, req.partial_images) if req.stream else set()
         extra = {} if req.image is None else {"image": req.image, "strength": strength, "mask_image": req.mask}
         if req.loras is not None:
@@ -167,6 +163,18 @@ class StepCallback:
                 self.partials += 1
         self.step += 1
         return True
+
+
+def resolve(pipe: ZImagePipeline, req: ImageRequest) -> tuple[int, float, float | None]:
+    """(steps, guidance, strength) of a request, the pipeline's defaults filled in (pure arithmetic on the configs:
+    the server checks it before queueing); a strength that leaves no step to run is a 400 naming it."""
+    steps, g = pipe.defaults(req.num_inference_steps, req.guidance_scale)
+    default = DEFAULT_INPAINT_STRENGTH if req.mask is not None else DEFAULT_STRENGTH
+    strength = (default if req.strength is None else req.strength) if req.image is not None else None
+    if pipe.steps_to_run(steps, strength) <= 0:
+        raise APIError(400, f"'strength' {strength} with {steps} steps leaves no step to run", param="strength",
+                       code="invalid_value")
+    return steps, g, strength
 
 
 def partial_steps(run_steps: int, partial_images: int) -> set[int]:

@@ -43,7 +43,7 @@ from starlette.routing import Route
 
 from ..pipeline.pipeline import MAX_SEED, ZImagePipeline
 from .http_body import parse_form, parse_json, read_body
-from .jobs import Job, Worker
+from .jobs import Job, Worker, resolve
 from .openai_request import FORMATS, APIError, ImageRequest, ServerConfig, openai_mask, parse_request
 
 __all__ = ["ServerConfig", "APIError", "create_app"]
@@ -177,6 +177,7 @@ class ImagesAPI:
 
     async def run(self, request: Request, req: ImageRequest):
         self.check_size(req)
+        resolve(self.pipe, req)
         if req.seed is not None and req.seed + req.n - 1 > MAX_SEED:
             raise APIError(400, f"'seed' + n - 1 must be at most {MAX_SEED}", param="seed", code="invalid_value")
         job = Job(req, asyncio.get_running_loop())
