@@ -197,6 +197,7 @@ def test_cli_preview_file_is_replaced_every_step(pipe, tmp_path, monkeypatch):
     from click.testing import CliRunner
 
     import zimage_mlx.apps.cli as cli
+    import zimage_mlx.apps.outputs as outputs
 
     replaced = []
     real_replace = os.replace
@@ -206,7 +207,7 @@ def test_cli_preview_file_is_replaced_every_step(pipe, tmp_path, monkeypatch):
             replaced.append(dst)
         return real_replace(src, dst)
 
-    monkeypatch.setattr(cli.os, "replace", counting_replace)
+    monkeypatch.setattr(outputs.os, "replace", counting_replace)
     out, live = tmp_path / "out.png", tmp_path / "previews" / "live.png"
     r = CliRunner().invoke(cli.generate, ["a fox", "-m", pipe.source, "--quantize", "none", "--dtype", "float32",
                                           "--steps", "3", "-W", "64", "-H", "48", "--seed", "1", "-o", str(out),
