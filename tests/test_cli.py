@@ -141,6 +141,26 @@ def test_image_to_image(model, tmp_path):
     assert params["strength"] == "0.5" and params["image"] == str(src) and params["steps"] == "4"
 
 
+def test_an_rgba_mask_edits_its_transparent_area_as_the_server_does(model, tmp_path):
+    """One mask rule for every interface (pipeline/images.py, OpenAI's): a mask with transparency repaints where it
+    is transparent. The server's test uses the same kind of mask (test_server_inputs.py)."""
+    from zimage_mlx import ZImagePipeline
+
+    rng = np.random.default_rng(4)
+    src, mask, out = tmp_path / "in.png", tmp_path / "mask.png", tmp_path / "out.png"
+    Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(src)
+    alpha = np.full((48, 64), 255, np.uint8)
+    alpha[8:40, 16:48] = 0
+    Image.fromarray(np.dstack([np.full((48, 64, 3), 255, np.uint8), alpha]), "RGBA").save(mask)   # all white
+    ok(run("a window", "--image", src, "--mask", mask, "-s", 5, "-m", model, "-o", out, *FAST))
+    pipe = ZImagePipeline.from_pretrained(model, dtype="float32", quantize=None)
+    white = Image.fromarray(np.where(alpha == 0, 255, 0).astype(np.uint8))
+    ref = pipe(prompt="a window", image=Image.open(src), mask_image=white, seed=5, height=48, width=64,
+               num_inference_steps=2).images[0]
+    with Image.open(out) as im:
+        assert np.array_equal(np.asarray(im.convert("RGB")), np.asarray(ref))
+
+
 def test_prompt_file_and_random_seed(model, tmp_path):
     prompt = "一只戴着红色围巾的橘猫坐在窗台上\n"
     pf = tmp_path / "prompt.txt"

@@ -167,7 +167,7 @@ def test_edits_bad_inputs(client):
                     "mask": ("m.png", _upload(Image.new("RGBA", (32, 64))), "image/png")},
           "data": {"prompt": "x"}}, 400, "mask"),                                            # not the image's size
         ({"files": {"image": ("a.png", _upload(Image.new("RGB", (8, 8))), "image/png")}, "data": {"prompt": "x"}},
-         400, "size"),
+         400, "image"),                                                      # under 16x16 and no 'size' given
     ]
     for kw, status, param in cases:
         r = client.post("/v1/images/edits", **kw)
@@ -490,7 +490,7 @@ def test_openai_sdk_client(pipe):
         assert _png(edit.data[0].b64_json).size == (48, 32)
         assert [m.id for m in client.models.list()] == ["tiny"]
 
-        with pytest.raises(openai.BadRequestError, match="multiples of 16"):
+        with pytest.raises(openai.BadRequestError, match="multiple of 16"):
             client.images.generate(model="tiny", prompt="a fox", size="33x32")
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=srv.url + "/v1", api_key="wrong", max_retries=0).images.generate(prompt="x")

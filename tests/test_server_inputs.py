@@ -60,7 +60,7 @@ JSON_CASES = [
     ('{%s, "loras": {"style": 1e309}}' % OK, "loras", "finite number"),
     ('{%s, "loras": {"style": 1%s}}' % (OK, "0" * 400), "loras", "finite number"),
     ('{%s, "loras": {"style": "0.5"}}' % OK, "loras", "finite number"),
-    ('{%s, "loras": {"\\ud800": 1}}' % OK, "loras", "unknown LoRA"),
+    ('{%s, "loras": {"\\ud800": 1}}' % OK, "loras", "no LoRA named"),
     ('{"prompt": "\\ud800 fox", "size": "32x32"}', "prompt", "lone surrogate"),
     ('{%s, "negative_prompt": "a \\udfff"}' % OK, "negative_prompt", "lone surrogate"),
     ('{%s, "guidance_scale": NaN}' % OK, "guidance_scale", "finite number"),

@@ -15,8 +15,7 @@ import mlx.core as mx
 from PIL import Image
 
 from ..loading.weights import WeightError
-from ..pipeline.pipeline import (DEFAULT_INPAINT_STRENGTH, DEFAULT_STRENGTH, GenerationCancelled, GenerationError,
-                                 ZImagePipeline)
+from ..pipeline.pipeline import GenerationCancelled, GenerationError, ZImagePipeline
 from ..pipeline.preview import Previewer
 from .openai_request import FORMATS, APIError, ImageRequest, ServerConfig
 from .pngfile import png_params
@@ -25,7 +24,7 @@ from .pngfile import png_params
 class Job:
     """One request's generation: run on the worker thread, its events delivered to the request's event loop."""
 
-    def __init__(self, req: ImageRequest, loop: asyncio.AbstractEventLoop | None = None,
+    def __init__(self, req: ImageRequest | None, loop: asyncio.AbstractEventLoop | None = None,
                  fn: Callable[[ZImagePipeline], Any] | None = None):
         self.req, self.fn = req, fn
         self.loop = loop
@@ -66,7 +65,7 @@ class Worker:
 
     def call(self, fn: Callable[[ZImagePipeline], Any], timeout: float | None = None) -> Any:
         """Run fn(pipe) on the worker thread (after the queued jobs) and return its result."""
-        job = Job(ImageRequest(prompt=""), fn=fn)
+        job = Job(None, fn=fn)
         with self.lock:
             self.active += 1
         self.jobs.put(job)
@@ -114,35 +113,25 @@ class Worker:
             job.emit(("error", as_api_error(e)))
 
     def _generate(self, job: Job) -> None:
-        """Image k = pipe(prompt, seed=seed + k, ...) (prompts are cached by the pipeline, so the text encoder runs
-        once per prompt)."""
-        pipe, req, cfg = self.pipe, job.req, self.cfg
-        steps, g, strength = resolve(pipe, req)
-        negative = req.negative_prompt if g > 0 else None
-        seed = secrets.randbelow(2**31) if req.seed is None else req.seed
-        run_steps = pipe.steps_to_run(steps, strength)
-        partial_at = partial_steps(run_steps, req.partial_images) if req.stream else set()
-        extra = {} if req.image is None else {"image": req.image, "strength": strength, "mask_image": req.mask}
-        if req.loras is not None:
-            pipe.set_adapters(list(cfg.loras), [req.loras.get(k, 0.0) for k in cfg.loras])
-        try:
-            for k in range(req.n):
-                if job.cancelled.is_set():
-                    raise GenerationCancelled("the client has gone")
-                s = seed + k
-                callback = StepCallback(job, k, partial_at, Previewer(cfg.preview_decoder) if partial_at else None)
-                out = pipe(prompt=req.prompt, negative_prompt=negative, height=req.height, width=req.width,
-                           num_inference_steps=steps, guidance_scale=g, seed=s, on_step=callback, **extra)
-                img = out.images[0]
-                meta = png_params(req.prompt, negative, s, steps, g, f"{img.width}x{img.height}", cfg.model,
-                                  pipe.quantization, pipe.dtype_name,
-                                  image="upload" if req.image is not None else None, strength=strength,
-                                  loras=pipe.loras)
-                job.emit(("image", k, s, img.size, encode(img, req, meta)))
-                self.stats["images"] += 1
-        finally:
-            if req.loras is not None:
-                pipe.set_adapters(list(cfg.loras), list(cfg.loras.values()))
+        """Image k = pipe.generate(request with seed + k): the call a Python API user makes (prompts are cached by
+        the pipeline, so the text encoder runs once per prompt). job.req.gen is validated (openai_request.validate)."""
+        pipe, req, gen = self.pipe, job.req, job.req.gen
+        seed = secrets.randbelow(2**31) if gen.seed is None else gen.seed
+        partial_at = partial_steps(gen.steps_to_run, req.partial_images) if req.stream else set()
+        negative = gen.negative_prompt[0] if gen.do_cfg and gen.negative_prompt else None
+        loras = pipe.loras if gen.loras is None else \
+            [dict(lo, weight=gen.loras.get(lo["name"], 0.0)) for lo in pipe.loras]   # this request's weights
+        for k in range(req.n):
+            if job.cancelled.is_set():
+                raise GenerationCancelled("the client has gone")
+            s = seed + k
+            callback = StepCallback(job, k, partial_at, Previewer(self.cfg.preview_decoder) if partial_at else None)
+            img = pipe.generate(gen.replace(seed=s, on_step=callback)).images[0]
+            meta = png_params(gen.prompt[0], negative, s, gen.num_inference_steps, gen.guidance_scale,
+                              f"{img.width}x{img.height}", self.cfg.model, pipe.quantization, pipe.dtype_name,
+                              image="upload" if gen.image is not None else None, strength=gen.strength, loras=loras)
+            job.emit(("image", k, s, img.size, encode(img, req, meta)))
+            self.stats["images"] += 1
 
 
 class StepCallback:
@@ -163,18 +152,6 @@ class StepCallback:
                 self.partials += 1
         self.step += 1
         return True
-
-
-def resolve(pipe: ZImagePipeline, req: ImageRequest) -> tuple[int, float, float | None]:
-    """(steps, guidance, strength) of a request, the pipeline's defaults filled in (pure arithmetic on the configs:
-    the server checks it before queueing); a strength that leaves no step to run is a 400 naming it."""
-    steps, g = pipe.defaults(req.num_inference_steps, req.guidance_scale)
-    default = DEFAULT_INPAINT_STRENGTH if req.mask is not None else DEFAULT_STRENGTH
-    strength = (default if req.strength is None else req.strength) if req.image is not None else None
-    if pipe.steps_to_run(steps, strength) <= 0:
-        raise APIError(400, f"'strength' {strength} with {steps} steps leaves no step to run", param="strength",
-                       code="invalid_value")
-    return steps, g, strength
 
 
 def partial_steps(run_steps: int, partial_images: int) -> set[int]:

@@ -5,7 +5,6 @@ with OpenAI's error shape naming it (`param`). Shared by the JSON (/v1/images/ge
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,13 +13,14 @@ from PIL import Image
 from starlette.responses import JSONResponse
 
 from ..pipeline.images import mask_image_to_l
-from ..pipeline.pipeline import MAX_SEED
+from ..pipeline.request import MAX_SEED, GenerationRequest, ModelLimits, RequestError, is_finite_number
 
 FORMATS = {"png": ("PNG", "image/png"), "jpeg": ("JPEG", "image/jpeg"), "webp": ("WEBP", "image/webp")}
 MAX_N = 10
 MAX_PARTIALS = 50        # OpenAI allows 0-3; the web page asks for one per step
 MAX_STEPS = 200
-MAX_LORA_WEIGHT = 100.0  # ComfyUI's LoraLoader range; beyond it the activations overflow
+# the pipeline's names of the parameters whose OpenAI names differ (a RequestError's field → `param`)
+PARAMS = {"mask_image": "mask", "height": "size", "width": "size", "num_images_per_prompt": "n"}
 TEXT_FIELDS = ("prompt", "negative_prompt", "size", "response_format", "output_format", "model", "user")
 LORAS_SHAPE = "'loras' must map adapter names to weights, e.g. {\"style\": 0.8}"
 
@@ -60,37 +60,24 @@ class APIError(Exception):
 
 @dataclass
 class ImageRequest:
-    prompt: str
+    """OpenAI's answer-shaping fields; `gen` holds the pipeline's parameters (pipeline.request.GenerationRequest),
+    validated against the model's limits by `validate` before the request is queued."""
+
+    gen: GenerationRequest
     n: int = 1
-    width: int | None = 1024
-    height: int | None = 1024
     response_format: str = "b64_json"
     output_format: str = "png"
     output_compression: int = 90
     stream: bool = False
     partial_images: int = 0
-    seed: int | None = None
-    num_inference_steps: int | None = None
-    guidance_scale: float | None = None
-    negative_prompt: str | None = None
-    loras: dict[str, float] | None = None
-    image: Image.Image | None = None           # edits
-    mask: Image.Image | None = None
-    strength: float | None = None
+
+    @property
+    def size(self) -> str:
+        return f"{self.gen.width}x{self.gen.height}"
 
 
 def _show(v) -> str:
     return json.dumps(v, ensure_ascii=True, default=str)[:40]
-
-
-def _finite(x) -> bool:
-    """A JSON number that is a finite float (NaN, ±Infinity and integers beyond the float range are not)."""
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        return False
-    try:
-        return math.isfinite(x)
-    except OverflowError:
-        return False
 
 
 def _typed(body: dict, name: str, kind, default=None, lo=None, hi=None):
@@ -99,7 +86,7 @@ def _typed(body: dict, name: str, kind, default=None, lo=None, hi=None):
     if v is None:
         return default
     ok = {int: lambda x: isinstance(x, int) and not isinstance(x, bool),
-          float: _finite,
+          float: is_finite_number,
           bool: lambda x: isinstance(x, bool), str: lambda x: isinstance(x, str)}[kind](v)
     if not ok:
         what = {int: "an integer", float: "a finite number", bool: "a boolean", str: "a string"}[kind]
@@ -123,7 +110,8 @@ def _choice(body: dict, name: str, choices, default):
     return v
 
 
-def _size(value, cfg: ServerConfig, default: tuple[int, int] | None, multiple: int) -> tuple[int, int] | None:
+def _size(value, cfg: ServerConfig, default: tuple[int, int] | None) -> tuple[int, int] | None:
+    """"WxH" → (w, h) within the server's limits (the size multiple and the model's range: `validate`)."""
     if value is None or value == "auto":
         return default
     m = re.fullmatch(r"\s*(\d{1,6})\s*[xX×]\s*(\d{1,6})\s*", value) if isinstance(value, str) else None
@@ -131,49 +119,42 @@ def _size(value, cfg: ServerConfig, default: tuple[int, int] | None, multiple: i
         raise APIError(400, f"'size' must be \"WIDTHxHEIGHT\" (e.g. \"1024x1024\") or \"auto\", got {_show(value)}",
                        param="size", code="invalid_value")
     w, h = int(m[1]), int(m[2])
-    for side in (w, h):
-        if side <= 0 or side % multiple or side > cfg.max_side:
-            raise APIError(400, f"'size' {w}x{h}: width and height must be positive multiples of {multiple}, at "
-                                f"most {cfg.max_side}", param="size", code="invalid_value")
-    if w * h > cfg.max_pixels:
-        raise APIError(400, f"'size' {w}x{h} has more than {cfg.max_pixels} pixels", param="size",
-                       code="invalid_value")
+    check_limits(w, h, cfg)
     return w, h
 
 
-def _loras(value, cfg: ServerConfig) -> dict[str, float] | None:
-    """{"name": weight} or [{"name": ..., "weight": ...}, "name", ...] → {name: weight}, names among the loaded
-    adapters, weights finite and at most MAX_LORA_WEIGHT in size."""
-    if value is None:
-        return None
-    if isinstance(value, list):
-        pairs = []
-        for x in value:
-            if isinstance(x, str):
-                pairs.append((x, 1.0))
-            elif isinstance(x, dict) and isinstance(x.get("name"), str):
-                pairs.append((x["name"], x.get("weight", 1.0)))
-            else:
-                raise APIError(400, f"{LORAS_SHAPE}; got the item {_show(x)}", param="loras")
-        value = dict(pairs)
-    if not isinstance(value, dict):
+def check_limits(w: int, h: int, cfg: ServerConfig) -> None:
+    """The server's own limits on an image size (max_side, max_pixels)."""
+    if w > cfg.max_side or h > cfg.max_side:
+        raise APIError(400, f"'size' {w}x{h}: width and height must be at most {cfg.max_side}", param="size",
+                       code="invalid_value")
+    if w * h > cfg.max_pixels:
+        raise APIError(400, f"'size' {w}x{h} has more than {cfg.max_pixels} pixels", param="size",
+                       code="invalid_value")
+
+
+def _loras(value) -> dict | None:
+    """The server's spellings of `loras` ({"name": weight}, [{"name": ..., "weight": ...}], ["name", ...]) as the
+    pipeline's {name: weight}; names and weights are checked by the pipeline's request (`validate`)."""
+    if value is None or isinstance(value, dict):
+        return value
+    if not isinstance(value, list):
         raise APIError(400, LORAS_SHAPE, param="loras")
-    for name, w in value.items():
-        if not _finite(w) or abs(w) > MAX_LORA_WEIGHT:
-            raise APIError(400, f"'loras': the weight of {_show(name)} must be a finite number between "
-                                f"-{MAX_LORA_WEIGHT:g} and {MAX_LORA_WEIGHT:g}, got {_show(w)}",
-                           param="loras", code="invalid_value")
-    unknown = [k for k in value if k not in cfg.loras]
-    if unknown:
-        known = ", ".join(cfg.loras) or "none (start the server with --lora PATH[:WEIGHT])"
-        raise APIError(400, f"unknown LoRA adapter(s) {', '.join(map(_show, unknown))}; loaded: {known}",
-                       param="loras", code="invalid_value")
-    return {k: float(v) for k, v in value.items()}
+    pairs = []
+    for x in value:
+        if isinstance(x, str):
+            pairs.append((x, 1.0))
+        elif isinstance(x, dict) and isinstance(x.get("name"), str):
+            pairs.append((x["name"], x.get("weight", 1.0)))
+        else:
+            raise APIError(400, f"{LORAS_SHAPE}; got the item {_show(x)}", param="loras")
+    return dict(pairs)
 
 
-def parse_request(body: Any, cfg: ServerConfig, edit: bool = False, multiple: int = 16) -> ImageRequest:
-    """A JSON (or form) body → ImageRequest, or APIError 400 naming the first bad parameter.
-    multiple: the pipeline's size multiple (pipe.size_multiple)."""
+def parse_request(body: Any, cfg: ServerConfig, edit: bool = False) -> ImageRequest:
+    """A JSON (or form) body → ImageRequest, or APIError 400 naming the first bad parameter. The types are checked
+    here (OpenAI's error codes); the pipeline's rules (defaults, ranges, the size multiple, LoRA names and weights,
+    strength) when `validate` checks the request against the model."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
     if body.get("prompt") is None:
@@ -181,23 +162,37 @@ def parse_request(body: Any, cfg: ServerConfig, edit: bool = False, multiple: in
     prompt = _typed(body, "prompt", str)
     if not prompt.strip():
         raise APIError(400, "'prompt' must not be empty", param="prompt", code="invalid_value")
-    size = _size(body.get("size"), cfg, None if edit else (cfg.default_size, cfg.default_size), multiple)
+    size = _size(body.get("size"), cfg, None if edit else (cfg.default_size, cfg.default_size))
+    gen = GenerationRequest(
+        prompt=prompt, height=size[1] if size else None, width=size[0] if size else None,
+        seed=_typed(body, "seed", int, None, 0, MAX_SEED - MAX_N),
+        num_inference_steps=_typed(body, "num_inference_steps", int, None, 1, MAX_STEPS),
+        guidance_scale=_typed(body, "guidance_scale", float, None, 0.0, 100.0),
+        negative_prompt=_typed(body, "negative_prompt", str, None),
+        loras=_loras(body.get("loras")),
+        strength=_typed(body, "strength", float, None, 0.0, 1.0),
+    )
     return ImageRequest(
-        prompt=prompt,
+        gen=gen,
         n=_typed(body, "n", int, 1, 1, MAX_N),
-        width=size[0] if size else None, height=size[1] if size else None,
         response_format=_choice(body, "response_format", ("b64_json", "url"), "b64_json"),
         output_format=_choice(body, "output_format", tuple(FORMATS), "png"),
         output_compression=_typed(body, "output_compression", int, 90, 0, 100),
         stream=_typed(body, "stream", bool, False),
         partial_images=_typed(body, "partial_images", int, 0, 0, MAX_PARTIALS),
-        seed=_typed(body, "seed", int, None, 0, MAX_SEED - MAX_N),
-        num_inference_steps=_typed(body, "num_inference_steps", int, None, 1, MAX_STEPS),
-        guidance_scale=_typed(body, "guidance_scale", float, None, 0.0, 100.0),
-        negative_prompt=_typed(body, "negative_prompt", str, None),
-        loras=_loras(body.get("loras"), cfg),
-        strength=_typed(body, "strength", float, None, 0.0, 1.0),
     )
+
+
+def validate(req: ImageRequest, limits: ModelLimits, cfg: ServerConfig) -> None:
+    """The pipeline's request checked against the model (defaults filled in): a RequestError is a 400 naming the
+    parameter by its OpenAI name; then the server's own size limits on the size it settled on."""
+    try:
+        req.gen = req.gen.validate(limits)
+    except RequestError as e:
+        raise APIError(400, str(e), param=PARAMS.get(e.field, e.field), code="invalid_value") from None
+    check_limits(req.gen.width, req.gen.height, cfg)
+    if req.gen.seed is not None and req.gen.seed + req.n - 1 > MAX_SEED:
+        raise APIError(400, f"'seed' + n - 1 must be at most {MAX_SEED}", param="seed", code="invalid_value")
 
 
 def form_value(v: str):

@@ -41,10 +41,10 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from ..pipeline.pipeline import MAX_SEED, ZImagePipeline
+from ..pipeline.pipeline import ZImagePipeline
 from .http_body import parse_form, parse_json, read_body
-from .jobs import Job, Worker, resolve
-from .openai_request import FORMATS, APIError, ImageRequest, ServerConfig, openai_mask, parse_request
+from .jobs import Job, Worker
+from .openai_request import FORMATS, APIError, ImageRequest, ServerConfig, openai_mask, parse_request, validate
 
 __all__ = ["ServerConfig", "APIError", "create_app"]
 
@@ -130,15 +130,10 @@ class ImagesAPI:
         if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), self.cfg.api_key.encode()):
             raise APIError(401, "incorrect API key", code="invalid_api_key")
 
-    @property
-    def multiple(self) -> int:
-        """The pipeline's size multiple, read from its configs (no MLX call; 16 for injected models)."""
-        return self.pipe.size_multiple if "vae" in self.pipe.configs else 16
-
     async def generations(self, request: Request):
         self.check_key(request)
         body = parse_json(await read_body(request, self.cfg.max_body))
-        return await self.run(request, parse_request(body, self.cfg, multiple=self.multiple))
+        return await self.run(request, parse_request(body, self.cfg))
 
     async def edits(self, request: Request):
         self.check_key(request)
@@ -148,38 +143,29 @@ class ImagesAPI:
         body, uploads = parse_form(await read_body(request, self.cfg.max_body), content_type)
         if "image" not in uploads:
             raise APIError(400, "'image' (a file) is required", param="image", code="missing_required_parameter")
-        req = parse_request(body, self.cfg, edit=True, multiple=self.multiple)
-        req.image = _read_image(uploads["image"], "image", 4 * self.cfg.max_pixels)
+        req = parse_request(body, self.cfg, edit=True)
+        image = _read_image(uploads["image"], "image", 4 * self.cfg.max_pixels)
+        mask = None
         if "mask" in uploads:
-            req.mask = openai_mask(_read_image(uploads["mask"], "mask", 4 * self.cfg.max_pixels, mode=None))
-            if req.mask.size != req.image.size:
-                raise APIError(400, f"'mask' is {req.mask.width}x{req.mask.height} but 'image' is "
-                                    f"{req.image.width}x{req.image.height}: they must have the same size",
+            mask = openai_mask(_read_image(uploads["mask"], "mask", 4 * self.cfg.max_pixels, mode=None))
+            if mask.size != image.size:
+                raise APIError(400, f"'mask' is {mask.width}x{mask.height} but 'image' is "
+                                    f"{image.width}x{image.height}: they must have the same size",
                                param="mask", code="invalid_value")
-        if req.width is None:
-            m, (w, h) = self.multiple, req.image.size
-            w, h = w - w % m, h - h % m
-            if w <= 0 or h <= 0 or w > self.cfg.max_side or h > self.cfg.max_side or w * h > self.cfg.max_pixels:
-                raise APIError(400, f"the image is {req.image.width}x{req.image.height}; pass 'size' to resize it "
-                                    f"(multiples of {m}, at most {self.cfg.max_side} per side)", param="size")
-            req.width, req.height = w, h
+        req.gen = req.gen.replace(image=image, mask_image=mask)
         return await self.run(request, req)
 
-    def check_size(self, req: ImageRequest) -> None:
-        """The pipeline's own size check (multiple, position range, memory plan): pure arithmetic on the configs,
-        so it is safe off the worker thread; skipped for injected models whose configs would need loading."""
-        if not all(n in self.pipe.configs for n in ("transformer", "vae")):
-            return
+    def check(self, req: ImageRequest) -> None:
+        """The pipeline's request checks, then the memory plan for its size: arithmetic on the configs (of a loaded
+        or injected model: no MLX call, so safe off the worker thread) and the images' sizes."""
+        validate(req, self.pipe.limits, self.cfg)
         try:
-            self.pipe.check_size(req.height, req.width)
+            self.pipe.check_size(req.gen.height, req.gen.width)
         except (ValueError, MemoryError) as e:
-            raise APIError(400, f"'size' {req.width}x{req.height}: {e}", param="size", code="invalid_value") from None
+            raise APIError(400, f"'size' {req.size}: {e}", param="size", code="invalid_value") from None
 
     async def run(self, request: Request, req: ImageRequest):
-        self.check_size(req)
-        resolve(self.pipe, req)
-        if req.seed is not None and req.seed + req.n - 1 > MAX_SEED:
-            raise APIError(400, f"'seed' + n - 1 must be at most {MAX_SEED}", param="seed", code="invalid_value")
+        self.check(req)
         job = Job(req, asyncio.get_running_loop())
         self.worker.submit(job)
         if req.stream:
@@ -199,12 +185,12 @@ class ImagesAPI:
                     data.append(item)
                 elif ev[0] == "error":
                     return ev[1].response()
-        return JSONResponse({"created": created, "data": data, "size": f"{req.width}x{req.height}",
+        return JSONResponse({"created": created, "data": data, "size": req.size,
                              "output_format": req.output_format, "quality": "auto", "background": "opaque"})
 
     async def stream(self, request: Request, job: Job):
         req = job.req
-        common = {"size": f"{req.width}x{req.height}", "output_format": req.output_format, "quality": "auto",
+        common = {"size": req.size, "output_format": req.output_format, "quality": "auto",
                   "background": "opaque"}
         async with contextlib.aclosing(self.events(request, job)) as evs:
             async for ev in evs:

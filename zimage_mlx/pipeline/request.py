@@ -258,8 +258,7 @@ class GenerationRequest:
         if not isinstance(self.loras, dict) or not all(isinstance(k, str) for k in self.loras):
             raise RequestError("loras", "'loras' must map adapter names to weights, e.g. {\"style\": 0.8}")
         for name, w in self.loras.items():
-            if isinstance(w, bool) or not isinstance(w, (int, float, np.floating, np.integer)) \
-                    or not math.isfinite(float(w)) or abs(float(w)) > MAX_LORA_WEIGHT:
+            if not is_finite_number(w) or abs(float(w)) > MAX_LORA_WEIGHT:
                 raise RequestError("loras", f"'loras' weight of {name!r} must be a finite number between "
                                    f"-{MAX_LORA_WEIGHT:g} and {MAX_LORA_WEIGHT:g}, got {w!r}")
         unknown = [n for n in self.loras if limits.adapters is not None and n not in limits.adapters]
@@ -378,10 +377,19 @@ def int_arg(name: str, value, low: int = 1, high: int | None = None) -> int:
     return int(value)
 
 
+def is_finite_number(value) -> bool:
+    """A number (not a bool) with a finite float value: NaN, ±inf and integers beyond the float range are not."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
 def float_arg(name: str, value, low: float | None = None, high: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) \
-            or not math.isfinite(float(value)):
-        raise RequestError(name, f"{name} must be a finite number, got {value!r}")
+    if not is_finite_number(value):
+        raise RequestError(name, f"{name} must be a finite number, got {str(value)[:40]}")
     if (low is not None and value < low) or (high is not None and value > high):
         raise RequestError(name, f"{name} must be between {low} and {high}, got {value}")
     return float(value)
