@@ -20,8 +20,10 @@ from ..loading.hub import DEFAULT_REPO
 from ..loading.quantize import VOCABULARY
 from ..models.controlnet import SEMANTICS
 from ..pipeline.control_maps import CONTROL_TYPES
-from ..pipeline.pipeline import (DEFAULT_INPAINT_STRENGTH, DEFAULT_SIZE, DEFAULT_STRENGTH, MAX_SEED, ZImagePipeline,
-                                 expand_seeds, preprocess_mask)
+from ..pipeline.images import preprocess_mask
+from ..pipeline.pipeline import ZImagePipeline
+from ..pipeline.request import (DEFAULT_INPAINT_STRENGTH, DEFAULT_SIZE, DEFAULT_STRENGTH, MAX_SEED, GenerationRequest,
+                                RequestError, expand_seeds)
 from ..pipeline.preview import Previewer, load_tiny_decoder
 from .command import Command, note, run_guarded
 from .options import finite, lora_option, quantize_option
@@ -133,8 +135,6 @@ def _check_input_images(o: dict) -> None:
 
 
 def _fill_defaults(o: dict) -> None:
-    if o["image"] and o["strength"] is None and not (o["control_image"] and o["mask"]):
-        o["strength"] = DEFAULT_INPAINT_STRENGTH if o["mask"] else DEFAULT_STRENGTH
     scales = list(o["control_scale"]) or [0.75]
     o["control_scale"] = scales if len(scales) > 1 else scales[0]
     o["png_extra"] = {"mask": o["mask"], "control_image": ", ".join(o["control_image"]) or None,
@@ -143,35 +143,41 @@ def _fill_defaults(o: dict) -> None:
                       "controlnet": o["controlnet"]}
 
 
-def _check_against_model(pipe, o: dict) -> tuple[int, int, int, float, int]:
-    """The checks that need the model's configs (no weight is read): (width, height, steps, guidance, run_steps)."""
+# the pipeline's parameter (a RequestError's field) -> the option that set it
+OPTIONS = {"prompt": "PROMPT", "negative_prompt": "--negative-prompt", "height": "-H/--height",
+           "width": "-W/--width", "num_inference_steps": "--steps", "guidance_scale": "--guidance",
+           "cfg_truncation": "--cfg-truncation", "cfg_normalization": "--cfg-normalization", "image": "--image",
+           "strength": "--strength", "mask_image": "--mask", "mask_blur": "--mask-blur",
+           "control_image": "--control-image", "controlnet_conditioning_scale": "--control-scale",
+           "control_type": "--control-type", "seed": "--seed"}
+
+
+def _request(pipe, o: dict) -> GenerationRequest:
+    """The options as the pipeline's request, validated against the model's configs (no weight is read): defaults
+    filled (steps, guidance, strength, the size from an input image), every rule the pipeline's; a bad value is
+    one line naming the option (exit 2)."""
     m = pipe.size_multiple
     for path, (cw, ch) in zip(o["control_image"], o["control_sizes"]):
         if min(cw, ch) < m:
             raise click.UsageError(f"--control-image {path} is {cw}x{ch} pixels; it must be at least {m}x{m}")
-    size = o["image_size"] or (o["control_sizes"][0] if o["control_sizes"] else None)
-    width = o["width"] or (size[0] if size else DEFAULT_SIZE)
-    height = o["height"] or (size[1] if size else DEFAULT_SIZE)
+    d = {"prompt": o["prompt"], "negative_prompt": o["negative_prompt"] or None, "height": o["height"],
+         "width": o["width"], "num_inference_steps": o["steps"], "guidance_scale": o["guidance"],
+         "cfg_truncation": o["cfg_truncation"], "cfg_normalization": o["cfg_normalization"], "image": o["image"],
+         "strength": o["strength"], "mask_image": o["mask"], "mask_blur": o["mask_blur"],
+         "paste_back": o["paste_back"], "control_image": list(o["control_image"]) or None,
+         "control_type": o["control_type"], "controlnet_conditioning_scale": o["control_scale"]}
     try:
-        steps, guidance = pipe.defaults(o["steps"], o["guidance"])
-        if size:   # an input image's own size is floored to the size multiple, as diffusers does
-            if min(size) < m and not (o["width"] and o["height"]):
-                which = f"--image {o['image']}" if o["image"] else f"--control-image {o['control_image'][0]}"
-                raise ValueError(f"{which} is {size[0]}x{size[1]} pixels; it must be at "
-                                 f"least {m}x{m} (or give -W and -H to resize it)")
-            width, height = o["width"] or width - width % m, o["height"] or height - height % m
-        pipe.check_size(height, width)
-        run_steps = pipe.steps_to_run(steps, o["strength"])
+        req = GenerationRequest.from_dict(d, source="cli").validate(pipe.limits)
+        pipe.check_size(req.height, req.width)
+    except RequestError as e:
+        raise click.UsageError(f"{OPTIONS.get(e.field, e.field)}: {e}") from None
     except ValueError as e:
         raise click.UsageError(str(e)) from None
-    if pipe.parallel == "cfg" and pipe.world_size > 1 and guidance <= 0:
-        raise click.UsageError("--parallel cfg splits classifier-free guidance, which is off (--guidance 0, as "
-                               "Turbo uses); use --parallel data or tensor")
-    return width, height, steps, guidance, run_steps
+    return req
 
 
 # ---------------------------------------------------------------------------------------------- generation
-def _load(o: dict, note_main) -> tuple[ZImagePipeline, dict]:
+def _load(o: dict, note_main) -> tuple[ZImagePipeline, GenerationRequest]:
     """The pipeline (lazy: configs and headers only) and the checked sizes and steps; LoRAs read and checked."""
     size = o["image_size"] or (o["control_sizes"][0] if o["control_sizes"] else None)
     pipe = ZImagePipeline.from_pretrained(o["model"], dtype=o["dtype"], quantize=o["quantize"],
@@ -180,36 +186,36 @@ def _load(o: dict, note_main) -> tuple[ZImagePipeline, dict]:
                                           compile=o["compile"], fused_projections=o["fused_projections"],
                                           verbose=o["rank"] == 0, parallel=o["parallel"], controlnet=o["controlnet"],
                                           controlnet_semantics=o["controlnet_semantics"])
-    width, height, steps, guidance, run_steps = _check_against_model(pipe, o)
+    req = _request(pipe, o)
     if o["lora"]:   # read and checked against the transformer's config (its weights are not loaded yet)
         names = [pipe.load_lora_weights(path) for path, _ in o["lora"]]
         pipe.set_adapters(names, [w for _, w in o["lora"]])
-    if o["negative_prompt"] and guidance <= 0:
+    if o["negative_prompt"] and not req.do_cfg:
         note_main("note: the negative prompt is ignored without guidance (--guidance > 0)")
     procs = f"; {pipe.parallel}-parallel over {pipe.world_size} processes" if pipe.world_size > 1 else ""
-    note_main(f"Z-Image {pipe.variant.capitalize()} ({steps} steps, guidance {guidance:g}), {pipe.dtype_name}, "
-              f"{width}x{height}{procs}; {pipe.plan.summary()}")
+    note_main(f"Z-Image {pipe.variant.capitalize()} ({req.num_inference_steps} steps, guidance "
+              f"{req.guidance_scale:g}), {pipe.dtype_name}, {req.width}x{req.height}{procs}; {pipe.plan.summary()}")
     if o["lora"]:
         note_main(f"LoRA: {describe_loras(pipe.loras)}")
     if not o["seed"]:
         note_main(f"seed: {', '.join(map(str, o['seeds']))}")
-    return pipe, {"width": width, "height": height, "steps": steps, "guidance": guidance, "run_steps": run_steps,
-                  "negative": o["negative_prompt"] if guidance > 0 else None}
+    return pipe, req
 
 
-def _callback(o: dict, run: dict, label: str, decoder):
-    callback = Progress(run["run_steps"], label, enabled=o["rank"] == 0 and not o["quiet"])
+def _callback(o: dict, req: GenerationRequest, label: str, decoder):
+    callback = Progress(req.steps_to_run, label, enabled=o["rank"] == 0 and not o["quiet"])
     if not (o["preview"] and o["rank"] == 0):     # process 0's image (the first of each data-parallel call)
         return callback
     return PreviewFile(Path(o["preview"]), callback, Previewer(decoder))
 
 
-def _save(pipe, o: dict, run: dict, seeds: list[int], paths: list[Path], images, stages: dict) -> None:
+def _save(pipe, o: dict, req: GenerationRequest, seeds: list[int], paths: list[Path], images, stages: dict) -> None:
+    negative = req.negative_prompt[0] if req.do_cfg and req.negative_prompt else None
     for seed, path, img in zip(seeds, paths, images):
         t0 = time.perf_counter()
-        params = png_params(o["prompt"], run["negative"], seed, run["steps"], run["guidance"],
+        params = png_params(o["prompt"], negative, seed, req.num_inference_steps, req.guidance_scale,
                             f"{img.width}x{img.height}", o["model"], pipe.quantization, pipe.dtype_name,
-                            image=o["image"], strength=o["strength"], loras=pipe.loras, extra=o["png_extra"])
+                            image=o["image"], strength=req.strength, loras=pipe.loras, extra=o["png_extra"])
         saved = save_with_fallback(img, path, params, o["overwrite"])
         stages["save"] = stages.get("save", 0.0) + time.perf_counter() - t0
         if saved != path and saved.parent == path.parent:
@@ -224,7 +230,7 @@ def _generate(o: dict) -> None:
     stages: dict[str, float] = {}
     t_all = time.perf_counter()
     mx.reset_peak_memory()
-    pipe, run = _load(o, note if main else (lambda msg: None))
+    pipe, req = _load(o, note if main else (lambda msg: None))
     stages["load"] = time.perf_counter() - t_all
     decoder = load_tiny_decoder(o["taef1"]) if o["taef1"] else None
     # Data-parallel: each call makes one image per process (image k on process k mod N); else one image per call.
@@ -235,14 +241,8 @@ def _generate(o: dict) -> None:
         seeds = o["seeds"][start: start + per_call]
         count = f"{start + 1}-{start + len(seeds)}" if len(seeds) > 1 else f"{start + 1}"
         label = f"image {count}/{n}" if n > 1 else "denoising"
-        out = pipe(prompt=o["prompt"], negative_prompt=run["negative"], height=run["height"], width=run["width"],
-                   num_inference_steps=run["steps"], guidance_scale=run["guidance"],
-                   cfg_truncation=o["cfg_truncation"], cfg_normalization=o["cfg_normalization"], seed=seeds,
-                   num_images_per_prompt=len(seeds), image=o["image"], strength=o["strength"], mask_image=o["mask"],
-                   mask_blur=o["mask_blur"], paste_back=o["paste_back"],
-                   control_image=list(o["control_image"]) or None, control_type=o["control_type"],
-                   controlnet_conditioning_scale=o["control_scale"],
-                   on_step=_callback(o, run, label, decoder))
+        out = pipe.generate(req.replace(seed=seeds, num_images_per_prompt=len(seeds),
+                                        on_step=_callback(o, req, label, decoder)))
         calls += 1
         if out.cache_stats:
             cached = [a + b for a, b in zip(cached, (out.cache_stats["computed"], out.cache_stats["steps"]))]
@@ -251,10 +251,10 @@ def _generate(o: dict) -> None:
                 key = "load" if k.startswith("load_") else k
                 stages[key] = stages.get(key, 0.0) + v
         if main:
-            _save(pipe, o, run, seeds, o["paths"][start: start + per_call], out.images, stages)
+            _save(pipe, o, req, seeds, o["paths"][start: start + per_call], out.images, stages)
     if not main:
         return
-    per_step = stages.get("denoise", 0.0) / (calls * run["run_steps"])
+    per_step = stages.get("denoise", 0.0) / (calls * req.steps_to_run)
     parts = [f"{k} {v:.1f} s" + (f" ({per_step:.2f} s/step)" if k == "denoise" else "") for k, v in stages.items()]
     if o["cache"]:
         parts.append(f"step cache {o['cache']}: {cached[0]} of {cached[1]} steps computed")
