@@ -149,7 +149,8 @@ OPTIONS = {"prompt": "PROMPT", "negative_prompt": "--negative-prompt", "height":
            "cfg_truncation": "--cfg-truncation", "cfg_normalization": "--cfg-normalization", "image": "--image",
            "strength": "--strength", "mask_image": "--mask", "mask_blur": "--mask-blur",
            "control_image": "--control-image", "controlnet_conditioning_scale": "--control-scale",
-           "control_type": "--control-type", "seed": "--seed"}
+           "control_type": "--control-type", "seed": "--seed", "cache": "--cache",
+           "cache_threshold": "--cache-threshold"}
 
 
 def _request(pipe, o: dict) -> GenerationRequest:
@@ -165,7 +166,8 @@ def _request(pipe, o: dict) -> GenerationRequest:
          "cfg_truncation": o["cfg_truncation"], "cfg_normalization": o["cfg_normalization"], "image": o["image"],
          "strength": o["strength"], "mask_image": o["mask"], "mask_blur": o["mask_blur"],
          "paste_back": o["paste_back"], "control_image": list(o["control_image"]) or None,
-         "control_type": o["control_type"], "controlnet_conditioning_scale": o["control_scale"]}
+         "control_type": o["control_type"], "controlnet_conditioning_scale": o["control_scale"],
+         "cache": o["cache"], "cache_threshold": o["cache_threshold"]}
     try:
         req = GenerationRequest.from_dict(d, source="cli").validate(pipe.limits)
         pipe.check_size(req.height, req.width)

@@ -171,6 +171,8 @@ def parse_request(body: Any, cfg: ServerConfig, edit: bool = False) -> ImageRequ
         negative_prompt=_typed(body, "negative_prompt", str, None),
         loras=_loras(body.get("loras")),
         strength=_typed(body, "strength", float, None, 0.0, 1.0),
+        cache=_typed(body, "cache", str, None),                      # names and threshold: the pipeline's rule
+        cache_threshold=_typed(body, "cache_threshold", float, None, 0.0),
     )
     return ImageRequest(
         gen=gen,

@@ -3,8 +3,8 @@
 Endpoints (shapes follow OpenAI's Images API, so the official SDKs work with base_url=http://127.0.0.1:8000/v1):
   POST /v1/images/generations   JSON: prompt, n (1-10), size "WxH" | "auto", response_format b64_json | url,
                                 output_format png | jpeg | webp, output_compression, stream, partial_images, and
-                                our extras (seed, num_inference_steps, guidance_scale, negative_prompt, loras),
-                                which the SDK sends through extra_body
+                                our extras (seed, num_inference_steps, guidance_scale, negative_prompt, loras,
+                                cache, cache_threshold), which the SDK sends through extra_body
   POST /v1/images/edits         multipart: image, optional mask, prompt, n, size, strength, ... (image-to-image
                                 without a mask, inpainting with one)
   GET  /v1/models, GET /health, GET /files/NAME (url responses), GET / (the web page)
