@@ -98,7 +98,8 @@ def _typed(body: dict, name: str, kind, default=None, lo=None, hi=None):
             raise APIError(400, f"'{name}' is not valid Unicode text (a lone surrogate at character {e.start})",
                            param=name, code="invalid_value") from None
     if (lo is not None and v < lo) or (hi is not None and v > hi):
-        raise APIError(400, f"'{name}' must be between {lo} and {hi}, got {v}", param=name, code="invalid_value")
+        bound = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
+        raise APIError(400, f"'{name}' must be {bound}, got {v}", param=name, code="invalid_value")
     return float(v) if kind is float else v
 
 
