@@ -209,3 +209,60 @@ def test_memory_plan_counts_one_layer_and_norm(bits):
     assert full - part == pytest.approx(matrices * per_weight + vectors * 2, abs=1)
     assert (full - part) / 1e9 == pytest.approx({None: 0.2019, 8: 0.1072, 4: 0.0568}[bits], abs=1e-3)
     assert math.isclose((full - part) / part, 0.0257, abs_tol=5e-4)
+
+
+@pytest.fixture
+def short_replies(monkeypatch):
+    """The random tiny model never says <|im_end|>: cap its replies at 8 tokens so the app tests stay quick."""
+    full = ZImagePipeline.enhance_prompt
+    monkeypatch.setattr(ZImagePipeline, "enhance_prompt",
+                        lambda self, prompt, **kw: full(self, prompt, **{"max_new_tokens": 8, **kw}))
+
+
+def test_cli_enhance_prints_and_stores_both_prompts(tiny_pipe, tmp_path, short_replies):
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from zimage_mlx.apps.cli import generate
+    from zimage_mlx.apps.pngfile import read_png_params
+
+    root, pipe = tiny_pipe
+    out = tmp_path / "cat.png"
+    r = CliRunner().invoke(generate, ["a cat", "--enhance", "--seed", "3", "-m", str(root), "-o", str(out),
+                                      "--quantize", "none", "--dtype", "float32", "--steps", "1", "-W", "32",
+                                      "-H", "32"])
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    expected = pipe.enhance_prompt("a cat", seed=3)
+    assert f"enhanced prompt: {expected}" in r.output, r.output
+    assert r.stdout.strip() == str(out)
+    params = read_png_params(out)
+    assert params["prompt"] == expected and params["original_prompt"] == "a cat"
+    with Image.open(out) as im:
+        assert im.size == (32, 32)
+
+
+def test_server_enhance_prompt_field(tiny_pipe, short_replies):
+    import base64
+    import io
+
+    from PIL import Image
+    from starlette.testclient import TestClient
+
+    from zimage_mlx.apps.server import ServerConfig, create_app
+
+    _, pipe = tiny_pipe
+    with TestClient(create_app(pipe, ServerConfig(default_size=32, model="tiny")),
+                    raise_server_exceptions=False) as c:
+        body = {"prompt": "a red fox", "size": "32x32", "num_inference_steps": 1, "seed": 4}
+        r = c.post("/v1/images/generations", json={**body, "enhance_prompt": True})
+        assert r.status_code == 200, r.text
+        item = r.json()["data"][0]
+        expected = c.app.state.worker.call(lambda p: p.enhance_prompt("a red fox", seed=4), 60)
+        assert item["revised_prompt"] == expected
+        with Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))) as im:
+            im.load()
+            assert im.text["prompt"] == expected and im.text["original_prompt"] == "a red fox"
+        plain = c.post("/v1/images/generations", json=body).json()["data"][0]
+        assert "revised_prompt" not in plain
+        bad = c.post("/v1/images/generations", json={**body, "enhance_prompt": "yes"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "enhance_prompt"

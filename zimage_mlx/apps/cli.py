@@ -333,6 +333,10 @@ def _generate(o: dict) -> None:
         note(f"LoRA: {describe_loras(pipe.loras)}")
     if not o["seed"]:
         note(f"seed: {', '.join(map(str, o['seeds']))}")
+    if o["enhance"]:   # docs/enhance.md: the text encoder's own Qwen3 rewrites the prompt (seeded by the first seed)
+        o["png_extra"]["original_prompt"] = o["prompt"]
+        o["prompt"] = pipe.enhance_prompt(o["prompt"], seed=o["seeds"][0])
+        note(f"enhanced prompt: {o['prompt']}")
     decoder = load_tiny_decoder(o["taef1"]) if o["taef1"] else None
 
     # Data-parallel: each call makes one image per process (image k on process k mod N); else one image per call.
@@ -441,6 +445,8 @@ def _generate(o: dict) -> None:
 @click.option("--lora", multiple=True, callback=_lora_option, metavar="PATH[:WEIGHT]",
               help="Apply a LoRA (.safetensors file or hub file owner/repo/file.safetensors) with this weight "
                    "(default 1); repeat for several.")
+@click.option("--enhance", is_flag=True, help="Rewrite the prompt first with the text encoder's own Qwen3 into a "
+              "detailed one (printed; both are stored in the PNG).")
 @click.option("--output", "-o", default=DEFAULT_OUTPUT, show_default=True, callback=_check_template,
               help="Output file, or a template with {seed} and {index}, or a directory. See below.")
 @click.option("--overwrite", is_flag=True, help="Replace existing files instead of choosing a free name.")

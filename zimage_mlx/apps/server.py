@@ -113,6 +113,7 @@ class ImageRequest:
     strength: float | None = None
     cache: str | None = None                   # step caching (docs/step-cache.md)
     cache_threshold: float | None = None
+    enhance_prompt: bool = False               # rewrite the prompt first (docs/enhance.md); "revised_prompt" answers
 
 
 def _typed(body: dict, name: str, kind, default=None, lo=None, hi=None):
@@ -196,6 +197,7 @@ def parse_request(body: Any, cfg: ServerConfig, edit: bool = False) -> ImageRequ
         loras=loras,
         strength=_typed(body, "strength", float, None, 0.0, 1.0),
         **_cache_fields(body),
+        enhance_prompt=_typed(body, "enhance_prompt", bool, False),
     )
 
 
@@ -240,6 +242,7 @@ class Job:
         self.done = threading.Event()
         self.result: Any = None
         self.error: BaseException | None = None
+        self.revised_prompt: str | None = None     # the enhanced prompt (enhance_prompt: true)
 
     def emit(self, event: tuple) -> None:
         if self.loop is not None and not self.loop.is_closed():
@@ -333,6 +336,9 @@ class Worker:
             extra = {"image": req.image, "strength": strength}
             if req.mask is not None:
                 extra["mask_image"] = req.mask
+        prompt = req.prompt
+        if req.enhance_prompt:
+            prompt = job.revised_prompt = pipe.enhance_prompt(req.prompt, seed=seed)
         if req.loras is not None:
             pipe.set_adapters(list(cfg.loras), [req.loras.get(k, 0.0) for k in cfg.loras])
         try:
@@ -342,14 +348,15 @@ class Worker:
                 s = seed + k
                 callback = _StepCallback(job, k, partial_at,
                                          Previewer(self.cfg.preview_decoder) if partial_at else None)
-                out = pipe(prompt=req.prompt, negative_prompt=negative, height=req.height, width=req.width,
+                out = pipe(prompt=prompt, negative_prompt=negative, height=req.height, width=req.width,
                            num_inference_steps=steps, guidance_scale=g, seed=s, on_step=callback,
                            cache=req.cache, cache_threshold=req.cache_threshold, **extra)
                 img = out.images[0]
-                meta = png_params(req.prompt, negative, s, steps, g, f"{img.width}x{img.height}", cfg.model,
+                meta = png_params(prompt, negative, s, steps, g, f"{img.width}x{img.height}", cfg.model,
                                   pipe.quantization, pipe.dtype_name,
                                   image="upload" if req.image is not None else None, strength=strength,
-                                  loras=getattr(pipe, "loras", None))
+                                  loras=getattr(pipe, "loras", None),
+                                  extra={"original_prompt": req.prompt} if req.enhance_prompt else None)
                 job.emit(("image", k, s, img.size, _encode(img, req, meta)))
                 self.stats["images"] += 1
         finally:
@@ -557,7 +564,7 @@ def create_app(pipe: ZImagePipeline, config: ServerConfig | None = None) -> Star
             async for ev in evs:
                 if ev[0] == "image":
                     _, k, seed, size, blob = ev
-                    item = {"seed": seed}
+                    item = {"seed": seed, **({"revised_prompt": job.revised_prompt} if job.revised_prompt else {})}
                     if req.response_format == "url":
                         name = files.put(blob, req.output_format)
                         item["url"] = f"{str(request.base_url).rstrip('/')}/files/{name}"
