@@ -21,7 +21,8 @@ from ..distributed import check_mode, shared_random_seed
 from ..loading.hub import DEFAULT_REPO
 from ..loading.weights import dtype_name
 from ..lora.adapters import LoRAState
-from ..memory import MemoryPlan, applied_limits, check_fits, runtime_limits, size_multiple
+from ..memory import MemoryPlan, check_fits, size_multiple
+from ..metal_limits import applied_limits, runtime_limits
 from ..models.text_encoder import encode_prompts
 from ..sampler import SchedulerConfig, check_variant
 from .conditioning import LATENT_CHANNELS, PROMPT_CACHE_SIZE, PromptCache, image_noise_key, noise
