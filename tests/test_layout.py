@@ -12,7 +12,7 @@ LEVELS = [
     ("loading.quantize", "loading.weights"),
     ("models.", "sampler"),
     ("lora.",),
-    ("distributed", "memory", "loading.components", "loading.download", "loading.hub", "loading.convert", "loading.single_files",
+    ("distributed", "memory", "metal_limits", "loading.components", "loading.download", "loading.hub", "loading.convert", "loading.single_files",
      "loading.publish"),
     ("pipeline.", "training."),
     ("apps.",),

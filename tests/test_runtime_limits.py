@@ -1,10 +1,11 @@
-"""Metal runtime settings around a generation (memory.runtime_limits / applied_limits), tested as decisions: the
+"""Metal runtime settings around a generation (metal_limits.runtime_limits / applied_limits), tested as decisions: the
 calls made to mx.set_wired_limit / mx.set_cache_limit and their restoration (this machine has no Metal)."""
 
 import mlx.core as mx
 import pytest
 
-from zimage_mlx.memory import MemoryPlan, RuntimeLimits, applied_limits, runtime_limits
+from zimage_mlx.memory import MemoryPlan
+from zimage_mlx.metal_limits import RuntimeLimits, applied_limits, runtime_limits
 
 GB = 10**9
 

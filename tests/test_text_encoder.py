@@ -109,9 +109,11 @@ def test_identical_prompts_encoded_once(tmp_path, tiny, tokenizer, reference):
     assert np.array_equal(to_numpy(single), to_numpy(a))
 
 
-def test_last_layer_and_norm_not_built(tmp_path, tiny, tokenizer, reference):
+def test_last_layer_and_norm_kept_only_when_stored(tmp_path, tiny, tokenizer, reference):
     n = tiny.config.num_hidden_layers
-    encoder = Qwen3Encoder(Qwen3EncoderConfig.from_dict(text_encoder_config_dict(tiny)))
+    full = Qwen3Encoder(Qwen3EncoderConfig.from_dict(text_encoder_config_dict(tiny)))
+    assert len(full.layers) == n and "norm" in full     # kept for prompt enhancement, never run to encode
+    encoder = Qwen3Encoder(Qwen3EncoderConfig.from_dict({**text_encoder_config_dict(tiny), "final_layers": False}))
     assert len(encoder.layers) == n - 1
     names = {k for k, _ in __import__("mlx.utils").utils.tree_flatten(encoder.parameters())}
     assert not any(k.startswith(f"layers.{n - 1}.") or k.startswith("norm") or "lm_head" in k for k in names)

@@ -234,6 +234,12 @@ def _generate(o: dict) -> None:
     mx.reset_peak_memory()
     pipe, req = _load(o, note if main else (lambda msg: None))
     stages["load"] = time.perf_counter() - t_all
+    if o["enhance"]:   # docs/enhance.md: the text encoder's own Qwen3 rewrites the prompt (seeded by the first seed)
+        o["png_extra"]["original_prompt"] = o["prompt"]
+        o["prompt"] = pipe.enhance_prompt(o["prompt"], seed=o["seeds"][0])
+        req = req.replace(prompt=[o["prompt"]])
+        if main:
+            note(f"enhanced prompt: {o['prompt']}")
     decoder = load_tiny_decoder(o["taef1"]) if o["taef1"] else None
     # Data-parallel: each call makes one image per process (image k on process k mod N); else one image per call.
     per_call = pipe.world_size if pipe.parallel == "data" else 1
@@ -332,6 +338,8 @@ def _seeds_and_paths(o: dict, group, who: str) -> None:
               help="Turn guidance off once the normalized time passes this (1 = never).")
 @click.option("--cfg-normalization", type=click.FloatRange(0.0), default=0.0, show_default=True, callback=finite,
               help="Cap the guided prediction's norm at this multiple of the positive one (0 = off).")
+@click.option("--enhance", is_flag=True, help="Rewrite the prompt first with the text encoder's own Qwen3 into a "
+              "detailed one (printed; both are stored in the PNG).")
 @click.option("--cache", type=click.Choice(["teacache", "first-block"]), default=None,
               help="Step caching: skip the main layers of the steps close to the last computed one (Base, ControlNet "
                    "runs; docs/step-cache.md).")

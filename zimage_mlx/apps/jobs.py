@@ -33,6 +33,7 @@ class Job:
         self.done = threading.Event()
         self.result: Any = None
         self.error: BaseException | None = None
+        self.revised_prompt: str | None = None     # the enhanced prompt (enhance_prompt: true)
 
     def emit(self, event: tuple) -> None:
         if self.loop is not None and not self.loop.is_closed():
@@ -117,6 +118,10 @@ class Worker:
         the pipeline, so the text encoder runs once per prompt). job.req.gen is validated (openai_request.validate)."""
         pipe, req, gen = self.pipe, job.req, job.req.gen
         seed = secrets.randbelow(2**31) if gen.seed is None else gen.seed
+        extra = None
+        if req.enhance_prompt:   # docs/enhance.md: the text encoder's own Qwen3 rewrites it (seeded by the seed)
+            job.revised_prompt = pipe.enhance_prompt(gen.prompt[0], seed=seed)
+            extra, gen = {"original_prompt": gen.prompt[0]}, gen.replace(prompt=[job.revised_prompt])
         partial_at = partial_steps(gen.steps_to_run, req.partial_images) if req.stream else set()
         negative = gen.negative_prompt[0] if gen.do_cfg and gen.negative_prompt else None
         loras = pipe.loras if gen.loras is None else \
@@ -129,7 +134,8 @@ class Worker:
             img = pipe.generate(gen.replace(seed=s, on_step=callback)).images[0]
             meta = png_params(gen.prompt[0], negative, s, gen.num_inference_steps, gen.guidance_scale,
                               f"{img.width}x{img.height}", self.cfg.model, pipe.quantization, pipe.dtype_name,
-                              image="upload" if gen.image is not None else None, strength=gen.strength, loras=loras)
+                              image="upload" if gen.image is not None else None, strength=gen.strength, loras=loras,
+                              extra=extra)
             job.emit(("image", k, s, img.size, encode(img, req, meta)))
             self.stats["images"] += 1
 

@@ -70,6 +70,7 @@ class ImageRequest:
     output_compression: int = 90
     stream: bool = False
     partial_images: int = 0
+    enhance_prompt: bool = False               # rewrite the prompt first (docs/enhance.md); "revised_prompt" answers
 
     @property
     def size(self) -> str:
@@ -183,6 +184,7 @@ def parse_request(body: Any, cfg: ServerConfig, edit: bool = False) -> ImageRequ
         output_compression=_typed(body, "output_compression", int, 90, 0, 100),
         stream=_typed(body, "stream", bool, False),
         partial_images=_typed(body, "partial_images", int, 0, 0, MAX_PARTIALS),
+        enhance_prompt=_typed(body, "enhance_prompt", bool, False),
     )
 
 

@@ -16,8 +16,8 @@ from PIL.PngImagePlugin import PngInfo
 
 from .. import __version__
 
-PNG_KEYS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "size", "model", "quantization",
-            "dtype", "image", "strength", "loras", "mask", "control_image", "control_type", "control_scale",
+PNG_KEYS = ("prompt", "original_prompt", "negative_prompt", "seed", "steps", "guidance", "size", "model",
+            "quantization", "dtype", "image", "strength", "loras", "mask", "control_image", "control_type", "control_scale",
             "controlnet", "version")
 SHA_PREFIX = 12   # hex digits of a LoRA file's sha256 kept in the metadata
 
@@ -40,7 +40,7 @@ def png_params(prompt, negative_prompt, seed, steps, guidance, size, model, quan
     """The text chunks of one image: one per parameter, plus an A1111-style "parameters" summary that
     image viewers and sites that show generation settings already understand. `loras`: the pipeline's
     `loras` list (file, sha256, weight); those with weight 0 are left out. extra: more PNG_KEYS (mask,
-    control_image, control_type, control_scale, controlnet)."""
+    control_image, control_type, control_scale, controlnet, original_prompt: the prompt before --enhance)."""
     lora_text = describe_loras(loras)
     params = {"prompt": prompt, "negative_prompt": negative_prompt or None, "seed": seed, "steps": steps,
               "guidance": guidance, "size": size, "model": model, "quantization": quantization, "dtype": dtype,

@@ -4,7 +4,7 @@ Endpoints (shapes follow OpenAI's Images API, so the official SDKs work with bas
   POST /v1/images/generations   JSON: prompt, n (1-10), size "WxH" | "auto", response_format b64_json | url,
                                 output_format png | jpeg | webp, output_compression, stream, partial_images, and
                                 our extras (seed, num_inference_steps, guidance_scale, negative_prompt, loras,
-                                cache, cache_threshold), which the SDK sends through extra_body
+                                cache, cache_threshold, enhance_prompt), which the SDK sends through extra_body
   POST /v1/images/edits         multipart: image, optional mask, prompt, n, size, strength, ... (image-to-image
                                 without a mask, inpainting with one)
   GET  /v1/models, GET /health, GET /files/NAME (url responses), GET / (the web page)
@@ -176,7 +176,7 @@ class ImagesAPI:
             async for ev in evs:
                 if ev[0] == "image":
                     _, k, seed, size, blob = ev
-                    item = {"seed": seed}
+                    item = {"seed": seed, **({"revised_prompt": job.revised_prompt} if job.revised_prompt else {})}
                     if req.response_format == "url":
                         name = self.files.put(blob, req.output_format)
                         item["url"] = f"{str(request.base_url).rstrip('/')}/files/{name}"

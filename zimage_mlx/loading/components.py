@@ -26,7 +26,7 @@ from mlx.utils import tree_flatten
 from ..models.controlnet import ZImageControlNet, ZImageControlNetConfig
 from ..distributed import SPLITS, shard_model, shard_weights
 from .quantize import prepare_for_quantized_load
-from ..models.text_encoder import Qwen3Encoder, Qwen3EncoderConfig
+from ..models.text_encoder import Qwen3Encoder, Qwen3EncoderConfig, has_final_layers
 from ..models.transformer import ZImageTransformer, ZImageTransformerConfig
 from ..models.vae import AutoencoderKL, VAEConfig
 from .weights import (WeightError, component_files, fill_model, read_component, read_config, read_safetensors,
@@ -66,6 +66,14 @@ def read_manifest(root: str | Path) -> dict:
         if not isinstance(manifest.get("components", {}).get(name), dict):
             raise WeightError(f"{path}: the manifest lists no {name} component")
     return manifest
+
+
+def stored_config(name: str, config: dict, keys) -> dict:
+    """A component's config with what only its weights tell: whether a text encoder holds its last layer and
+    final norm (models/text_encoder.has_final_layers; `keys`: the checkpoint's or MLX layout's tensor names)."""
+    if name != "text_encoder" or "final_layers" in config:
+        return config
+    return {**config, "final_layers": has_final_layers(keys, int(config.get("num_hidden_layers", 36)))}
 
 
 def build_model(name: str, config: dict, source: str = "config") -> nn.Module:
@@ -110,7 +118,7 @@ def load_component(
         weights = read_safetensors(path)
     else:
         raise WeightError(f"{path}: not found")
-    model = build_model(name, config, str(path))
+    model = build_model(name, stored_config(name, config, weights), str(path))
     if saved is not None and saved.get("bits"):
         bits, group_size = saved["bits"], saved.get("group_size") or 64
     if name not in QUANTIZABLE:

@@ -2,8 +2,10 @@
 
 Ports what diffusers' `ZImagePipeline._encode_prompt` takes from transformers' `Qwen3Model`:
 `hidden_states[-2]`, i.e. the raw output of decoder layer num_layers-2 (index 34 of 36), before the final
-RMSNorm. So only num_layers-1 decoder layers are built, and the checkpoint's last layer, `norm.weight` and
-`lm_head.*` are skipped when loading (never read from disk).
+RMSNorm. So encoding runs num_layers-1 decoder layers. The module also holds the last layer and the final norm when
+the weights have them (`final_layers`, docs/enhance.md): never run to encode, they complete the checkpoint's Qwen3-4B
+chat model (embedding tied as the output head; `lm_head.*` is never read), which `causal_lm` hands to mlx-lm for
+prompt enhancement. They cost one layer of 36 (2.8 % of the encoder's weights).
 
 The decoder layers are mlx-lm's `qwen3.TransformerBlock` (same module names as the checkpoint, so the key map
 is only "strip a leading `model.`"). Its numerics match transformers within float32 round-off: `nn.RMSNorm`
@@ -42,6 +44,7 @@ class Qwen3EncoderConfig:
     rope_theta: float = 1_000_000.0
     vocab_size: int = 151936
     max_position_embeddings: int = 40960
+    final_layers: bool = True   # hold the last decoder layer + final norm (set from the weights: has_final_layers)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Qwen3EncoderConfig":
@@ -73,11 +76,16 @@ class Qwen3EncoderConfig:
         """Layers actually run: the output is hidden_states[-2], the output of layer index num_layers-2."""
         return self.num_hidden_layers - 1
 
-    def mlx_lm_args(self) -> mlx_qwen3.ModelArgs:
+    @property
+    def num_stored_layers(self) -> int:
+        """Layers the module holds: all of them with `final_layers`, else only those the encoder runs."""
+        return self.num_hidden_layers if self.final_layers else self.num_encoder_layers
+
+    def mlx_lm_args(self, num_layers: int | None = None) -> mlx_qwen3.ModelArgs:
         return mlx_qwen3.ModelArgs(
             model_type="qwen3",
             hidden_size=self.hidden_size,
-            num_hidden_layers=self.num_encoder_layers,
+            num_hidden_layers=self.num_encoder_layers if num_layers is None else num_layers,
             intermediate_size=self.intermediate_size,
             num_attention_heads=self.num_attention_heads,
             rms_norm_eps=self.rms_norm_eps,
@@ -94,15 +102,26 @@ class Qwen3EncoderConfig:
 _LAYER_KEY = re.compile(r"^layers\.(\d+)\.")
 
 
+def has_final_layers(keys, num_hidden_layers: int) -> bool:
+    """Whether checkpoint / MLX-layout keys hold the last decoder layer and the final norm (a Hugging Face or
+    ComfyUI checkpoint does; an MLX conversion made before zimage_mlx kept them does not)."""
+    keys = {k.removeprefix("model.") for k in keys}
+    last = f"layers.{num_hidden_layers - 1}."
+    return "norm.weight" in keys and any(k.startswith(last) for k in keys)
+
+
 class Qwen3Encoder(nn.Module):
-    """Embedding + the first num_layers-1 Qwen3 decoder layers; returns the last one's raw output (causal)."""
+    """Embedding + the first num_layers-1 Qwen3 decoder layers; returns the last one's raw output (causal).
+    With `config.final_layers` it also holds the last layer and the final `norm` (unused by `__call__`)."""
 
     def __init__(self, config: Qwen3EncoderConfig):
         super().__init__()
         self.config = config
         args = config.mlx_lm_args()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = [mlx_qwen3.TransformerBlock(args) for _ in range(config.num_encoder_layers)]
+        self.layers = [mlx_qwen3.TransformerBlock(args) for _ in range(config.num_stored_layers)]
+        if config.final_layers:
+            self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     @property
     def dtype(self) -> mx.Dtype:
@@ -113,21 +132,38 @@ class Qwen3Encoder(nn.Module):
         """(B, L) int ids -> (B, L, hidden) = transformers' `hidden_states[-2]` (right padding is harmless)."""
         h = self.embed_tokens(input_ids)
         mask = "causal" if h.shape[1] > 1 else None
-        for layer in self.layers:
+        for layer in self.layers[: self.config.num_encoder_layers]:
             h = layer(h, mask)
         return h
 
     def sanitize(self, weights: dict) -> dict:
-        """Checkpoint keys -> module keys: a leading `model.` (Qwen3ForCausalLM) stripped; `lm_head.*`,
-        `norm.weight` and the decoder layers past num_layers-2 dropped unread."""
+        """Checkpoint keys -> module keys: a leading `model.` (Qwen3ForCausalLM) stripped; `lm_head.*` (tied to
+        the embedding) dropped unread, and so are `norm.weight` and the last layer without `final_layers`."""
         weights = strip_prefix(weights, ["model."])
-        n = self.config.num_encoder_layers
+        n = self.config.num_stored_layers
         for key in list(weights):
             m = _LAYER_KEY.match(key)
-            if (key.startswith("lm_head.") or key == "norm.weight" or key.endswith("rotary_emb.inv_freq")
+            if (key.startswith("lm_head.") or key.endswith("rotary_emb.inv_freq")
+                    or (key == "norm.weight" and not self.config.final_layers)
                     or (m is not None and int(m.group(1)) >= n)):
                 del weights[key]
         return weights
+
+
+def causal_lm(encoder: Qwen3Encoder) -> mlx_qwen3.Model:
+    """mlx-lm's Qwen3 chat model (`mlx_lm.models.qwen3.Model`, tied embeddings) on the encoder's own arrays: all
+    layers, the final norm and the embedding as the output head. Nothing is copied or read again."""
+    cfg = encoder.config
+    if not cfg.final_layers:
+        raise ValueError(
+            "this text encoder was loaded without its last layer and final norm (an MLX conversion made before "
+            "zimage_mlx stored them); convert the model again to use prompt enhancement"
+        )
+    model = mlx_qwen3.Model(cfg.mlx_lm_args(cfg.num_hidden_layers))   # its own parameters stay lazy, never made
+    model.model.embed_tokens = encoder.embed_tokens
+    model.model.layers = encoder.layers
+    model.model.norm = encoder.norm
+    return model
 
 
 def encode_prompts(

@@ -18,11 +18,20 @@ from tokenizers import Tokenizer
 PROMPT_PREFIX = "<|im_start|>user\n"
 PROMPT_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n"
 PAD_TOKEN = "<|endoftext|>"
+STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")   # where a chat reply ends (generation_config's eos_token_id)
+NO_THINKING = "<think>\n\n</think>\n\n"
 
 
 def format_prompt(prompt: str) -> str:
     """The chat-template string for one user prompt (enable_thinking=True, generation prompt added)."""
     return PROMPT_PREFIX + prompt + PROMPT_SUFFIX
+
+
+def format_chat(prompt: str, system_prompt: str | None = None) -> str:
+    """The Qwen3 chat template for [system, user] with the generation prompt and `enable_thinking=False` (the
+    empty think block the template appends), as `apply_chat_template` writes it."""
+    system = f"<|im_start|>system\n{system_prompt}<|im_end|>\n" if system_prompt else ""
+    return system + format_prompt(prompt) + NO_THINKING
 
 
 class ZImageTokenizer:
@@ -49,6 +58,18 @@ class ZImageTokenizer:
             if tok.token_to_id(special) is None:
                 raise ValueError(f"{file}: not a Qwen tokenizer (no {special} token)")
         return cls(tok)
+
+    def ids(self, text: str) -> list[int]:
+        """Token ids of `text` as is (special tokens recognized, nothing added)."""
+        return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of token ids, special tokens dropped."""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        return tuple(i for i in (self.tokenizer.token_to_id(t) for t in STOP_TOKENS) if i is not None)
 
     def encode(self, prompts: list[str] | str, max_length: int = 512) -> list[list[int]]:
         """Token ids of each templated prompt, at most `max_length` of them (tail cut, with a warning)."""

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 from ..distributed import barrier, check_mode, check_tensor_parallel, init_group, tensor_parallel_sizes
-from ..loading.components import MODEL_COMPONENTS, QUANTIZABLE, is_mlx_dir, load_component, read_manifest
+from ..loading.components import MODEL_COMPONENTS, QUANTIZABLE, is_mlx_dir, load_component, read_manifest, \
+    stored_config
 from ..loading.convert import convert
 from ..loading.hub import (DEFAULT_REPO, cache_dir, cache_root, find_cached, looks_like_repo_id, resolve_file,
                            resolve_source)
@@ -50,7 +51,7 @@ def load_pipeline(cls, src=DEFAULT_REPO, dtype=None, quantize=None, *, revision=
     tensor = parallel == "tensor" and world > 1
     if mx_dtype is None:
         mx_dtype = parse_dtype(manifest["components"]["transformer"]["dtype"]) if manifest else default_dtype()
-    configs = {n: read_config(root / n) for n in MODEL_COMPONENTS}
+    configs = {n: stored_config(n, read_config(root / n), component_keys(root / n)) for n in MODEL_COMPONENTS}
     check_semantics(controlnet_semantics)
     if controlnet is not None:
         controlnet = resolve_file(controlnet)
@@ -119,6 +120,11 @@ def read_layout(root: Path) -> dict | None:
         for f in component_files(root / part):
             safetensors_keys(f)
     return manifest
+
+
+def component_keys(directory: Path) -> set[str]:
+    """The tensor names of a component directory (from the file headers)."""
+    return {k for f in component_files(directory) for k in safetensors_keys(f)}
 
 
 def usable_conversion(path: Path) -> bool:

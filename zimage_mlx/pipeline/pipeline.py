@@ -21,11 +21,13 @@ from ..distributed import check_mode, shared_random_seed
 from ..loading.hub import DEFAULT_REPO
 from ..loading.weights import dtype_name
 from ..lora.adapters import LoRAState
-from ..memory import MemoryPlan, applied_limits, check_fits, runtime_limits, size_multiple
+from ..memory import MemoryPlan, check_fits, size_multiple
+from ..metal_limits import applied_limits, runtime_limits
 from ..models.text_encoder import encode_prompts
 from ..sampler import SchedulerConfig, check_variant
 from .conditioning import LATENT_CHANNELS, PROMPT_CACHE_SIZE, PromptCache, image_noise_key, noise
 from .denoise import GenerationCancelled, StepRecord
+from .enhance import check_args, enhance_prompt
 from .generate import GenerationError
 from .generate import generate as generate_one
 from .images import load_image, mask_to_latent, postprocess, preprocess_image, preprocess_mask, to_pil
@@ -213,6 +215,23 @@ class ZImagePipeline(LazyModels, LoRAMixin):
             self.timings["encode"] = self.timings.get("encode", 0.0) + time.perf_counter() - t0
             self._prompt_cache.add(todo, feats, max_sequence_length)
         return self._prompt_cache.get(prompts, max_sequence_length)
+
+    def enhance_prompt(self, prompt: str, *, system_prompt: str | None = None, max_new_tokens: int = 512,
+                       temperature: float = 0.7, seed: int | None = None) -> str:
+        """`prompt` rewritten into a detailed one by the text encoder's own Qwen3 chat model (docs/enhance.md):
+        system_prompt None = ours (pipeline/enhance.SYSTEM_PROMPT), "" = none; temperature 0 = greedy; seed fixes a
+        sampled reply. An empty prompt is returned as is. The encoder stays loaded for the encoding that follows
+        (a call frees it afterwards unless keep_text_encoder)."""
+        if self.parallel == "tensor" and self.group is not None:
+            raise ValueError("enhance_prompt does not run with parallel='tensor' (the text encoder is split)")
+        check_args(prompt, max_new_tokens, temperature)     # before the encoder loads
+        if not prompt.strip():
+            return prompt
+        t0 = time.perf_counter()
+        out = enhance_prompt(self.tokenizer, self.text_encoder, prompt, system_prompt=system_prompt,
+                             max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+        self.timings["enhance"] = self.timings.get("enhance", 0.0) + time.perf_counter() - t0
+        return out
 
     # ----------------------------------------------------------------- latents
     noise = staticmethod(noise)
