@@ -23,7 +23,7 @@ from zimage_mlx import ZImagePipeline
 from zimage_mlx.loading.hub import resolve_file
 from zimage_mlx.lora.adapters import LoRAError, LoRAState, load_adapter
 from zimage_mlx.lora.layers import LoRALinear
-from zimage_mlx.models.transformer import FUSED_PROJECTIONS
+from zimage_mlx.models.fused_projections import FUSED_PROJECTIONS
 from zimage_mlx.loading.weights import WeightError
 
 H, W, STEPS = 64, 48, 8

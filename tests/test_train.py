@@ -355,7 +355,7 @@ def test_step_draws_seeded_noise_and_sigmas(tiny):
 def test_fused_projections_train_as_the_separate_layers(tiny):
     """On a model whose q/k/v and w1/w3 run as one matmul (the GPU default), a LoRA on to_q is a row slice of
     to_qkv: the loss and gradients are those of the separate layers."""
-    from zimage_mlx.models.transformer import fuse_projections
+    from zimage_mlx.models.fused_projections import fuse_projections
 
     tm, path, _ = tiny
     x0, noise, caps = batch()

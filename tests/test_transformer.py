@@ -138,7 +138,7 @@ def test_prepared_captions_and_compiled_kernels(case, torch_models):
 def test_two_cpu_streams_are_bit_identical(torch_models):
     """On the CPU backend attention (halves of the heads) and SwiGLU (halves of the tokens) run on two streams:
     exactly the single-stream result."""
-    from zimage_mlx.models import transformer as tr
+    from zimage_mlx.models import kernels as tr
 
     seed, overrides, batch, h, w, cap_lens = CASES["batch2_caps_differ_buckets"]
     tm = torch_models(seed, overrides)
@@ -190,7 +190,7 @@ def test_fused_projections(bits, dequantize, torch_models):
 
 def test_rope_is_the_complex_multiply_bit_for_bit():
     """apply_rope's 3-pass form gives exactly diffusers' interleaved complex multiply in float32."""
-    from zimage_mlx.models.transformer import apply_rope
+    from zimage_mlx.models.kernels import apply_rope
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 3, 7, 16)).astype(np.float32)

@@ -21,7 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from ..models.transformer import FUSED_PROJECTIONS
+from ..models.fused_projections import FUSED_PROJECTIONS
 
 
 # ------------------------------------------------------------------------------------------------ branches
@@ -198,7 +198,7 @@ def diffusers_names(shapes: dict) -> list[str]:
 
 def resolve_layer(shapes: dict, target: str):
     """(layer path, output rows or None) for a diffusers target name: the layer itself or, in a model whose
-    projections are fused (transformer.FUSED_PROJECTIONS: q/k/v in `to_qkv`, w1/w3 in `w13`), that layer's rows."""
+    projections are fused (fused_projections.FUSED_PROJECTIONS: q/k/v in `to_qkv`, w1/w3 in `w13`), that layer's rows."""
     if target in shapes:
         return target, None
     stem, _, proj = target.rpartition(".")

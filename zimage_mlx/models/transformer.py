@@ -10,17 +10,15 @@ The output is float32.
 from __future__ import annotations
 
 import math
-import threading
 from dataclasses import dataclass, field, fields, replace
-from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.nn.layers.distributed import AllToShardedLinear, QuantizedAllToShardedLinear
 
-from ..loading.quantize import DequantizingLinear
 from ..loading.weights import WeightError
+from .fused_projections import fuse_projections
+from .kernels import PLAIN_KERNELS, Kernels, scaled_dot_product_attention, swiglu
 
 ADALN_EMBED_DIM = 256
 SEQ_MULTI_OF = 32
@@ -81,145 +79,6 @@ class RMSNorm(nn.Module):
 
     def __call__(self, x):
         return mx.fast.rms_norm(x, self.weight, self.eps)
-
-
-def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
-    """diffusers' complex multiply on interleaved pairs, in float32, cast back to x's dtype.
-
-    cos/sin are `rope_cos_sin_full` tables: (S, head_dim) with cos repeated per pair and sin as (−sin, +sin). With
-    the pair-swapped x, out = x·cos + swap(x)·sin gives (x0·cos − x1·sin, x1·cos + x0·sin) — the same float32 products
-    and sums as the complex multiply, so bit for bit the same result, in 3 elementwise passes instead of ~10.
-    """
-    xf = x.astype(mx.float32)
-    swapped = xf.reshape(*x.shape[:-1], -1, 2)[..., ::-1].reshape(x.shape)
-    return (xf * cos + swapped * sin).astype(x.dtype)
-
-
-def swiglu(a: mx.array, b: mx.array) -> mx.array:
-    return nn.silu(a) * b
-
-
-def gated_residual(x: mx.array, gate: mx.array, y: mx.array) -> mx.array:
-    return x + mx.tanh(gate) * y
-
-
-def scaled_dot_product_attention(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
-    """(B, heads, S, head_dim) attention with the 1/sqrt(head_dim) scale."""
-    return mx.fast.scaled_dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5)
-
-
-_THREAD = threading.local()
-
-
-def _cpu_streams() -> tuple:
-    """Two CPU streams of the calling thread (MLX streams belong to the thread that made them)."""
-    if not hasattr(_THREAD, "cpu_streams"):
-        _THREAD.cpu_streams = mx.new_stream(mx.cpu), mx.new_stream(mx.cpu)
-    return _THREAD.cpu_streams
-
-
-def _halves_on_two_cpu_streams(fn, axis: int, *arrays) -> mx.array:
-    """fn over the two halves of `arrays` along `axis`, each half on its own CPU stream, concatenated.
-
-    MLX's CPU backend runs each op on one thread, and the exponentials of softmax and SiLU dominate a step there;
-    two streams keep both cores busy. The same ops on the same values: bit-identical results.
-    """
-    n = arrays[0].shape[axis] // 2
-    out = []
-    for part, stream in zip((slice(0, n), slice(n, None)), _cpu_streams()):
-        index = (slice(None),) * axis + (part,)
-        with mx.stream(stream):
-            out.append(fn(*(a[index] for a in arrays)))
-    return mx.concatenate(out, axis=axis)
-
-
-def _split_on_cpu(fn, axis: int):
-    """fn, or on MLX's CPU backend fn over two halves on two CPU streams (_halves_on_two_cpu_streams)."""
-    def run(*arrays):
-        if mx.default_device() != mx.cpu or arrays[0].shape[axis] < 2:
-            return fn(*arrays)
-        return _halves_on_two_cpu_streams(fn, axis, *arrays)
-    return run
-
-
-@dataclass(frozen=True)
-class Kernels:
-    """The elementwise chains and the attention of a block. `mx.compile` fuses each chain into one kernel on a GPU
-    (shape-specialized: it recompiles only when the size or batch changes); on MLX's CPU backend compiling measured
-    slower, so the plain functions are the default there (ZImageTransformer.set_compile). On the CPU backend the
-    attention (over heads) and SwiGLU (over tokens) run as two halves on two CPU streams."""
-
-    rope: Callable = apply_rope
-    swiglu: Callable = _split_on_cpu(swiglu, axis=1)                              # over tokens
-    gated_residual: Callable = gated_residual
-    attention: Callable = _split_on_cpu(scaled_dot_product_attention, axis=1)     # over heads
-
-    @classmethod
-    def compiled(cls) -> "Kernels":
-        return cls(mx.compile(apply_rope), mx.compile(swiglu), mx.compile(gated_residual),
-                   _split_on_cpu(scaled_dot_product_attention, axis=1))
-
-
-PLAIN_KERNELS = Kernels()
-
-# Projections that read the same input, run as one matmul after loading (`fuse_projections`): {fused: parts}.
-# Checkpoints, conversions and LoRAs keep naming the parts (lora.py addresses a part as a row slice of the fused
-# layer).
-FUSED_PROJECTIONS = {"to_qkv": ("to_q", "to_k", "to_v"), "w13": ("w1", "w3")}
-_FLOAT_LINEARS = (nn.Linear, AllToShardedLinear)
-_QUANTIZED_LINEARS = (nn.QuantizedLinear, DequantizingLinear, QuantizedAllToShardedLinear)
-
-
-def fuse_linears(parts: list) -> nn.Module | None:
-    """One layer whose output is the parts' outputs concatenated, or None when they cannot be fused.
-
-    Float weights are stacked by rows. Quantized weights are too: group quantization runs along each row, so the
-    stacked codes, scales and biases are exactly those of quantizing the stacked float weight. Tensor-parallel
-    "all-to-sharded" parts (mlx.nn.layers.distributed) fuse into a plain layer: at inference their forward is the
-    plain matmul over this rank's rows.
-    """
-    first = parts[0]
-    if any("bias" in p for p in parts):
-        return None
-    if all(type(p) in _FLOAT_LINEARS for p in parts):
-        fused = nn.Linear(1, 1, bias=False)
-        fused.weight = mx.concatenate([p.weight for p in parts])
-        return fused
-    quantized = all(type(p) in _QUANTIZED_LINEARS for p in parts)
-    if not quantized or any((p.bits, p.group_size, p.mode) != (first.bits, first.group_size, first.mode)
-                            or p.weight.shape[1] != first.weight.shape[1] for p in parts):
-        return None
-    in_dims = first.weight.shape[1] * 32 // first.bits
-    # the CPU's dequantizing layers (quantize.DequantizingLinear) stay so once fused
-    kind = DequantizingLinear if all(type(p) is DequantizingLinear for p in parts) else nn.QuantizedLinear
-    fused = kind(in_dims, 1, bias=False, group_size=first.group_size, bits=first.bits, mode=first.mode)
-    fused.weight = mx.concatenate([p.weight for p in parts])
-    fused.scales = mx.concatenate([p.scales for p in parts])
-    if first.get("biases") is not None:
-        fused.biases = mx.concatenate([p.biases for p in parts])
-    return fused
-
-
-def fuse_projections(model: nn.Module) -> int:
-    """Replace every Attention's to_q/to_k/to_v by one `to_qkv` and every FeedForward's w1/w3 by one `w13`
-    (FUSED_PROJECTIONS), one module at a time (the parts are freed as each fused weight is made). Modules whose parts
-    differ (bits, group size, a bias) keep them. Returns the number of fused layers."""
-    count = 0
-    # (named_modules' list also holds the Linear parts themselves: keep only their parents, so each part is freed
-    # as soon as its module is fused)
-    for module in [m for _, m in model.named_modules() if isinstance(m, (Attention, FeedForward))]:
-        for name, part_names in FUSED_PROJECTIONS.items():
-            if name in module or not all(p in module for p in part_names):
-                continue
-            fused = fuse_linears([module[p] for p in part_names])
-            if fused is None:
-                continue
-            mx.eval(fused.parameters())
-            for p in part_names:
-                del module[p]
-            module[name] = fused
-            count += 1
-    return count
 
 
 class Attention(nn.Module):

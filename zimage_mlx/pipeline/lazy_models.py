@@ -13,7 +13,8 @@ from ..loading.hub import resolve_file
 from ..loading.quantize import dequantize_matmuls
 from ..memory import component_weight_bytes
 from ..models.controlnet import SEMANTICS, controlnet_config, load_controlnet
-from ..models.transformer import ZImageTransformerConfig, fuse_projections
+from ..models.fused_projections import fuse_projections
+from ..models.transformer import ZImageTransformerConfig
 
 
 def check_semantics(semantics: str) -> str:
