@@ -7,8 +7,8 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["ZImagePipeline", "PipelineOutput", "GenerationCancelled", "GenerationError", "WeightError", "LoRAError",
-           "__version__"]
+__all__ = ["ZImagePipeline", "PipelineOutput", "GenerationCancelled", "GenerationError", "GenerationRequest",
+           "RequestError", "StepRecord", "WeightError", "LoRAError", "__version__"]
 
 
 def __getattr__(name):
@@ -17,6 +17,14 @@ def __getattr__(name):
         from .pipeline import pipeline
 
         return getattr(pipeline, name)
+    if name in ("GenerationRequest", "RequestError"):
+        from .pipeline import request
+
+        return getattr(request, name)
+    if name == "StepRecord":
+        from .pipeline.denoise import StepRecord
+
+        return StepRecord
     if name == "WeightError":
         from .loading.weights import WeightError
 

@@ -19,8 +19,8 @@ class RuntimeLimits:
 
 
 def runtime_limits(plan, metal: bool | None = None, info: dict | None = None) -> RuntimeLimits:
-    """The Metal settings for a call planned by `plan` (a memory.MemoryPlan; none without a plan or off Metal): wire the plan's predicted
-    peak when the system's wired limit (`max_recommended_working_set_size`) allows it -- the memory stays resident,
+    """The Metal settings for a call planned by `plan` (a memory.MemoryPlan; none without a plan or off Metal): wire
+    the plan's predicted peak when the system's wired limit (`max_recommended_working_set_size`) allows it -- the memory stays resident,
     so no page-outs between steps (a peer measured the run-to-run jitter fall from 2.7x to < 1 %) -- and cap MLX's
     buffer cache at the memory the plan leaves free (available − peak), so cached buffers never push past the plan."""
     metal = mx.metal.is_available() if metal is None else metal
