@@ -382,17 +382,24 @@ def lora_parameter_count(config: dict, rank: int, targets) -> int:
     return n
 
 
+# Training runs attention in query chunks of at most this many float32 score bytes (training/checkpointing.py
+# chunked_attention); a chunk's forward and backward hold about SCORE_CHUNK_COPIES times that at once (measured on
+# MLX's CPU backend: scores, probabilities, their gradients and the fallback's temporaries).
+SCORE_CHUNK_BYTES = 16 * 2**20
+SCORE_CHUNK_COPIES = 12
+
+
 def training_activation_bytes(config: dict, dtype: mx.Dtype, tokens: int, batch: int, checkpointing: bool,
                               caption_tokens: int = 128) -> int:
     """Activations kept for the backward pass: every block's saved tensors, or with checkpointing each block's
-    input plus one block recomputed at a time; both plus the attention scores of the block being differentiated."""
+    input plus one block recomputed at a time; both plus one query chunk's attention scores (SCORE_CHUNK_BYTES)."""
     dim = config.get("dim", 3840)
     heads = config.get("n_heads", 30)
     blocks = config.get("n_layers", 30) + 2 * config.get("n_refiner_layers", 2)
     s = tokens + caption_tokens
     s += -s % 32
     per_block = s * (dim * TRAIN_DIM_FACTOR + feed_forward_width(dim) * TRAIN_HIDDEN_FACTOR) * dtype.size
-    scores = heads * s * s * 4 * 2
+    scores = SCORE_CHUNK_COPIES * min(SCORE_CHUNK_BYTES, heads * s * s * 4)
     kept = blocks * s * dim * dtype.size + RECOMPUTED_BLOCKS * per_block if checkpointing else blocks * per_block
     return int(batch * (kept + scores))
 
