@@ -392,14 +392,16 @@ SCORE_CHUNK_COPIES = 12
 def training_activation_bytes(config: dict, dtype: mx.Dtype, tokens: int, batch: int, checkpointing: bool,
                               caption_tokens: int = 128) -> int:
     """Activations kept for the backward pass: every block's saved tensors, or with checkpointing each block's
-    input plus one block recomputed at a time; both plus one query chunk's attention scores (SCORE_CHUNK_BYTES)."""
+    input plus one block recomputed at a time and one query chunk's attention scores (SCORE_CHUNK_BYTES; the
+    chunked attention runs with checkpointing), or without it the full scores of the block being differentiated."""
     dim = config.get("dim", 3840)
     heads = config.get("n_heads", 30)
     blocks = config.get("n_layers", 30) + 2 * config.get("n_refiner_layers", 2)
     s = tokens + caption_tokens
     s += -s % 32
     per_block = s * (dim * TRAIN_DIM_FACTOR + feed_forward_width(dim) * TRAIN_HIDDEN_FACTOR) * dtype.size
-    scores = SCORE_CHUNK_COPIES * min(SCORE_CHUNK_BYTES, heads * s * s * 4)
+    full = heads * s * s * 4
+    scores = SCORE_CHUNK_COPIES * min(SCORE_CHUNK_BYTES, full) if checkpointing else full * 2
     kept = blocks * s * dim * dtype.size + RECOMPUTED_BLOCKS * per_block if checkpointing else blocks * per_block
     return int(batch * (kept + scores))
 
