@@ -220,3 +220,52 @@ def test_over_stdio(root, pipe, tmp_path):
     assert not r.is_error, r
     np.testing.assert_array_equal(images(r)[0], reference(pipe, "a lighthouse", 5))
     assert Path(summary(r)[0]["path"]).parent == tmp_path / "out"
+
+
+def test_over_stdio_with_the_command(root, pipe, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    params = StdioServerParameters(command=sys.executable, cwd=str(tmp_path), env=env, args=[
+        "-m", "zimage_mlx", "mcp", "--model", str(root), "--dtype", "float32", "--quantize", "none",
+        "--output-dir", str(tmp_path / "out")])
+
+    async def go():
+        async with Client(params, read_timeout_seconds=300) as client:
+            tools = await client.list_tools()
+            return tools, await client.call_tool("generate_image", {"prompt": "a lighthouse", "seed": 5, **SIZE})
+    tools, r = anyio.run(go)
+    assert {t.name for t in tools.tools} == TOOLS
+    assert not r.is_error, r
+    np.testing.assert_array_equal(images(r)[0], reference(pipe, "a lighthouse", 5))
+    assert Path(summary(r)[0]["path"]).parent == tmp_path / "out"
+
+
+def test_http_command_lists_the_tools(root, tmp_path):
+    """`zimage-mlx mcp --http --port 0`: loopback, the port it bound printed on stderr, the four tools there."""
+    import re
+    import subprocess
+    import threading
+
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-m", "zimage_mlx", "mcp", "--http", "--port", "0", "--model",
+                             str(root), "--dtype", "float32", "--quantize", "none", "--output-dir",
+                             str(tmp_path / "out")], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    watchdog = threading.Timer(300, proc.kill)   # a hang before serving ends the process, so the read below ends
+    watchdog.start()
+    try:
+        url = None
+        for line in proc.stderr:            # until the server says where it listens (or exits)
+            m = re.search(r"serving MCP on (http://127\.0\.0\.1:\d+/mcp)", line)
+            if m:
+                url = m[1]
+                break
+        assert url, "the command ended without serving"
+
+        async def go():
+            async with Client(url) as client:
+                return await client.list_tools()
+        assert {t.name for t in anyio.run(go).tools} == TOOLS
+    finally:
+        watchdog.cancel()
+        proc.terminate()
+        proc.wait(30)
