@@ -1,4 +1,4 @@
-"""The command line: `zimage-mlx generate|convert|info|serve|upload|train` (also `python -m zimage_mlx`, `python -m
+"""The command line: `zimage-mlx generate|convert|info|serve|mcp|upload|train` (also `python -m zimage_mlx`, `python -m
 zimage_mlx.generate`).
 
 This module is the group only: each command lives in its own module (generate_cmd, convert_cmd, serve_cmd,
@@ -26,6 +26,7 @@ COMMANDS = {
     "info": "zimage_mlx.apps.cli:info",
     "convert": "zimage_mlx.apps.convert_cmd:convert_command",
     "serve": "zimage_mlx.apps.serve_cmd:serve",
+    "mcp": "zimage_mlx.apps.mcp_cmd:mcp",
     "upload": "zimage_mlx.apps.upload_cmd:upload_command",
     "train": "zimage_mlx.apps.cli:train",
 }

@@ -29,7 +29,8 @@ from .. import __version__
 from ..pipeline.pipeline import ZImagePipeline
 from ..pipeline.request import MAX_SEED, GenerationRequest, RequestError
 from .pngfile import png_params, save_png
-from .server import ServerConfig, Worker
+from .jobs import Worker
+from .openai_request import ServerConfig
 
 MAX_N = 8                       # images per call
 MAX_INPUT_BYTES = 50 * 2**20    # an input image file or its base64 text
