@@ -16,8 +16,6 @@ import click
 
 from .. import __version__
 from ..distributed import PARALLEL_MODES, init_group, shared_random_seed
-from ..loading.hub import DEFAULT_REPO
-from ..loading.quantize import VOCABULARY
 from ..models.controlnet import SEMANTICS
 from ..pipeline.control_maps import CONTROL_TYPES
 from ..pipeline.images import preprocess_mask
@@ -26,7 +24,7 @@ from ..pipeline.request import (DEFAULT_INPAINT_STRENGTH, DEFAULT_SIZE, DEFAULT_
                                 RequestError, expand_seeds)
 from ..pipeline.preview import Previewer, load_tiny_decoder
 from .command import Command, note, run_guarded
-from .options import finite, lora_option, quantize_option
+from .options import finite, lora_option, model_options
 from .outputs import (DEFAULT_OUTPUT, PreviewFile, Progress, check_template, check_writable, output_paths,
                       save_with_fallback)
 from .pngfile import describe_loras, png_params
@@ -303,13 +301,7 @@ def _seeds_and_paths(o: dict, group, who: str) -> None:
               help="Seed; repeat it for one image per seed. Random (and printed) when absent.")
 @click.option("--num-images", "-n", type=click.IntRange(1, 1000), default=1, show_default=True,
               help="Images to make; with a single --seed S they use seeds S, S+1, ...")
-@click.option("--model", "-m", default=DEFAULT_REPO, show_default=True,
-              help="Hub id, Hugging Face-layout directory, or a directory made by `zimage-mlx convert`.")
-@click.option("--quantize", "-q", default="auto", show_default=True, callback=quantize_option,
-              help=f"auto (fit the machine's memory) | {VOCABULARY.replace('auto, ', '')}")
-@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float32"]), default="auto", show_default=True,
-              callback=lambda ctx, p, v: None if v == "auto" else v,
-              help="Compute dtype; auto = bfloat16 on a GPU, float32 on the CPU.")
+@model_options
 @click.option("--compile/--no-compile", default=None,
               help="mx.compile the transformer's elementwise chains  [default: on a GPU yes, on the CPU no]")
 @click.option("--fused-projections/--separate-projections", default=None,

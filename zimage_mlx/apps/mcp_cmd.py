@@ -7,17 +7,15 @@ from pathlib import Path
 
 import click
 
-from ..loading.hub import DEFAULT_REPO
 from .command import Command, note, run_guarded
-from .options import lora_option, quantize_option
+from .options import lora_option, model_options
 from .serve_cmd import _pipeline, bind, serve_forever
 
 DEFAULT_OUTPUT_DIR = "~/Pictures/zimage-mlx"
 
 
 @click.command("mcp", cls=Command)
-@click.option("--model", "-m", default=DEFAULT_REPO, show_default=True,
-              help="Hub id, Hugging Face-layout directory, or a directory made by `zimage-mlx convert`.")
+@model_options
 @click.option("--http", "http", is_flag=True,
               help="Serve MCP's streamable HTTP at http://127.0.0.1:PORT/mcp instead of stdio.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True, help="With --http.")
@@ -26,11 +24,6 @@ DEFAULT_OUTPUT_DIR = "~/Pictures/zimage-mlx"
                    "directory). Paths elsewhere are refused.")
 @click.option("--output-dir", default=DEFAULT_OUTPUT_DIR, show_default=True, type=click.Path(file_okay=False),
               help="Where the images are saved (PNG with their parameters).")
-@click.option("--quantize", "-q", default="auto", show_default=True, callback=quantize_option,
-              help="auto (fit the machine's memory) | none | 4 | 8 | per model: transformer=4,text_encoder=8")
-@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float32"]), default="auto", show_default=True,
-              callback=lambda ctx, p, v: None if v == "auto" else v,
-              help="Compute dtype; auto = bfloat16 on a GPU, float32 on the CPU.")
 @click.option("--lora", multiple=True, callback=lora_option,
               help="LoRA file to load at start, PATH or PATH:WEIGHT; repeat for several. Tools pick them by name "
                    "(the file's stem) with loras={NAME: WEIGHT}; list_loras lists them.")

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import click
 
-from ..loading.quantize import parse_quantize
+from ..loading.hub import DEFAULT_REPO
+from ..loading.quantize import VOCABULARY, parse_quantize
 
 
 def quantize_option(ctx, param, value):
@@ -48,3 +49,14 @@ def lora_option(ctx, param, values) -> list[tuple[str, float]]:
             raise click.BadParameter(f"{path}: no such file")
         out.append((path, w))
     return out
+
+
+def model_options(fn):
+    """--model, --quantize and --dtype, spelled and checked alike by every command that loads the pipeline."""
+    fn = click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float32"]), default="auto", show_default=True,
+                      callback=lambda ctx, p, v: None if v == "auto" else v,
+                      help="Compute dtype; auto = bfloat16 on a GPU, float32 on the CPU.")(fn)
+    fn = click.option("--quantize", "-q", default="auto", show_default=True, callback=quantize_option,
+                      help=f"auto (fit the machine's memory) | {VOCABULARY.replace('auto, ', '')}")(fn)
+    return click.option("--model", "-m", default=DEFAULT_REPO, show_default=True,
+                        help="Hub id, Hugging Face-layout directory, or a directory made by `zimage-mlx convert`.")(fn)

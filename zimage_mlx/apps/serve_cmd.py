@@ -7,11 +7,10 @@ from pathlib import Path
 
 import click
 
-from ..loading.hub import DEFAULT_REPO
 from ..pipeline.pipeline import ZImagePipeline
 from ..pipeline.preview import load_tiny_decoder
 from .command import Command, note, run_guarded
-from .options import lora_option, quantize_option
+from .options import lora_option, model_options
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -54,8 +53,7 @@ def _pipeline(model, quantize, dtype, lora) -> tuple[ZImagePipeline, dict[str, f
 
 
 @click.command("serve", cls=Command)
-@click.option("--model", "-m", default=DEFAULT_REPO, show_default=True,
-              help="Hub id, Hugging Face-layout directory, or a directory made by `zimage-mlx convert`.")
+@model_options
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Interface to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
@@ -63,11 +61,6 @@ def _pipeline(model, quantize, dtype, lora) -> tuple[ZImagePipeline, dict[str, f
               help="Require `Authorization: Bearer KEY` on /v1/* (also read from $ZIMAGE_MLX_API_KEY).")
 @click.option("--max-queue", type=click.IntRange(1), default=16, show_default=True,
               help="Requests accepted at once (running and waiting); more are answered 429.")
-@click.option("--quantize", "-q", default="auto", show_default=True, callback=quantize_option,
-              help="auto (fit the machine's memory) | none | 4 | 8 | per model: transformer=4,text_encoder=8")
-@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float32"]), default="auto", show_default=True,
-              callback=lambda ctx, p, v: None if v == "auto" else v,
-              help="Compute dtype; auto = bfloat16 on a GPU, float32 on the CPU.")
 @click.option("--lora", multiple=True, callback=lora_option,
               help="LoRA file to load at start, PATH or PATH:WEIGHT; repeat for several. Requests pick them by "
                    "name (the file's stem) with {\"loras\": {\"NAME\": WEIGHT}}.")
