@@ -205,11 +205,11 @@ run_stdio(ZImageMCP(pipe, output_dir=sys.argv[2], model="tiny"))
 """
 
 
-def test_over_stdio(root, pipe, tmp_path):
-    """A subprocess serving on its stdin/stdout, driven by the SDK's stdio client."""
+def stdio_generation(args: list[str], pipe, tmp_path):
+    """A subprocess serving MCP on its stdin/stdout (started with `args`), driven by the SDK's stdio client: it lists
+    the tools, and generate_image gives the Python API's pixels, saved under tmp_path/out."""
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    params = StdioServerParameters(command=sys.executable, cwd=str(tmp_path), env=env,
-                                   args=["-c", STDIO_LAUNCHER, str(root), str(tmp_path / "out")])
+    params = StdioServerParameters(command=sys.executable, cwd=str(tmp_path), env=env, args=args)
 
     async def go():
         async with Client(params, read_timeout_seconds=300) as client:
@@ -220,23 +220,16 @@ def test_over_stdio(root, pipe, tmp_path):
     assert not r.is_error, r
     np.testing.assert_array_equal(images(r)[0], reference(pipe, "a lighthouse", 5))
     assert Path(summary(r)[0]["path"]).parent == tmp_path / "out"
+
+
+def test_over_stdio(root, pipe, tmp_path):
+    """A launcher script serving on stdio."""
+    stdio_generation(["-c", STDIO_LAUNCHER, str(root), str(tmp_path / "out")], pipe, tmp_path)
 
 
 def test_over_stdio_with_the_command(root, pipe, tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    params = StdioServerParameters(command=sys.executable, cwd=str(tmp_path), env=env, args=[
-        "-m", "zimage_mlx", "mcp", "--model", str(root), "--dtype", "float32", "--quantize", "none",
-        "--output-dir", str(tmp_path / "out")])
-
-    async def go():
-        async with Client(params, read_timeout_seconds=300) as client:
-            tools = await client.list_tools()
-            return tools, await client.call_tool("generate_image", {"prompt": "a lighthouse", "seed": 5, **SIZE})
-    tools, r = anyio.run(go)
-    assert {t.name for t in tools.tools} == TOOLS
-    assert not r.is_error, r
-    np.testing.assert_array_equal(images(r)[0], reference(pipe, "a lighthouse", 5))
-    assert Path(summary(r)[0]["path"]).parent == tmp_path / "out"
+    stdio_generation(["-m", "zimage_mlx", "mcp", "--model", str(root), "--dtype", "float32", "--quantize", "none",
+                      "--output-dir", str(tmp_path / "out")], pipe, tmp_path)
 
 
 def test_http_command_lists_the_tools(root, tmp_path):
