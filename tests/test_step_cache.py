@@ -152,6 +152,17 @@ def test_threshold_zero_is_the_uncached_run_bit_for_bit(models, rule):
     assert cache.stats.signal[0] is None and all(0.0 < s < 1.0 for s in cache.stats.signal[1:])
 
 
+def torch_reference_run(tm, rule, threshold, caps, noise):
+    """diffusers' transformer with its main layers behind the written rule (RuleMain): (the rule, the final latents)."""
+    reference = RuleMain(tm.layers, rule, threshold, STEPS, n_pos=1)
+    original = tm.layers
+    tm.layers = torch.nn.ModuleList([reference])
+    try:
+        return reference, denoise(torch_predict(tm, caps), noise)
+    finally:
+        tm.layers = original
+
+
 @pytest.mark.parametrize("rule, threshold", [("teacache", 0.3), ("teacache", 1.5), ("first_block", 0.15)])
 def test_rule_matches_the_torch_reference(models, rule, threshold):
     """CFG with captions of different padded lengths (two groups here, a masked batch in diffusers): one decision
@@ -160,13 +171,7 @@ def test_rule_matches_the_torch_reference(models, rule, threshold):
     noise, caps = _inputs(1)
     cache = StepCache(rule, threshold, STEPS, positive_rows=range(1))
     ours = denoise(mlx_predict(model, caps, cache), noise)
-    reference = RuleMain(tm.layers, rule, threshold, STEPS, n_pos=1)
-    original = tm.layers
-    tm.layers = torch.nn.ModuleList([reference])
-    try:
-        theirs = denoise(torch_predict(tm, caps), noise)
-    finally:
-        tm.layers = original
+    reference, theirs = torch_reference_run(tm, rule, threshold, caps, noise)
     assert cache.stats.computed_steps == reference.computed
     np.testing.assert_allclose(cache.stats.signal[1:], reference.signal[1:], rtol=1e-4)
     assert 0 < cache.stats.skipped < STEPS - 2, cache.stats.as_dict()
@@ -310,13 +315,7 @@ def test_pipeline_cache_follows_the_written_rule(models):
     assert np.array_equal(np.array(zero.images), np.array(plain.images))
     assert zero.cache_stats["computed"] == STEPS
     out = pipe_run(pipe, caps, noise, cache="teacache", cache_threshold=0.3)
-    reference = RuleMain(tm.layers, "teacache", 0.3, STEPS, n_pos=1)
-    original = tm.layers
-    tm.layers = torch.nn.ModuleList([reference])
-    try:
-        theirs = denoise(torch_predict(tm, caps), noise)
-    finally:
-        tm.layers = original
+    reference, theirs = torch_reference_run(tm, "teacache", 0.3, caps, noise)
     stats = out.cache_stats
     assert stats["computed_steps"] == reference.computed and stats["skipped"] > 0
     assert stats["steps"] == STEPS and stats["computed"] + stats["skipped"] == STEPS
