@@ -416,6 +416,7 @@ def test_serve_command_builds_a_working_app(pipe, monkeypatch, tmp_path):
     from zimage_mlx.apps.cli import cli
 
     started = {}
+    monkeypatch.setenv("ZIMAGE_MLX_STATE", str(tmp_path / "state"))   # the history's default folder
 
     def fake_serve(app, sock, verbose):   # the socket is bound; drive the app the command built in-process
         started.update(address=sock.getsockname()[:2])

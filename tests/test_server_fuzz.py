@@ -29,7 +29,8 @@ VALUES = [None, True, False, 0, 1, 2, -1, 1.5, 2**64, 10**30, "", "x", "32x32", 
           "é" * 300, [], {}, [1, 2], {"a": 1}, [{"name": ["x"]}], {"x": float("nan")}, "url", "png", "webp"]
 FIELDS = ["prompt", "negative_prompt", "n", "size", "seed", "num_inference_steps", "guidance_scale", "strength",
           "response_format", "output_format", "output_compression", "stream", "partial_images", "loras", "model",
-          "user", "mask", "image", "nonsense"]
+          "user", "mask", "image", "nonsense", "control_type", "controlnet_conditioning_scale", "history",
+          "control_image"]
 
 
 @pytest.fixture(scope="module")

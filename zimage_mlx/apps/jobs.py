@@ -1,11 +1,13 @@
 """The server's job queue: one worker thread owns every MLX call and runs requests one at a time, in arrival order;
 a full queue answers 429; a job whose client has gone stops at its next denoising step. Image k of a request with
-seed s is `pipe(prompt, seed=s + k, ...)`, the very call a Python API user makes."""
+seed s is `pipe(prompt, seed=s + k, ...)`, the very call a Python API user makes. With a history (history.py) the
+worker keeps each completed image of a request that asks for it (`history`, default true) with its parameters."""
 
 from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import queue
 import secrets
 import threading
@@ -17,8 +19,11 @@ from PIL import Image
 from ..loading.weights import WeightError
 from ..pipeline.pipeline import GenerationCancelled, GenerationError, ZImagePipeline
 from ..pipeline.preview import Previewer
+from .history import History
 from .openai_request import FORMATS, APIError, ImageRequest, ServerConfig
 from .pngfile import png_params
+
+log = logging.getLogger("zimage_mlx.server")
 
 
 class Job:
@@ -46,8 +51,8 @@ class Job:
 class Worker:
     """The one thread that runs the pipeline (and every other MLX call), taking jobs in arrival order."""
 
-    def __init__(self, pipe: ZImagePipeline, cfg: ServerConfig):
-        self.pipe, self.cfg = pipe, cfg
+    def __init__(self, pipe: ZImagePipeline, cfg: ServerConfig, history: History | None = None):
+        self.pipe, self.cfg, self.history = pipe, cfg, history
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.lock = threading.Lock()
         self.active = 0          # accepted and not finished
@@ -118,10 +123,11 @@ class Worker:
         the pipeline, so the text encoder runs once per prompt). job.req.gen is validated (openai_request.validate)."""
         pipe, req, gen = self.pipe, job.req, job.req.gen
         seed = secrets.randbelow(2**31) if gen.seed is None else gen.seed
-        extra = None
+        extra = png_inputs(gen)
         if req.enhance_prompt:   # docs/enhance.md: the text encoder's own Qwen3 rewrites it (seeded by the seed)
             job.revised_prompt = pipe.enhance_prompt(gen.prompt[0], seed=seed)
-            extra, gen = {"original_prompt": gen.prompt[0]}, gen.replace(prompt=[job.revised_prompt])
+            extra["original_prompt"] = gen.prompt[0]
+            gen = gen.replace(prompt=[job.revised_prompt])
         partial_at = partial_steps(gen.steps_to_run, req.partial_images) if req.stream else set()
         negative = gen.negative_prompt[0] if gen.do_cfg and gen.negative_prompt else None
         loras = pipe.loras if gen.loras is None else \
@@ -136,8 +142,55 @@ class Worker:
                               f"{img.width}x{img.height}", self.cfg.model, pipe.quantization, pipe.dtype_name,
                               image="upload" if gen.image is not None else None, strength=gen.strength, loras=loras,
                               extra=extra)
-            job.emit(("image", k, s, img.size, encode(img, req, meta)))
+            blob = encode(img, req, meta)
+            job.emit(("image", k, s, img.size, blob, self._keep(job, blob, s, loras)))
             self.stats["images"] += 1
+
+    def _keep(self, job: Job, blob: bytes, seed: int, loras: list[dict]) -> str | None:
+        """Store a completed image in the history (when there is one and the request wants it): its ID, or None.
+        A history that cannot be written is logged, never a failed request."""
+        if self.history is None or not job.req.history:
+            return None
+        try:
+            return self.history.add(blob, job.req.output_format,
+                                    history_params(job, seed, {lo["name"]: lo["weight"] for lo in loras},
+                                                   self.cfg.model))
+        except OSError as e:
+            log.warning("could not keep the image in the history (%s): %s", self.history.root, e)
+            return None
+
+
+def png_inputs(gen) -> dict:
+    """PNG metadata of the uploaded inputs of a validated request: mask, control image, its type and scale."""
+    controls = gen.controls
+    return {"mask": "upload" if gen.mask_image is not None else None,
+            "control_image": "upload" if controls else None,
+            "control_type": (gen.control_type or "none") if controls else None,
+            "control_scale": ", ".join(f"{s:g}" for s in gen.controlnet_conditioning_scale) if controls else None}
+
+
+def generation_mode(gen) -> str:
+    """text-to-image | image-to-image | inpaint | controlnet | controlnet-inpaint (a validated request)."""
+    if gen.controls:
+        return "controlnet-inpaint" if gen.mask_image is not None else "controlnet"
+    if gen.image is None:
+        return "text-to-image"
+    return "inpaint" if gen.mask_image is not None else "image-to-image"
+
+
+def history_params(job: Job, seed: int, loras: dict[str, float], model: str) -> dict:
+    """The parameters a history entry keeps: the request's resolved values (defaults filled in by validate)."""
+    req, gen = job.req, job.req.gen
+    neg = gen.negative_prompt
+    controls = bool(gen.controls)
+    return {"prompt": gen.prompt[0], "negative_prompt": neg if isinstance(neg, str) or neg is None else neg[0],
+            "size": f"{gen.width}x{gen.height}", "num_inference_steps": gen.num_inference_steps,
+            "guidance_scale": gen.guidance_scale, "seed": seed, "strength": gen.strength, "loras": loras,
+            "cache": gen.cache, "cache_threshold": gen.cache_threshold, "mode": generation_mode(gen),
+            "control_type": (gen.control_type or "none") if controls else None,
+            "controlnet_conditioning_scale": gen.controlnet_conditioning_scale[0] if controls else None,
+            "enhance_prompt": req.enhance_prompt, "revised_prompt": job.revised_prompt,
+            "output_format": req.output_format, "model": model}
 
 
 class StepCallback:

@@ -7,11 +7,13 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
 from starlette.responses import JSONResponse
 
+from ..pipeline.control_maps import CONTROL_TYPES
 from ..pipeline.images import mask_image_to_l
 from ..pipeline.request import MAX_SEED, GenerationRequest, ModelLimits, RequestError, is_finite_number
 
@@ -37,6 +39,9 @@ class ServerConfig:
     default_size: int = 1024
     loras: dict[str, float] = field(default_factory=dict)   # adapters loaded at start: name -> default weight
     preview_decoder: Any = None                # preview.LatentRGB (default) or a TinyDecoder (TAEF1)
+    history_dir: Path | None = None            # where completed images are kept (history.py); None: no history
+    history_items: int = 200                   # images kept at most (the oldest go first)
+    history_bytes: int = 2 * 1024**3           # bytes kept at most (images and their parameters)
 
 
 class APIError(Exception):
@@ -71,6 +76,7 @@ class ImageRequest:
     stream: bool = False
     partial_images: int = 0
     enhance_prompt: bool = False               # rewrite the prompt first (docs/enhance.md); "revised_prompt" answers
+    history: bool = True                       # keep the images in the server's history (when it has one)
 
     @property
     def size(self) -> str:
@@ -175,6 +181,8 @@ def parse_request(body: Any, cfg: ServerConfig, edit: bool = False) -> ImageRequ
         strength=_typed(body, "strength", float, None, 0.0, 1.0),
         cache=_typed(body, "cache", str, None),                      # names and threshold: the pipeline's rule
         cache_threshold=_typed(body, "cache_threshold", float, None, 0.0),
+        control_type=None if body.get("control_type") is None else _choice(body, "control_type", CONTROL_TYPES, None),
+        **_given(controlnet_conditioning_scale=_typed(body, "controlnet_conditioning_scale", float)),
     )
     return ImageRequest(
         gen=gen,
@@ -185,7 +193,13 @@ def parse_request(body: Any, cfg: ServerConfig, edit: bool = False) -> ImageRequ
         stream=_typed(body, "stream", bool, False),
         partial_images=_typed(body, "partial_images", int, 0, 0, MAX_PARTIALS),
         enhance_prompt=_typed(body, "enhance_prompt", bool, False),
+        history=_typed(body, "history", bool, True),
     )
+
+
+def _given(**kw) -> dict:
+    """The keywords that were given (the others keep GenerationRequest's defaults)."""
+    return {k: v for k, v in kw.items() if v is not None}
 
 
 def validate(req: ImageRequest, limits: ModelLimits, cfg: ServerConfig) -> None:

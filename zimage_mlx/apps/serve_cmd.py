@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
@@ -38,9 +39,15 @@ def serve_forever(app, sock: socket.socket, verbose: bool) -> None:
     uvicorn.Server(config).run(sockets=[sock])
 
 
-def _pipeline(model, quantize, dtype, lora) -> tuple[ZImagePipeline, dict[str, float]]:
+def state_dir() -> Path:
+    """Where the server keeps state: $ZIMAGE_MLX_STATE, default ~/.local/state/zimage_mlx."""
+    return Path(os.environ.get("ZIMAGE_MLX_STATE") or Path.home() / ".local" / "state" / "zimage_mlx")
+
+
+def _pipeline(model, quantize, dtype, lora, controlnet=None) -> tuple[ZImagePipeline, dict[str, float]]:
     # keep_text_encoder=None: the plan keeps it warm between requests when that fits
-    pipe = ZImagePipeline.from_pretrained(model, dtype=dtype, quantize=quantize, verbose=True, keep_text_encoder=None)
+    pipe = ZImagePipeline.from_pretrained(model, dtype=dtype, quantize=quantize, verbose=True, keep_text_encoder=None,
+                                          controlnet=controlnet)
     note(f"Z-Image {pipe.variant.capitalize()}, {pipe.dtype_name}; {pipe.plan.summary()}")
     names = {}
     for path, weight in lora:
@@ -68,8 +75,19 @@ def _pipeline(model, quantize, dtype, lora) -> tuple[ZImagePipeline, dict[str, f
               help="Seconds a response_format=url image stays downloadable.")
 @click.option("--taef1", default=None,
               help="TAEF1 weights (taef1_decoder.safetensors, a path or hub file) for full-size streamed previews.")
+@click.option("--controlnet", default=None,
+              help="ControlNet Union to load: .safetensors file, diffusers or converted directory, or owner/repo/file. "
+                   "Requests then take a control_image (multipart), control_type and controlnet_conditioning_scale.")
+@click.option("--history-dir", type=click.Path(file_okay=False), default=None,
+              help="Folder of the image history  [default: $ZIMAGE_MLX_STATE/history, ~/.local/state/zimage_mlx/"
+                   "history]")
+@click.option("--history", "history_items", type=click.IntRange(0), default=200, show_default=True,
+              help="Images the history keeps (the oldest go first); 0 turns the history off.")
+@click.option("--history-mb", type=click.IntRange(1), default=2048, show_default=True,
+              help="Megabytes the history keeps at most (the oldest go first).")
 @click.option("--verbose", "-v", is_flag=True, help="Show the traceback when something fails.")
-def serve(model, host, port, api_key, max_queue, quantize, dtype, lora, url_ttl, taef1, verbose):
+def serve(model, host, port, api_key, max_queue, quantize, dtype, lora, url_ttl, taef1, controlnet, history_dir,
+          history_items, history_mb, verbose):
     """Serve OpenAI's images API (/v1/images/generations, /v1/images/edits) and a web page at http://HOST:PORT/."""
     try:
         import uvicorn  # noqa: F401 - checked here, used by serve_forever
@@ -83,14 +101,19 @@ def serve(model, host, port, api_key, max_queue, quantize, dtype, lora, url_ttl,
     def start():
         sock = bind(host, port)
         try:
-            pipe, names = _pipeline(model, quantize, dtype, lora)
             config = server.ServerConfig(model=Path(model).name if Path(model).exists() else model,
-                                         api_key=api_key, max_queue=max_queue, url_ttl=url_ttl, loras=names,
-                                         preview_decoder=load_tiny_decoder(taef1) if taef1 else None)
-            app = server.create_app(pipe, config)
+                                         api_key=api_key, max_queue=max_queue, url_ttl=url_ttl,
+                                         history_dir=Path(history_dir) if history_dir else state_dir() / "history",
+                                         history_items=history_items, history_bytes=history_mb * 2**20)
+            history = server.open_history(config)   # an unwritable folder is one line before anything loads
+            pipe, config.loras = _pipeline(model, quantize, dtype, lora, controlnet)
+            config.preview_decoder = load_tiny_decoder(taef1) if taef1 else None
+            app = server.create_app(pipe, config, history)
             note("loading the models …")
             app.state.worker.call(lambda p: (p.transformer, p.vae, p.text_encoder if p.keep_text_encoder else None))
             bound = sock.getsockname()[1]
+            if history is not None:
+                note(f"keeping the last {history_items} images ({history_mb} MB at most) in {history.root}")
             note(f"serving on http://{host}:{bound}/ (OpenAI base_url http://{host}:{bound}/v1)")
             serve_forever(app, sock, verbose)
         finally:

@@ -1,12 +1,16 @@
 """`zimage-mlx serve`: OpenAI's images API over one loaded ZImagePipeline, plus a small web page at `/`.
 
 Endpoints (shapes follow OpenAI's Images API, so the official SDKs work with base_url=http://127.0.0.1:8000/v1):
-  POST /v1/images/generations   JSON: prompt, n (1-10), size "WxH" | "auto", response_format b64_json | url,
-                                output_format png | jpeg | webp, output_compression, stream, partial_images, and
+  POST /v1/images/generations   JSON (or multipart, to upload a control_image): prompt, n (1-10), size "WxH" |
+                                "auto", response_format b64_json | url, output_format png | jpeg | webp,
+                                output_compression, stream, partial_images, and
                                 our extras (seed, num_inference_steps, guidance_scale, negative_prompt, loras,
-                                cache, cache_threshold, enhance_prompt), which the SDK sends through extra_body
-  POST /v1/images/edits         multipart: image, optional mask, prompt, n, size, strength, ... (image-to-image
-                                without a mask, inpainting with one)
+                                cache, cache_threshold, enhance_prompt, history, control_type,
+                                controlnet_conditioning_scale), which the SDK sends through extra_body
+  POST /v1/images/edits         multipart: image, optional mask, optional control_image, prompt, n, size, strength, ...
+                                (image-to-image without a mask, inpainting with one, ControlNet inpainting with both)
+  GET  /info                    the model, its defaults and the server's limits (what the web page builds its form from)
+  GET  /history, GET /history/ID.EXT, DELETE /history/ID   the images kept on disk (history.py)
   GET  /v1/models, GET /health, GET /files/NAME (url responses), GET / (the web page)
 
 Masks follow OpenAI's rule: a mask with an alpha channel marks the area to edit as transparent (alpha 0); a mask
@@ -41,10 +45,14 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from ..pipeline.control_maps import CONTROL_TYPES
 from ..pipeline.pipeline import ZImagePipeline
+from ..pipeline.request import DEFAULT_INPAINT_STRENGTH, DEFAULT_STRENGTH
+from .history import History
 from .http_body import parse_form, parse_json, read_body
 from .jobs import Job, Worker
-from .openai_request import FORMATS, APIError, ImageRequest, ServerConfig, openai_mask, parse_request, validate
+from .openai_request import (FORMATS, MAX_N, MAX_STEPS, APIError, ImageRequest, ServerConfig, openai_mask,
+                             parse_request, validate)
 
 __all__ = ["ServerConfig", "APIError", "create_app"]
 
@@ -114,9 +122,9 @@ async def _disconnected(request: Request) -> None:
 class ImagesAPI:
     """The endpoints: each handler reads its body, builds an ImageRequest, and hands it to the worker."""
 
-    def __init__(self, pipe: ZImagePipeline, cfg: ServerConfig):
-        self.pipe, self.cfg = pipe, cfg
-        self.worker = Worker(pipe, cfg)
+    def __init__(self, pipe: ZImagePipeline, cfg: ServerConfig, history: History | None = None):
+        self.pipe, self.cfg, self.history = pipe, cfg, history
+        self.worker = Worker(pipe, cfg, history)
         self.files = FileStore(cfg.url_ttl)
         self.page = resources.files("zimage_mlx.apps").joinpath("static/index.html").read_text(encoding="utf-8")
 
@@ -131,9 +139,25 @@ class ImagesAPI:
             raise APIError(401, "incorrect API key", code="invalid_api_key")
 
     async def generations(self, request: Request):
+        """A JSON body, or a multipart one (the same fields as text, and an optional `control_image` file)."""
         self.check_key(request)
-        body = parse_json(await read_body(request, self.cfg.max_body))
-        return await self.run(request, parse_request(body, self.cfg))
+        content_type = request.headers.get("content-type", "")
+        raw = await read_body(request, self.cfg.max_body)
+        if not content_type.startswith("multipart/form-data"):
+            return await self.run(request, parse_request(parse_json(raw), self.cfg))
+        body, uploads = parse_form(raw, content_type)
+        req = parse_request(body, self.cfg)
+        req.gen = req.gen.replace(control_image=self.control_image(body, uploads))
+        return await self.run(request, req)
+
+    def control_image(self, body: dict, uploads: dict[str, bytes]) -> Image.Image | None:
+        """The optional `control_image` upload of a multipart body, as RGB."""
+        if "control_image" in body:
+            raise APIError(400, "'control_image' must be a file (a multipart part with a filename)",
+                           param="control_image", code="invalid_type")
+        if "control_image" not in uploads:
+            return None
+        return _read_image(uploads["control_image"], "control_image", 4 * self.cfg.max_pixels)
 
     async def edits(self, request: Request):
         self.check_key(request)
@@ -145,6 +169,7 @@ class ImagesAPI:
             raise APIError(400, "'image' (a file) is required", param="image", code="missing_required_parameter")
         req = parse_request(body, self.cfg, edit=True)
         image = _read_image(uploads["image"], "image", 4 * self.cfg.max_pixels)
+        control = self.control_image(body, uploads)
         mask = None
         if "mask" in uploads:
             mask = openai_mask(_read_image(uploads["mask"], "mask", 4 * self.cfg.max_pixels, mode=None))
@@ -152,7 +177,7 @@ class ImagesAPI:
                 raise APIError(400, f"'mask' is {mask.width}x{mask.height} but 'image' is "
                                     f"{image.width}x{image.height}: they must have the same size",
                                param="mask", code="invalid_value")
-        req.gen = req.gen.replace(image=image, mask_image=mask)
+        req.gen = req.gen.replace(image=image, mask_image=mask, control_image=control)
         return await self.run(request, req)
 
     def check(self, req: ImageRequest) -> None:
@@ -175,8 +200,9 @@ class ImagesAPI:
         async with contextlib.aclosing(self.events(request, job)) as evs:
             async for ev in evs:
                 if ev[0] == "image":
-                    _, k, seed, size, blob = ev
-                    item = {"seed": seed, **({"revised_prompt": job.revised_prompt} if job.revised_prompt else {})}
+                    _, k, seed, size, blob, history_id = ev
+                    item = {"seed": seed, **({"revised_prompt": job.revised_prompt} if job.revised_prompt else {}),
+                            "history_id": history_id}
                     if req.response_format == "url":
                         name = self.files.put(blob, req.output_format)
                         item["url"] = f"{str(request.base_url).rstrip('/')}/files/{name}"
@@ -200,9 +226,10 @@ class ImagesAPI:
                                "partial_image_index": index, "image_index": k, "created_at": int(time.time()),
                                **common}
                 elif ev[0] == "image":
-                    _, k, seed, size, blob = ev
+                    _, k, seed, size, blob, history_id = ev
                     payload = {"type": "image_generation.completed", "b64_json": base64.b64encode(blob).decode(),
-                               "image_index": k, "seed": seed, "created_at": int(time.time()), **common}
+                               "image_index": k, "seed": seed, "created_at": int(time.time()),
+                               "history_id": history_id, **common}
                 elif ev[0] == "error":
                     payload = {"type": "error", **ev[1].body()}
                 else:
@@ -242,6 +269,54 @@ class ImagesAPI:
                              "queue": w.active, "running": w.running, "max_queue": self.cfg.max_queue,
                              "url_ttl": self.cfg.url_ttl, **w.stats})
 
+    async def info(self, request: Request):
+        """The model, its defaults and this server's limits: config arithmetic only (no MLX call off the worker)."""
+        self.check_key(request)
+        pipe, cfg = self.pipe, self.cfg
+        limits = pipe.limits
+        steps, guidance = pipe.defaults()
+        h = self.history
+        return JSONResponse({
+            "model": cfg.model, "variant": pipe.variant,
+            "defaults": {"num_inference_steps": steps, "guidance_scale": guidance, "strength": DEFAULT_STRENGTH,
+                         "inpaint_strength": DEFAULT_INPAINT_STRENGTH, "size": cfg.default_size,
+                         "controlnet_conditioning_scale": 0.75},
+            "size_multiple": limits.size_multiple,
+            "max_side": min(cfg.max_side, min(limits.max_patches) * limits.size_multiple),
+            "max_pixels": cfg.max_pixels, "max_body": cfg.max_body, "max_n": MAX_N, "max_steps": MAX_STEPS,
+            "loras": [{"name": name, "weight": w} for name, w in cfg.loras.items()],
+            "controlnet": None if limits.control_in_dim is None else
+            {"control_types": list(CONTROL_TYPES), "inpaint": limits.control_in_dim != 16},
+            "history": {"enabled": h is not None, "max_items": h.max_items if h else 0},
+            "enhance": True,
+        })
+
+    async def history_list(self, request: Request):
+        self.check_key(request)
+        limit = request.query_params.get("limit")
+        if limit is not None and not (limit.isdigit() and int(limit) > 0):
+            raise APIError(400, f"'limit' must be a positive integer, got {limit[:40]!r}", param="limit",
+                           code="invalid_value")
+        entries = self.history.list(int(limit) if limit else None) if self.history else []
+        return JSONResponse({"object": "list", "data": [
+            {"id": e["id"], "created": e["created"], "url": f"/history/{e['file']}", "params": e["params"]}
+            for e in entries]})
+
+    async def history_file(self, request: Request):
+        self.check_key(request)
+        name = request.path_params["name"]
+        p = self.history.file(name) if self.history else None
+        if p is None:
+            raise APIError(404, f"no image {name[:80]!r} in the history", code="not_found")
+        return FileResponse(p, media_type=FORMATS[p.suffix[1:]][1])
+
+    async def history_delete(self, request: Request):
+        self.check_key(request)
+        id = request.path_params["name"]
+        if self.history is None or not self.history.delete(id):
+            raise APIError(404, f"no entry {id[:80]!r} in the history", code="not_found")
+        return JSONResponse({"id": id, "deleted": True})
+
     async def file(self, request: Request):
         p = self.files.path(request.path_params["name"])
         if p is None:
@@ -273,9 +348,18 @@ async def _server_error(request: Request, exc: Exception):
     return APIError(500, f"internal error: {type(exc).__name__}", code="internal_error").response()
 
 
-def create_app(pipe: ZImagePipeline, config: ServerConfig | None = None) -> Starlette:
-    """The ASGI app. `app.state.worker` runs the jobs; `app.state.files` holds `url` responses."""
-    api = ImagesAPI(pipe, config or ServerConfig())
+def open_history(cfg: ServerConfig) -> History | None:
+    """The history the config asks for (None when off); history.HistoryError when its folder cannot be written."""
+    if cfg.history_dir is None or cfg.history_items <= 0:
+        return None
+    return History(cfg.history_dir, cfg.history_items, cfg.history_bytes)
+
+
+def create_app(pipe: ZImagePipeline, config: ServerConfig | None = None, history: History | None = None) -> Starlette:
+    """The ASGI app. `app.state.worker` runs the jobs; `app.state.files` holds `url` responses; `app.state.history`
+    the images kept on disk (`history`, else the one `config.history_dir` names, else None)."""
+    config = config or ServerConfig()
+    api = ImagesAPI(pipe, config, history if history is not None else open_history(config))
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -287,11 +371,14 @@ def create_app(pipe: ZImagePipeline, config: ServerConfig | None = None) -> Star
         routes=[
             Route("/", api.index), Route("/health", api.health), Route("/files/{name}", api.file),
             Route("/v1/models", api.models), Route("/v1/images/generations", api.generations, methods=["POST"]),
-            Route("/v1/images/edits", api.edits, methods=["POST"]),
+            Route("/v1/images/edits", api.edits, methods=["POST"]), Route("/info", api.info),
+            Route("/history", api.history_list), Route("/history/{name}", api.history_file),
+            Route("/history/{name}", api.history_delete, methods=["DELETE"]),
         ],
         exception_handlers={APIError: _api_error, HTTPException: _http_error, ClientDisconnect: _client_gone,
                             Exception: _server_error},
         lifespan=lifespan,
     )
     app.state.worker, app.state.files, app.state.config = api.worker, api.files, api.cfg
+    app.state.history = api.history
     return app
