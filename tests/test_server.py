@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import os
+import re
 import threading
 import time
 
@@ -114,7 +115,20 @@ def test_models_and_health(client):
 def test_web_page_is_served(client):
     r = client.get("/")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
-    assert 'id="prompt"' in r.text and "/v1/images/generations" in r.text
+    assert 'id="prompt"' in r.text
+    # Every script and style sheet the page names is served; together they stay under 60 KB (no build step).
+    names = re.findall(r'(?:src|href)="/static/([^"]+)"', r.text)
+    assert {"page.js", "page.css"} <= set(names)
+    total = len(r.content)
+    for name in names:
+        f = client.get(f"/static/{name}")
+        assert f.status_code == 200 and f.headers["content-type"].startswith(("text/javascript", "text/css"))
+        total += len(f.content)
+    assert "/v1/images/generations" in client.get("/static/page.js").text
+    assert total <= 60 * 1024, total
+    r = client.get("/static/../server.py")
+    assert r.status_code == 404
+    assert client.get("/static/nope.js").json()["error"]["message"] == "no such page file 'nope.js'"
 
 
 # ---------------------------------------------------------------------------------------------- edits
@@ -197,6 +211,8 @@ def test_streaming_partial_then_completed(client):
         events = _events(r.iter_lines())
     assert [e["type"] for e in events] == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
     assert [e["partial_image_index"] for e in events[:2]] == [0, 1]
+    # Each partial says which step it shows, of how many (6 steps, 2 partials: after steps 2 and 4).
+    assert [(e["step"], e["num_steps"]) for e in events[:2]] == [(2, 6), (4, 6)]
     partials = [_png(e["b64_json"]) for e in events[:2]]
     assert all(p.size == (W // 8, H // 8) for p in partials)
     assert not np.array_equal(np.asarray(partials[0]), np.asarray(partials[1]))   # the picture moves

@@ -136,7 +136,8 @@ class Worker:
             if job.cancelled.is_set():
                 raise GenerationCancelled("the client has gone")
             s = seed + k
-            callback = StepCallback(job, k, partial_at, Previewer(self.cfg.preview_decoder) if partial_at else None)
+            callback = StepCallback(job, k, partial_at, Previewer(self.cfg.preview_decoder) if partial_at else None,
+                                    gen.steps_to_run)
             img = pipe.generate(gen.replace(seed=s, on_step=callback)).images[0]
             meta = png_params(gen.prompt[0], negative, s, gen.num_inference_steps, gen.guidance_scale,
                               f"{img.width}x{img.height}", self.cfg.model, pipe.quantization, pipe.dtype_name,
@@ -194,10 +195,12 @@ def history_params(job: Job, seed: int, loras: dict[str, float], model: str) -> 
 
 
 class StepCallback:
-    """The pipeline callback of one image: False once the client has gone; a partial image at the chosen steps."""
+    """The pipeline callback of one image: False once the client has gone; a partial image at the chosen steps,
+    with the step it shows (1-based) of the `num_steps` this image runs (the page's progress)."""
 
-    def __init__(self, job: Job, index: int, partial_at: set[int], previewer: Previewer | None):
+    def __init__(self, job: Job, index: int, partial_at: set[int], previewer: Previewer | None, num_steps: int):
         self.job, self.index, self.partial_at, self.previewer = job, index, partial_at, previewer
+        self.num_steps = num_steps
         self.step = self.partials = 0
 
     def __call__(self, record) -> bool:
@@ -207,7 +210,8 @@ class StepCallback:
         if self.previewer is not None:
             if self.step in self.partial_at:
                 img = self.previewer.image(record)
-                self.job.emit(("partial", self.index, self.partials, encode(img, self.job.req, None)))
+                self.job.emit(("partial", self.index, self.partials, encode(img, self.job.req, None),
+                               self.step + 1, self.num_steps))
                 self.partials += 1
         self.step += 1
         return True

@@ -55,6 +55,7 @@ from .openai_request import (FORMATS, MAX_N, MAX_STEPS, APIError, ImageRequest, 
                              parse_request, validate)
 
 __all__ = ["ServerConfig", "APIError", "create_app"]
+STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8"}
 
 
 class FileStore:
@@ -126,7 +127,8 @@ class ImagesAPI:
         self.pipe, self.cfg, self.history = pipe, cfg, history
         self.worker = Worker(pipe, cfg, history)
         self.files = FileStore(cfg.url_ttl)
-        self.page = resources.files("zimage_mlx.apps").joinpath("static/index.html").read_text(encoding="utf-8")
+        self.static = {p.name: p.read_bytes() for p in resources.files("zimage_mlx.apps").joinpath("static").iterdir()
+                       if p.name.endswith(tuple(STATIC_TYPES))}
 
     def check_key(self, request: Request) -> None:
         if self.cfg.api_key is None:
@@ -221,15 +223,17 @@ class ImagesAPI:
         async with contextlib.aclosing(self.events(request, job)) as evs:
             async for ev in evs:
                 if ev[0] == "partial":
-                    _, k, index, blob = ev
+                    _, k, index, blob, step, num_steps = ev
                     payload = {"type": "image_generation.partial_image", "b64_json": base64.b64encode(blob).decode(),
                                "partial_image_index": index, "image_index": k, "created_at": int(time.time()),
-                               **common}
+                               "step": step, "num_steps": num_steps, **common}
                 elif ev[0] == "image":
                     _, k, seed, size, blob, history_id = ev
                     payload = {"type": "image_generation.completed", "b64_json": base64.b64encode(blob).decode(),
                                "image_index": k, "seed": seed, "created_at": int(time.time()),
                                "history_id": history_id, **common}
+                    if job.revised_prompt:
+                        payload["revised_prompt"] = job.revised_prompt
                 elif ev[0] == "error":
                     payload = {"type": "error", **ev[1].body()}
                 else:
@@ -325,7 +329,15 @@ class ImagesAPI:
         return FileResponse(p, media_type=FORMATS[p.suffix[1:]][1])
 
     async def index(self, request: Request):
-        return HTMLResponse(self.page)
+        return HTMLResponse(self.static["index.html"], headers={"Cache-Control": "no-cache"})
+
+    async def static_file(self, request: Request):
+        """The page's scripts and style sheet (apps/static/), read once at start."""
+        name = request.path_params["name"]
+        if name not in self.static:
+            raise APIError(404, f"no such page file {name!r}", code="not_found")
+        return Response(self.static[name], media_type=STATIC_TYPES[Path(name).suffix],
+                        headers={"Cache-Control": "no-cache"})
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -369,7 +381,7 @@ def create_app(pipe: ZImagePipeline, config: ServerConfig | None = None, history
 
     app = Starlette(
         routes=[
-            Route("/", api.index), Route("/health", api.health), Route("/files/{name}", api.file),
+            Route("/", api.index), Route("/static/{name}", api.static_file), Route("/health", api.health), Route("/files/{name}", api.file),
             Route("/v1/models", api.models), Route("/v1/images/generations", api.generations, methods=["POST"]),
             Route("/v1/images/edits", api.edits, methods=["POST"]), Route("/info", api.info),
             Route("/history", api.history_list), Route("/history/{name}", api.history_file),
