@@ -437,3 +437,25 @@ def test_bad_inputs_get_one_message_and_the_server_goes_on(page, server, tmp_pat
     page.click("#generate")
     assert final_image(page).shape == (SIDE, SIDE, 3)
     no_broken_images(page)
+
+
+def test_guidance_negative_cache_and_enhance_reach_the_api(page, server):
+    sent = []
+    page.on("request", lambda r: sent.append(json.loads(r.post_data)) if r.url.endswith("/generations") else None)
+    page.click("#advanced summary")
+    set_range(page, "#guidance", 2)
+    page.fill("#negative", "blurry")
+    page.select_option("#cache", "teacache")
+    page.fill("#cache-threshold", "0")                 # threshold 0 computes every step: the uncached image
+    page.check("#enhance")
+    settings(page, "a fox", 9)
+    page.click("#generate")
+    got = final_image(page)
+    body = sent[-1]
+    assert (body["guidance_scale"], body["negative_prompt"], body["cache"], body["cache_threshold"],
+            body["enhance_prompt"]) == (2, "blurry", "teacache", 0, True)
+    revised = page.text_content("#revised").removeprefix("Enhanced prompt: ")
+    assert revised and page.is_visible("#revised")
+    want = reference(server, prompt=revised, negative_prompt="blurry", guidance_scale=2.0, seed=9)
+    assert np.array_equal(got, want)
+    assert f"enhanced: {revised}" in page.locator("#gallery .item .params").first.text_content()
