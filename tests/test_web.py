@@ -36,7 +36,7 @@ SHOTS = Path(os.environ.get("ZIMAGE_MLX_SCREENSHOTS") or Path(__file__).parent /
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, qwen_tokenizer_dir):
+def tiny(tmp_path_factory, qwen_tokenizer_dir):
     tmp = tmp_path_factory.mktemp("web")
     root, models = save_tiny_pipeline(tmp / "Z-Image-Turbo-tiny", qwen_tokenizer_dir)
     save_tiny_controlnet(tmp / "controlnet", make_tiny_controlnet(5, "2.1"))
@@ -44,15 +44,28 @@ def server(tmp_path_factory, qwen_tokenizer_dir):
     pipe = ZImagePipeline.from_pretrained(root, dtype="float32", quantize=None, keep_text_encoder=True,
                                           controlnet=tmp / "controlnet")
     pipe.load_lora_weights(lora, adapter_name="style")
-    config = ServerConfig(model="tiny", loras={"style": 0.5}, history_dir=tmp / "history", max_body=MAX_BODY)
-    with LiveServer(create_app(pipe, config)) as srv:
-        srv.history_dir = tmp / "history"
-        srv.app = srv.server.config.app
+    return pipe, tmp
+
+
+def _serve(pipe, history_dir, **kw):
+    config = ServerConfig(model="tiny", loras={"style": 0.5}, history_dir=history_dir, max_body=MAX_BODY, **kw)
+    srv = LiveServer(create_app(pipe, config))
+    srv.history_dir, srv.app = history_dir, srv.server.config.app
+    return srv
+
+
+@pytest.fixture(scope="module")
+def server(tiny):
+    with _serve(tiny[0], tiny[1] / "history") as srv:
         yield srv
 
 
 @pytest.fixture
 def page(server):
+    yield from _page(server)
+
+
+def _page(server):
     from playwright.sync_api import sync_playwright
 
     assert Path(CHROMIUM).is_file(), "install Debian's chromium (apt-get install chromium)"
@@ -70,7 +83,8 @@ def page(server):
         errors = []
         page.on("pageerror", lambda e: errors.append(str(e)))
         page.goto(server.url + "/")
-        page.wait_for_function("document.querySelector('#model').textContent.includes('tiny')")
+        if not server.app.state.config.api_key:
+            page.wait_for_function("document.querySelector('#model').textContent.includes('tiny')")
         yield page
         assert not errors, errors                       # no uncaught script error in any test
     finally:
@@ -459,3 +473,26 @@ def test_guidance_negative_cache_and_enhance_reach_the_api(page, server):
     want = reference(server, prompt=revised, negative_prompt="blurry", guidance_scale=2.0, seed=9)
     assert np.array_equal(got, want)
     assert f"enhanced: {revised}" in page.locator("#gallery .item .params").first.text_content()
+
+
+def test_a_server_with_an_api_key(tiny):
+    """The page asks for the key, then everything (info, generation, history images) goes through with it."""
+    with _serve(tiny[0], tiny[1] / "history-key", api_key="sekret") as srv:
+        page = _page(srv)
+        p = next(page)
+        try:
+            _status_error(p, "enter the API key")
+            assert p.is_visible("#keyrow")
+            p.fill("#apikey", "sekret")
+            p.dispatch_event("#apikey", "change")
+            p.wait_for_function("document.querySelector('#model').textContent.includes('tiny')")
+            settings(p, "a key", 1)
+            p.click("#generate")
+            final_image(p)
+            p.reload()                                     # the key is remembered; history images load with it
+            p.wait_for_function("document.querySelectorAll('#gallery img').length === 1 && "
+                                "document.querySelector('#gallery img').naturalWidth > 0")
+            assert p.get_attribute("#gallery img", "src").startswith("blob:")
+            assert p.request.get(srv.url + "/history").status == 401      # not without the key
+        finally:
+            next(page, None)                               # the fixture's end: no script error, browser closed
