@@ -89,6 +89,37 @@ def test_other_bad_arguments_exit_2(args, message):
     assert r.exit_code == 2 and message in r.output and len(r.output.strip().splitlines()) == 1, r.output
 
 
+# the pipeline's rules between parameters (GenerationRequest.check_combinations) in the CLI's words; the model is
+# the default hub repository, never fetched: each is refused before the pipeline is built
+COMBINATIONS = [
+    (["--strength", "0.5"], "--strength needs --image"),
+    (["--mask", "{img}"], "--mask needs --image"),
+    (["--image", "{img}", "--mask-blur", "4"], "--mask-blur needs --mask"),
+    (["--image", "{img}", "--paste-back"], "--paste-back needs --mask"),
+    (["--control-type", "canny"], "--control-type needs --control-image"),
+    (["--cache-threshold", "0.1"], "--cache-threshold needs --cache"),
+    (["--control-image", "{img}"], "--control-image needs --controlnet PATH"),
+    (["--controlnet", "cn.safetensors", "--control-image", "{img}", "--image", "{img}"],
+     "--image with --control-image needs --mask"),
+    (["--controlnet", "cn.safetensors", "--control-image", "{img}", "--control-scale", "1", "--control-scale", "2"],
+     "2 --control-scale values for 1 control images"),
+    (["--controlnet", "cn.safetensors", "--control-image", "{img}", "--image", "{img}", "--mask", "{img}",
+      "--strength", "0.5"], "--strength: ControlNet inpainting starts from pure noise and takes no strength"),
+    (["--controlnet", "cn.safetensors"], "--controlnet needs --control-image"),
+    (["--control-scale", "0.5"], "--control-scale needs --control-image"),
+    (["-s", "1", "-s", "2", "-n", "3"], "--seed: 2 seeds for 3 images"),
+]
+
+
+@pytest.mark.parametrize("args, message", COMBINATIONS, ids=[c[1].split(":")[0][:30] for c in COMBINATIONS])
+def test_combination_rules_before_the_pipeline(tmp_path, args, message):
+    img = tmp_path / "img.png"
+    Image.new("RGB", (64, 48), "white").save(img)
+    r = run("a cat", *[a.replace("{img}", str(img)) for a in args], "-o", tmp_path / "x.png")
+    assert r.exit_code == 2 and r.output.startswith(f"Error: {message}") and len(r.output.splitlines()) == 1, r.output
+    assert list(tmp_path.iterdir()) == [img]
+
+
 def test_missing_model_is_one_line_exit_1(tmp_path):
     missing = tmp_path / "no-such-model"
     r = run("a cat", "-m", missing, "-o", tmp_path / "x.png", *FAST)

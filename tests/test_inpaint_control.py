@@ -274,7 +274,7 @@ def test_cli_inpaint_and_controlnet(tiny, tmp_path):
                           (("--mask", mask), "--mask needs --image"),
                           (("--controlnet", tiny["tmp"] / "controlnet-2.1", "--control-image", control,
                             "--control-scale", 0.5, "--control-scale", 0.2, "--control-scale", 0.1),
-                           "3 --control-scale values for 1 --control-image"),
+                           "3 --control-scale values for 1 control images"),
                           (("--controlnet", tiny["tmp"] / "controlnet-2.1", "--control-image", control, "--image",
                             img), "needs --mask")]:
         r = run("x", *args, *fast)

@@ -143,6 +143,46 @@ def test_bad_request(limits, kwargs, field, message):
     assert e.value.field == field and isinstance(e.value, ValueError)
 
 
+# (kwargs, field, the parameter it needs, the one whose presence asks for it): each rule between parameters once,
+# in check_combinations, which validate runs first and the CLI runs before its pipeline exists
+COMBINATIONS = [
+    (dict(strength=0.5), "strength", "image", None),
+    (dict(mask_image=MASK), "mask_image", "image", None),
+    (dict(image=IMG, mask_blur=4.0), "mask_blur", "mask_image", None),
+    (dict(image=IMG, paste_back=True), "paste_back", "mask_image", None),
+    (dict(control_type="canny"), "control_type", "control_image", None),
+    (dict(cache_threshold=0.1), "cache_threshold", "cache", None),
+    (dict(control_image=IMG), "control_image", "controlnet", None),
+    (dict(control_image=IMG, image=IMG), "image", "mask_image", "control_image"),
+]
+
+
+@pytest.mark.parametrize("kwargs, field, needs, given", COMBINATIONS, ids=[c[1] for c in COMBINATIONS])
+def test_combination_rules_name_what_they_need(kwargs, field, needs, given):
+    limits = TURBO if needs == "controlnet" else CONTROL
+    for check in (lambda r: r.check_combinations(controlnet=limits.control_in_dim is not None),
+                  lambda r: r.validate(limits)):
+        with pytest.raises(RequestError) as e:
+            check(GenerationRequest.from_kwargs(prompt="x", **kwargs))
+        assert (e.value.field, e.value.needs, e.value.given) == (field, needs, given)
+        assert str(e.value).startswith(field) and needs in str(e.value)
+
+
+def test_combinations_without_a_model():
+    """Checked with no limits (the ControlNet unknown): what a caller can refuse before building a pipeline."""
+    GenerationRequest(prompt="x", control_image=IMG).check_combinations()          # ControlNet not known: no rule
+    GenerationRequest(prompt="x", image=IMG, mask_image=MASK, mask_blur=2.0, paste_back=True, control_type="none",
+                      cache="teacache", cache_threshold=0.2).check_combinations(controlnet=False)
+    with pytest.raises(RequestError, match="2 controlnet_conditioning_scale values for 1 control images"):
+        GenerationRequest(prompt="x", control_image=[IMG], controlnet_conditioning_scale=[1, 2]).check_combinations()
+    with pytest.raises(RequestError, match="takes no strength") as e:
+        GenerationRequest(prompt="x", image=IMG, mask_image=MASK, control_image=IMG,
+                          strength=0.5).check_combinations(controlnet=True)
+    assert e.value.field == "strength" and e.value.needs is None
+    r = GenerationRequest(prompt="x", image=IMG, mask_image=MASK, control_image=IMG, strength=1.0)
+    r.check_combinations(controlnet=True)                                          # 1 is ControlNet inpainting's
+
+
 def test_controlnet_without_control_image_warns_and_runs_the_base_model():
     with pytest.warns(UserWarning, match="ControlNet is loaded but no control_image"):
         r = _ok(CONTROL, prompt="x")

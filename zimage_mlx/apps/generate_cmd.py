@@ -9,6 +9,7 @@ after both. Images are checked writable first, written atomically, never over an
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 
@@ -93,31 +94,18 @@ def _check_prompts(o: dict) -> None:
     o["negative_prompt"] = _utf8(o["negative_prompt"], "--negative-prompt")
 
 
-def _check_combinations(o: dict) -> None:
-    """Options that need or exclude each other."""
-    if o["strength"] is not None and o["image"] is None:
-        raise click.UsageError("--strength needs --image")
-    if (o["mask"] or o["mask_blur"] or o["paste_back"]) and not (o["image"] and o["mask"]):
-        raise click.UsageError("--mask needs --image, and --mask-blur/--paste-back need --image and --mask")
-    if o["control_image"] and not o["controlnet"]:
-        raise click.UsageError("--control-image needs --controlnet PATH (a ControlNet Union file or directory)")
-    if o["controlnet"] and not o["control_image"]:
+def _check_request(o: dict) -> None:
+    """The pipeline's rules between parameters (which needs or excludes which: GenerationRequest.check_combinations),
+    checked before the pipeline is built; then the two about options the request does not hold."""
+    try:
+        GenerationRequest.from_dict(_request_dict(o), source="cli").check_combinations(controlnet=bool(o["controlnet"]))
+    except RequestError as e:
+        raise _usage(e) from None
+    if o["controlnet"] and not o["control_image"]:     # the Python API runs the base model alone (a warning)
         raise click.UsageError("--controlnet needs --control-image FILE (the condition: a canny/depth/pose map, or "
                                "a photo with --control-type)")
-    if (o["control_scale"] or o["control_type"] != "none") and not o["control_image"]:
-        raise click.UsageError("--control-scale/--control-type need --control-image")
-    if len(o["control_scale"]) > 1 and len(o["control_scale"]) != len(o["control_image"]):
-        raise click.UsageError(f"{len(o['control_scale'])} --control-scale values for {len(o['control_image'])} "
-                               "--control-image files: give one, or one each")
-    if o["control_image"] and o["image"] and not o["mask"]:
-        raise click.UsageError("--control-image with --image needs --mask (ControlNet inpainting)")
-    if o["control_image"] and o["mask"] and o["strength"] is not None:
-        raise click.UsageError("ControlNet inpainting (--control-image with --mask) starts from noise: no --strength")
-    if o["cache_threshold"] is not None and o["cache"] is None:
-        raise click.UsageError("--cache-threshold needs --cache teacache|first-block")
-    if len(o["seed"]) > 1 and o["num_images"] not in (1, len(o["seed"])):
-        raise click.UsageError(f"{len(o['seed'])} seeds but --num-images {o['num_images']}: give one seed or "
-                               f"{o['num_images']}")
+    if o["control_scale"] and not o["control_image"]:  # the request's scale always has a value (0.75)
+        raise click.UsageError("--control-scale needs --control-image")
 
 
 def _check_input_images(o: dict) -> None:
@@ -133,11 +121,9 @@ def _check_input_images(o: dict) -> None:
 
 
 def _fill_defaults(o: dict) -> None:
-    scales = list(o["control_scale"]) or [0.75]
-    o["control_scale"] = scales if len(scales) > 1 else scales[0]
     o["png_extra"] = {"mask": o["mask"], "control_image": ", ".join(o["control_image"]) or None,
                       "control_type": o["control_type"] if o["control_image"] else None,
-                      "control_scale": o["control_scale"] if o["control_image"] else None,
+                      "control_scale": _scale(o["control_scale"]) if o["control_image"] else None,
                       "controlnet": o["controlnet"]}
 
 
@@ -145,10 +131,39 @@ def _fill_defaults(o: dict) -> None:
 OPTIONS = {"prompt": "PROMPT", "negative_prompt": "--negative-prompt", "height": "-H/--height",
            "width": "-W/--width", "num_inference_steps": "--steps", "guidance_scale": "--guidance",
            "cfg_truncation": "--cfg-truncation", "cfg_normalization": "--cfg-normalization", "image": "--image",
-           "strength": "--strength", "mask_image": "--mask", "mask_blur": "--mask-blur",
+           "strength": "--strength", "mask_image": "--mask", "mask_blur": "--mask-blur", "paste_back": "--paste-back",
            "control_image": "--control-image", "controlnet_conditioning_scale": "--control-scale",
-           "control_type": "--control-type", "seed": "--seed", "cache": "--cache",
-           "cache_threshold": "--cache-threshold"}
+           "control_type": "--control-type", "controlnet": "--controlnet PATH", "seed": "--seed",
+           "num_images_per_prompt": "--num-images", "cache": "--cache", "cache_threshold": "--cache-threshold"}
+
+
+def _usage(e: RequestError) -> click.UsageError:
+    """A RequestError in the CLI's words (one line, exit 2): "X needs Y" with option names, else the message with
+    its parameter names as options, led by the option when it does not name it."""
+    def option(name):
+        return OPTIONS.get(name, name)
+
+    if e.needs:
+        return click.UsageError(f"{option(e.field)}{f' with {option(e.given)}' if e.given else ''} needs "
+                                f"{option(e.needs)}")
+    text = re.sub(r"\b[a-z]+(?:_[a-z]+)+\b", lambda m: option(m.group()), str(e))
+    return click.UsageError(text if option(e.field) in text else f"{option(e.field)}: {text}")
+
+
+def _scale(values: tuple) -> float | list[float]:
+    """--control-scale: one value for every control image, or one each (default 0.75)."""
+    return list(values) if len(values) > 1 else values[0] if values else 0.75
+
+
+def _request_dict(o: dict) -> dict:
+    """The options under the pipeline's parameter names (GenerationRequest.from_dict(..., source="cli"))."""
+    return {"prompt": o["prompt"], "negative_prompt": o["negative_prompt"] or None, "height": o["height"],
+            "width": o["width"], "num_inference_steps": o["steps"], "guidance_scale": o["guidance"],
+            "cfg_truncation": o["cfg_truncation"], "cfg_normalization": o["cfg_normalization"], "image": o["image"],
+            "strength": o["strength"], "mask_image": o["mask"], "mask_blur": o["mask_blur"],
+            "paste_back": o["paste_back"], "control_image": list(o["control_image"]) or None,
+            "control_type": o["control_type"], "cache": o["cache"], "cache_threshold": o["cache_threshold"],
+            "controlnet_conditioning_scale": _scale(o["control_scale"])}
 
 
 def _request(pipe, o: dict) -> GenerationRequest:
@@ -159,18 +174,11 @@ def _request(pipe, o: dict) -> GenerationRequest:
     for path, (cw, ch) in zip(o["control_image"], o["control_sizes"]):
         if min(cw, ch) < m:
             raise click.UsageError(f"--control-image {path} is {cw}x{ch} pixels; it must be at least {m}x{m}")
-    d = {"prompt": o["prompt"], "negative_prompt": o["negative_prompt"] or None, "height": o["height"],
-         "width": o["width"], "num_inference_steps": o["steps"], "guidance_scale": o["guidance"],
-         "cfg_truncation": o["cfg_truncation"], "cfg_normalization": o["cfg_normalization"], "image": o["image"],
-         "strength": o["strength"], "mask_image": o["mask"], "mask_blur": o["mask_blur"],
-         "paste_back": o["paste_back"], "control_image": list(o["control_image"]) or None,
-         "control_type": o["control_type"], "controlnet_conditioning_scale": o["control_scale"],
-         "cache": o["cache"], "cache_threshold": o["cache_threshold"]}
     try:
-        req = GenerationRequest.from_dict(d, source="cli").validate(pipe.limits)
+        req = GenerationRequest.from_dict(_request_dict(o), source="cli").validate(pipe.limits)
         pipe.check_size(req.height, req.width)
     except RequestError as e:
-        raise click.UsageError(f"{OPTIONS.get(e.field, e.field)}: {e}") from None
+        raise _usage(e) from None
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     return req
@@ -358,7 +366,7 @@ def _seeds_and_paths(o: dict, group, who: str) -> None:
 def generate(**o):
     """Generate images from PROMPT with Z-Image (Turbo by default) on MLX."""
     _check_prompts(o)
-    _check_combinations(o)
+    _check_request(o)
     _check_input_images(o)
     _fill_defaults(o)
     if o["parallel"] and os.environ.get("MLX_HOSTFILE") and os.environ.get("MLX_RANK", "0") == "0":

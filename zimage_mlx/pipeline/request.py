@@ -14,7 +14,6 @@ sharding (`shard`) without naming them; `python_only` fields (arrays, callables)
 from __future__ import annotations
 
 import dataclasses
-import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -24,6 +23,7 @@ import numpy as np
 from ..sampler import VARIANT_DEFAULTS, check_variant, img2img_start
 from .images import check_min_size, image_size
 from .step_cache import cache_rule, cache_threshold
+from .values import RequestError, float_arg, int_arg, is_finite_number, prompts_arg  # noqa: F401 (API)
 
 DEFAULT_SIZE = 1024
 DEFAULT_STRENGTH = 0.6          # img2img (diffusers' ZImageImg2ImgPipeline default)
@@ -33,14 +33,6 @@ MAX_CONTROL_SCALE = 100.0       # |controlnet_conditioning_scale|: published Con
 MAX_LORA_WEIGHT = 100.0         # |LoRA weight|: the same bound (diffusers' set_adapters takes any float)
 OUTPUT_TYPES = ("pil", "np", "latent")
 CALLBACK_TENSOR_INPUTS = ("latents",)   # what callback_on_step_end may read and replace
-
-
-class RequestError(ValueError):
-    """A parameter of a generation request is invalid; `field` names it."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(message)
-        self.field = field
 
 
 @dataclass(frozen=True)
@@ -179,6 +171,7 @@ class GenerationRequest:
                       cfg_normalization=float_arg("cfg_normalization", float(r.cfg_normalization or 0.0), 0.0),
                       mask_blur=float_arg("mask_blur", r.mask_blur, 0.0),
                       max_sequence_length=int_arg("max_sequence_length", r.max_sequence_length, 1))
+        r.check_combinations(controlnet=limits.control_in_dim is not None)
         r = r._check_control(limits)._check_strength()._check_loras(limits)._check_cache()
         if limits.cfg_split and not r.do_cfg:
             raise RequestError("guidance_scale", "parallel='cfg' splits classifier-free guidance, which is off "
@@ -214,41 +207,57 @@ class GenerationRequest:
                 raise RequestError("strength", f"strength {strength} with {self.num_inference_steps} steps leaves "
                                    "no step to run")
             return self.replace(strength=strength)
-        if self.strength is not None and self.image is None:
-            raise RequestError("strength", "strength needs an image (image-to-image or inpainting)")
         return self
 
+    def check_combinations(self, controlnet: bool | None = None) -> None:
+        """Which parameters need or exclude which: the rules that read no model config, so that a request can be
+        refused before its pipeline exists (the CLI does); `validate` checks them first. controlnet: whether a
+        ControlNet is loaded (None: not known, not checked)."""
+        image, mask = self.image is not None, self.mask_image is not None
+        controls = self.control_image if isinstance(self.control_image, (list, tuple)) else \
+            [] if self.control_image is None else [self.control_image]
+        if self.strength is not None and not image:
+            raise RequestError("strength", "strength needs an image (image-to-image or inpainting)", needs="image")
+        if mask and not image:
+            raise RequestError("mask_image", "mask_image needs image (the picture to inpaint)", needs="image")
+        for name in ("mask_blur", "paste_back"):
+            if getattr(self, name) and not mask:
+                raise RequestError(name, f"{name} needs mask_image (it shapes the inpainting)", needs="mask_image")
+        if self.control_type not in (None, "none") and not controls:
+            raise RequestError("control_type", "control_type needs control_image (the picture it turns into a map)",
+                               needs="control_image")
+        self._check_cache()
+        if not controls:
+            return
+        if controlnet is False:
+            raise RequestError("control_image", "control_image given but this pipeline has no ControlNet: load one "
+                               "with ZImagePipeline.from_pretrained(..., controlnet=PATH) or pipe.load_controlnet(PATH)",
+                               needs="controlnet")
+        scales = self.controlnet_conditioning_scale
+        if isinstance(scales, (list, tuple)) and len(scales) != len(controls):
+            raise RequestError("controlnet_conditioning_scale", f"{len(scales)} controlnet_conditioning_scale "
+                               f"values for {len(controls)} control images")
+        if image and not mask:
+            raise RequestError("image", "image with control_image needs mask_image (ControlNet inpainting); "
+                               "ControlNet image-to-image is not supported", needs="mask_image", given="control_image")
+        if mask and self.strength is not None and self.strength != 1:
+            raise RequestError("strength", "ControlNet inpainting starts from pure noise and takes no strength "
+                               "(as diffusers' ZImageControlNetInpaintPipeline)")
+
     def _check_control(self, limits: ModelLimits) -> "GenerationRequest":
-        """The image / mask / control arguments together: control_image as a list, one scale per control image."""
-        if self.mask_image is not None and self.image is None:
-            raise RequestError("mask_image", "mask_image needs image (the picture to inpaint)")
+        """control_image as a list, one scale per control image (after check_combinations)."""
         if self.control_image is None or (isinstance(self.control_image, (list, tuple)) and not self.control_image):
             if limits.control_in_dim is not None:
                 warnings.warn("a ControlNet is loaded but no control_image was given: the base model runs alone",
                               UserWarning, stacklevel=5)   # the caller of pipe(...)
             return self.replace(control_image=None)
         controls = list(self.control_image) if isinstance(self.control_image, (list, tuple)) else [self.control_image]
-        if limits.control_in_dim is None:
-            raise RequestError("control_image", "control_image given but this pipeline has no ControlNet: load one "
-                               "with ZImagePipeline.from_pretrained(..., controlnet=PATH) or pipe.load_controlnet(PATH)")
         scales = self.controlnet_conditioning_scale
-        if isinstance(scales, (list, tuple)):
-            if len(scales) != len(controls):
-                raise RequestError("controlnet_conditioning_scale", f"{len(scales)} controlnet_conditioning_scale "
-                                   f"values for {len(controls)} control images")
-        else:
-            scales = [scales] * len(controls)
+        scales = list(scales) if isinstance(scales, (list, tuple)) else [scales] * len(controls)
         scales = [float_arg("controlnet_conditioning_scale", s, -MAX_CONTROL_SCALE, MAX_CONTROL_SCALE) for s in scales]
-        if self.image is not None and self.mask_image is None:
-            raise RequestError("image", "image with control_image needs mask_image (ControlNet inpainting); "
-                               "ControlNet image-to-image is not supported")
-        if self.mask_image is not None:
-            if limits.control_in_dim == 16:
-                raise RequestError("mask_image", "ControlNet inpainting needs a 2.x ControlNet (33-channel control "
-                                   "context); this one is v1 (16 channels)")
-            if self.strength is not None and float(self.strength) != 1.0:
-                raise RequestError("strength", "ControlNet inpainting starts from pure noise and takes no strength "
-                                   "(as diffusers' ZImageControlNetInpaintPipeline)")
+        if self.mask_image is not None and limits.control_in_dim == 16:
+            raise RequestError("mask_image", "ControlNet inpainting needs a 2.x ControlNet (33-channel control "
+                               "context); this one is v1 (16 channels)")
         return self.replace(control_image=controls, controlnet_conditioning_scale=scales)
 
     def _check_loras(self, limits: ModelLimits) -> "GenerationRequest":
@@ -272,7 +281,9 @@ class GenerationRequest:
         try:
             rule = cache_rule(self.cache, self.cache_threshold)
         except ValueError as e:
-            raise RequestError("cache" if self.cache is not None else "cache_threshold", str(e)) from None
+            if self.cache is None:
+                raise RequestError("cache_threshold", str(e), needs="cache") from None
+            raise RequestError("cache", str(e)) from None
         try:
             return self.replace(cache=rule, cache_threshold=cache_threshold(rule, self.cache_threshold))
         except ValueError as e:
@@ -366,50 +377,6 @@ def step_defaults(variant: str, num_inference_steps=None, guidance_scale=None) -
         int_arg("num_inference_steps", num_inference_steps, 1, 1000)
     g = d["guidance_scale"] if guidance_scale is None else float_arg("guidance_scale", guidance_scale, 0.0)
     return steps, g
-
-
-def int_arg(name: str, value, low: int = 1, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise RequestError(name, f"{name} must be an integer, got {value!r}")
-    if value < low or (high is not None and value > high):
-        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
-        raise RequestError(name, f"{name} must be {bound}, got {value}")
-    return int(value)
-
-
-def is_finite_number(value) -> bool:
-    """A number (not a bool) with a finite float value: NaN, ±inf and integers beyond the float range are not."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
-        return False
-    try:
-        return math.isfinite(float(value))
-    except OverflowError:
-        return False
-
-
-def float_arg(name: str, value, low: float | None = None, high: float | None = None) -> float:
-    if not is_finite_number(value):
-        raise RequestError(name, f"{name} must be a finite number, got {str(value)[:40]}")
-    if (low is not None and value < low) or (high is not None and value > high):
-        raise RequestError(name, f"{name} must be between {low} and {high}, got {value}")
-    return float(value)
-
-
-def prompts_arg(name: str, value) -> list[str]:
-    """A string or a non-empty list of strings, each valid Unicode (a lone surrogate cannot be tokenized)."""
-    if isinstance(value, str):
-        value = [value]
-    elif isinstance(value, (list, tuple)) and not value:
-        raise RequestError(name, f"{name} is an empty list; give at least one prompt")
-    elif not (isinstance(value, (list, tuple)) and all(isinstance(p, str) for p in value)):
-        raise RequestError(name, f"{name} must be a string or a list of strings, got {type(value).__name__}")
-    for p in value:
-        try:
-            p.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise RequestError(name, f"{name} is not valid Unicode: a lone surrogate {p[e.start]!r} at character "
-                               f"{e.start}") from None
-    return list(value)
 
 
 def expand_seeds(seed, batch: int) -> list[int]:
