@@ -261,3 +261,60 @@ def test_config_file_and_gradient_accumulation(model, tmp_path):
     with pytest.raises(SystemExit) as e:
         run(model, data, tmp_path / "out2", "--config", str(tmp_path / "bad.toml"))
     assert e.value.code == 2
+
+
+# ------------------------------------------------------------------------------------------------ the click command
+def _parsed(monkeypatch, argv):
+    """The options the run would get (the run itself replaced)."""
+    from zimage_mlx.apps import train_cmd
+
+    seen = []
+    monkeypatch.setattr(train_cmd, "run_training", lambda args: seen.append(args) or 0)
+    assert main(argv) == 0
+    return seen[0]
+
+
+def test_config_precedence_command_line_then_file_then_defaults(tmp_path, monkeypatch):
+    data = make_data(tmp_path / "data")
+    (tmp_path / "t.toml").write_text('seed = 5\nrank = 8\ntargets = ["to_q", "to_v"]\nvalidation-prompt = "a dog"\n'
+                                     'weighting_scheme = "cosmap"\n')
+    a = _parsed(monkeypatch, [str(data), "-o", str(tmp_path / "out"), "--config", str(tmp_path / "t.toml"),
+                              "--seed", "0", "--targets", "w1,w2", "--targets", "w3"])
+    assert (a.seed, a.rank, a.targets, a.validation_prompt, a.weighting_scheme) == \
+        (0, 8, ["w1", "w2", "w3"], ["a dog"], "cosmap")      # --seed 0 is the default, and given: it wins
+    assert (a.steps, a.learning_rate, a.quantize, a.training_adapter) == (1000, 1e-4, "none", None)
+    a = _parsed(monkeypatch, [str(data), "-o", str(tmp_path / "out")])
+    assert a.targets == ["to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3"] and a.validation_prompt == []
+
+
+@pytest.mark.parametrize("toml, says", [
+    ("rank = 0\n", "--rank must be a positive integer, got 0"),
+    ("steps = \"many\"\n", "'many' is not a valid integer"),
+    ("optimizer = \"lion\"\n", "'lion' is not one of 'adamw', 'sgd'"),
+    ("config = \"other.toml\"\n", "unknown option 'config'"),
+    ("steps = [\n", "t.toml"),
+])
+def test_bad_config_is_one_line_exit_2(tmp_path, capsys, toml, says):
+    data = make_data(tmp_path / "data")
+    (tmp_path / "t.toml").write_text(toml)
+    with pytest.raises(SystemExit) as e:
+        main([str(data), "-o", str(tmp_path / "out"), "--config", str(tmp_path / "t.toml")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("Error: ") and says in err[0], err
+
+
+def test_help_lists_every_option_and_the_group_runs_it(tmp_path):
+    from click.testing import CliRunner
+
+    from zimage_mlx.apps.cli import cli
+    from zimage_mlx.apps.train_cmd import train
+
+    r = CliRunner().invoke(cli, ["train", "--help"])
+    assert r.exit_code == 0
+    for param in train.params:
+        for opt in param.opts:
+            assert opt in r.output if opt.startswith("-") else opt.upper() in r.output, opt
+    r = CliRunner().invoke(cli, ["train", str(tmp_path / "missing"), "-o", str(tmp_path / "out")])
+    assert r.exit_code == 2 and r.output.strip().splitlines() == [f"Error: DATA {tmp_path / 'missing'}: not a folder"]
+    r = CliRunner().invoke(cli, ["train", str(tmp_path)])
+    assert r.exit_code == 2 and "Missing option '--output'" in r.output and len(r.output.splitlines()) == 1

@@ -28,7 +28,7 @@ COMMANDS = {
     "serve": "zimage_mlx.apps.serve_cmd:serve",
     "mcp": "zimage_mlx.apps.mcp_cmd:mcp",
     "upload": "zimage_mlx.apps.upload_cmd:upload_command",
-    "train": "zimage_mlx.apps.cli:train",
+    "train": "zimage_mlx.apps.train_cmd:train",
 }
 
 
@@ -74,16 +74,6 @@ def info(png, as_json):
     else:
         for k, v in params.items():
             click.echo(f"{k}: {v}")
-
-
-# ---------------------------------------------------------------------------------------------- train
-@click.command("train", context_settings={"ignore_unknown_options": True, "help_option_names": []})
-@click.argument("argv", nargs=-1, type=click.UNPROCESSED)
-def train(argv):
-    """Train a LoRA on a folder of captioned images (zimage-mlx train --help)."""
-    from .train_cmd import main
-
-    sys.exit(main(list(argv)))
 
 
 # ---------------------------------------------------------------------------------------------- the group
