@@ -211,7 +211,7 @@ class GenerationRequest:
 
     def check_combinations(self, controlnet: bool | None = None) -> None:
         """Which parameters need or exclude which: the rules that read no model config, so that a request can be
-        refused before its pipeline exists (the CLI does); `validate` checks them first. controlnet: whether a
+        refused before its pipeline exists (the CLI does); `validate` checks them too. controlnet: whether a
         ControlNet is loaded (None: not known, not checked)."""
         image, mask = self.image is not None, self.mask_image is not None
         controls = self.control_image if isinstance(self.control_image, (list, tuple)) else \
