@@ -114,9 +114,10 @@ def shot(page, name):
 
 
 def no_broken_images(page):
-    """Every visible <img> has loaded pixels: no broken-image icon anywhere."""
-    broken = page.evaluate("[...document.images].filter((i) => i.offsetParent !== null && "
-                           "(!i.complete || i.naturalWidth === 0)).map((i) => i.id || i.alt)")
+    """Every visible <img> has loaded pixels: no broken-image icon anywhere (once those still loading are done)."""
+    visible = "[...document.images].filter((i) => i.offsetParent !== null)"
+    page.wait_for_function(f"{visible}.every((i) => i.complete)")
+    broken = page.evaluate(f"{visible}.filter((i) => i.naturalWidth === 0).map((i) => i.id || i.alt)")
     assert broken == []
 
 
