@@ -212,7 +212,8 @@ def test_a_killed_process_stops_the_others(tiny, tmp_path):
                 os.killpg(p.pid, signal.SIGKILL)
             p.communicate()
     assert procs[0].returncode == 1
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    # MLX's ring backend writes its own "[ring] ..." lines from another thread, so ours may follow an unfinished one
+    errors = [line[line.index("error:"):] for line in err.splitlines() if "error:" in line]
     assert len(errors) == 1 and errors[0].startswith("error: process 0 of 2: "), err[-2000:]
     assert not (tmp_path / "fox.png").exists()
 
