@@ -9,6 +9,7 @@ nothing that loads as a model.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -80,6 +81,19 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def staged_output(output: Path):
+    """A fresh temporary folder beside `output` for the block to fill: put at `output` atomically when the block
+    ends, removed when it fails or is interrupted (an earlier `output` stays as it was)."""
+    tmp = _prepare_output(output)
+    try:
+        yield tmp
+        _install(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def _install(tmp: Path, output: Path) -> None:
     """Atomically put the finished temp dir at `output` (replacing an old one only at the very end)."""
     old = None
@@ -134,9 +148,8 @@ def convert(
     if not (src.tokenizer / "tokenizer.json").is_file():
         raise WeightError(f"{src.tokenizer}: no tokenizer.json (pass --tokenizer DIR with the Qwen3 tokenizer files)")
 
-    tmp = _prepare_output(output)
-    try:
-        t_all = time.perf_counter()
+    t_all = time.perf_counter()
+    with staged_output(output) as tmp:
         components = {name: _convert_component(tmp, name, src, mx_dtype, bits, group_size, log)
                       for name in ("text_encoder", "transformer", "vae")}
         _copy_tokenizer_and_scheduler(tmp, src)
@@ -152,11 +165,7 @@ def convert(
             "components": components, "files": inventory(tmp, hashes=False),   # sha256s: added by publish
         }
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))   # written last: marks completion
-        _install(tmp, output)
-        log(f"wrote {output} in {time.perf_counter() - t_all:.1f} s")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    log(f"wrote {output} in {time.perf_counter() - t_all:.1f} s")
     return output
 
 
@@ -278,18 +287,13 @@ def convert_controlnet(
     config_file = output / "config.json"
     if not (overwrite and config_file.is_file() and MLX_KEY in _read_json(config_file)):   # an earlier conversion
         output = check_output(output, overwrite)
-    tmp = _prepare_output(output)
-    try:
-        t0 = time.perf_counter()
+    t0 = time.perf_counter()
+    with staged_output(output) as tmp:
         model = load_controlnet(source, mx_dtype, config=config, bits=bits, group_size=group_size)
         log(f"converting ControlNet {model.config.variant} ({dtype_name(mx_dtype)}{f', {bits}-bit' if bits else ''}) …")
         shards = save_component(tmp, model, controlnet_save_config(model, bits, group_size if bits else None))
         nbytes = sum((tmp / f).stat().st_size for f in shards)
-        _install(tmp, output)
-        log(f"wrote {output}: {nbytes / 1e9:.2f} GB in {time.perf_counter() - t0:.1f} s")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    log(f"wrote {output}: {nbytes / 1e9:.2f} GB in {time.perf_counter() - t0:.1f} s")
     return output
 
 
