@@ -497,3 +497,28 @@ def test_a_server_with_an_api_key(tiny):
             assert p.request.get(srv.url + "/history").status == 401      # not without the key
         finally:
             next(page, None)                               # the fixture's end: no script error, browser closed
+
+
+def test_a_server_without_history_keeps_this_pages_images_only(tiny):
+    with _serve(tiny[0], None) as srv:
+        page = _page(srv)
+        p = next(page)
+        try:
+            assert "keeps none" in p.inner_text("#history-note")
+            settings(p, "a kite", 2)
+            p.click("#generate")
+            got = final_image(p)
+            item = p.locator("#gallery .item")
+            assert item.count() == 1 and item.get_attribute("data-id") is None
+            assert item.locator("button.delete").count() == 0            # nothing on the server to delete
+            p.wait_for_function("document.querySelector('#gallery img').naturalWidth > 0")
+            shown = p.evaluate("""async () => {
+                const b = await (await fetch(document.querySelector('#gallery a[download]').href)).arrayBuffer();
+                let s = ""; for (const x of new Uint8Array(b)) s += String.fromCharCode(x); return btoa(s);
+            }""")
+            assert np.array_equal(np.asarray(Image.open(io.BytesIO(base64.b64decode(shown))).convert("RGB")), got)
+            p.reload()
+            p.wait_for_function("document.querySelector('#history-note').textContent.includes('keeps none')")
+            assert p.locator("#gallery .item").count() == 0
+        finally:
+            next(page, None)
