@@ -47,7 +47,7 @@ from starlette.routing import Route
 
 from ..pipeline.control_maps import CONTROL_TYPES
 from ..pipeline.pipeline import ZImagePipeline
-from ..pipeline.request import DEFAULT_INPAINT_STRENGTH, DEFAULT_STRENGTH
+from ..pipeline.request import DEFAULT_INPAINT_STRENGTH, DEFAULT_STRENGTH, GenerationRequest
 from .history import History
 from .http_body import parse_form, parse_json, read_body
 from .jobs import Job, Worker
@@ -55,7 +55,8 @@ from .openai_request import (FORMATS, MAX_N, MAX_STEPS, APIError, ImageRequest, 
                              parse_request, validate)
 
 __all__ = ["ServerConfig", "APIError", "create_app"]
-STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8"}
+STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+                ".css": "text/css; charset=utf-8"}
 
 
 class FileStore:
@@ -284,7 +285,7 @@ class ImagesAPI:
             "model": cfg.model, "variant": pipe.variant,
             "defaults": {"num_inference_steps": steps, "guidance_scale": guidance, "strength": DEFAULT_STRENGTH,
                          "inpaint_strength": DEFAULT_INPAINT_STRENGTH, "size": cfg.default_size,
-                         "controlnet_conditioning_scale": 0.75},
+                         "controlnet_conditioning_scale": GenerationRequest.controlnet_conditioning_scale},
             "size_multiple": limits.size_multiple,
             "max_side": min(cfg.max_side, min(limits.max_patches) * limits.size_multiple),
             "max_pixels": cfg.max_pixels, "max_body": cfg.max_body, "max_n": MAX_N, "max_steps": MAX_STEPS,
@@ -381,7 +382,8 @@ def create_app(pipe: ZImagePipeline, config: ServerConfig | None = None, history
 
     app = Starlette(
         routes=[
-            Route("/", api.index), Route("/static/{name}", api.static_file), Route("/health", api.health), Route("/files/{name}", api.file),
+            Route("/", api.index), Route("/static/{name}", api.static_file), Route("/health", api.health),
+            Route("/files/{name}", api.file),
             Route("/v1/models", api.models), Route("/v1/images/generations", api.generations, methods=["POST"]),
             Route("/v1/images/edits", api.edits, methods=["POST"]), Route("/info", api.info),
             Route("/history", api.history_list), Route("/history/{name}", api.history_file),
