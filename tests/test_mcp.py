@@ -184,16 +184,23 @@ def test_bad_calls_are_one_line_tool_errors(app, folders, name, args, message):
     assert message in error(call(app.server(), name, args))
 
 
-def test_over_streamable_http(app, pipe):
-    with LiveServer(http_app(app)) as live:
-        async def go():
-            async with Client(f"{live.url}/mcp") as client:
-                tools = await client.list_tools()
-                return tools, await client.call_tool("generate_image", {"prompt": "a lighthouse", "seed": 5, **SIZE})
-        tools, r = anyio.run(go)
+def lists_tools_and_generates(client, pipe):
+    """Through an SDK `client` (not yet entered): four tools, and generate_image gives the Python API's pixels;
+    returns the tool result."""
+    async def go():
+        async with client as c:
+            tools = await c.list_tools()
+            return tools, await c.call_tool("generate_image", {"prompt": "a lighthouse", "seed": 5, **SIZE})
+    tools, r = anyio.run(go)
     assert {t.name for t in tools.tools} == TOOLS
     assert not r.is_error, r
     np.testing.assert_array_equal(images(r)[0], reference(pipe, "a lighthouse", 5))
+    return r
+
+
+def test_over_streamable_http(app, pipe):
+    with LiveServer(http_app(app)) as live:
+        lists_tools_and_generates(Client(f"{live.url}/mcp"), pipe)
 
 
 STDIO_LAUNCHER = """
@@ -210,15 +217,7 @@ def stdio_generation(args: list[str], pipe, tmp_path):
     the tools, and generate_image gives the Python API's pixels, saved under tmp_path/out."""
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     params = StdioServerParameters(command=sys.executable, cwd=str(tmp_path), env=env, args=args)
-
-    async def go():
-        async with Client(params, read_timeout_seconds=300) as client:
-            tools = await client.list_tools()
-            return tools, await client.call_tool("generate_image", {"prompt": "a lighthouse", "seed": 5, **SIZE})
-    tools, r = anyio.run(go)
-    assert {t.name for t in tools.tools} == TOOLS
-    assert not r.is_error, r
-    np.testing.assert_array_equal(images(r)[0], reference(pipe, "a lighthouse", 5))
+    r = lists_tools_and_generates(Client(params, read_timeout_seconds=300), pipe)
     assert Path(summary(r)[0]["path"]).parent == tmp_path / "out"
 
 

@@ -9,6 +9,7 @@ Needs `apt-get install chromium` (CI installs it).
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -62,10 +63,13 @@ def server(tiny):
 
 @pytest.fixture
 def page(server):
-    yield from _page(server)
+    with browser_page(server) as p:
+        yield p
 
 
-def _page(server):
+@contextlib.contextmanager
+def browser_page(server):
+    """A chromium page on the server's `/`; at the end, no uncaught script error may have happened."""
     from playwright.sync_api import sync_playwright
 
     assert Path(CHROMIUM).is_file(), "install Debian's chromium (apt-get install chromium)"
@@ -479,9 +483,7 @@ def test_guidance_negative_cache_and_enhance_reach_the_api(page, server):
 def test_a_server_with_an_api_key(tiny):
     """The page asks for the key, then everything (info, generation, history images) goes through with it."""
     with _serve(tiny[0], tiny[1] / "history-key", api_key="sekret") as srv:
-        page = _page(srv)
-        p = next(page)
-        try:
+        with browser_page(srv) as p:
             _status_error(p, "enter the API key")
             assert p.is_visible("#keyrow")
             p.fill("#apikey", "sekret")
@@ -495,15 +497,11 @@ def test_a_server_with_an_api_key(tiny):
                                 "document.querySelector('#gallery img').naturalWidth > 0")
             assert p.get_attribute("#gallery img", "src").startswith("blob:")
             assert p.request.get(srv.url + "/history").status == 401      # not without the key
-        finally:
-            next(page, None)                               # the fixture's end: no script error, browser closed
 
 
 def test_a_server_without_history_keeps_this_pages_images_only(tiny):
     with _serve(tiny[0], None) as srv:
-        page = _page(srv)
-        p = next(page)
-        try:
+        with browser_page(srv) as p:
             assert "keeps none" in p.inner_text("#history-note")
             settings(p, "a kite", 2)
             p.click("#generate")
@@ -520,5 +518,3 @@ def test_a_server_without_history_keeps_this_pages_images_only(tiny):
             p.reload()
             p.wait_for_function("document.querySelector('#history-note').textContent.includes('keeps none')")
             assert p.locator("#gallery .item").count() == 0
-        finally:
-            next(page, None)
